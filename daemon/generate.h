@@ -1,0 +1,71 @@
+/*
+ * Generation: LLaDA's masked-diffusion sampler over a loaded model, with the choice
+ * of positions to commit delegated to a remasking plugin. docs/sampler.md states
+ * every rule (block plan, per-step quota, sampling, guidance, tie-break).
+ *
+ * Threading: one generation runs on the calling thread; the model must not be used
+ * by another thread meanwhile.
+ */
+#ifndef UM_GENERATE_H
+#define UM_GENERATE_H
+
+#include <stdint.h>
+
+#include <unmaskd/plugin.h>
+
+#include "model.h"
+
+typedef struct um_gen_params {
+    int32_t gen_length;   /* masked positions appended after the prompt, >= 1 */
+    int32_t block_length; /* semi-autoregressive block size, >= 1 */
+    int32_t steps;        /* denoising steps over the whole generation, >= 1 */
+    double temperature;   /* 0: greedy; > 0: float64 Gumbel-max */
+    double cfg_scale;     /* 0: off; > 0: classifier-free guidance */
+    uint64_t seed;
+    const um_remask_ops_t *remask; /* policy */
+    void *remask_state;            /* from remask->request_begin */
+} um_gen_params_t;
+
+/* What one denoising step did, passed to the step callback. */
+typedef struct um_step_info {
+    int32_t step;          /* 0-based index over the whole generation */
+    int32_t n_steps;       /* planned steps over the whole generation */
+    int32_t block;         /* 0-based block index */
+    int32_t n_blocks;
+    const int32_t *canvas; /* (canvas_length) tokens after this step's commits */
+    int32_t canvas_length;
+    const int32_t *committed; /* positions committed this step, ascending */
+    int32_t n_committed;
+    int32_t n_masked;      /* mask tokens left on the canvas */
+    double step_ms;        /* wall time of this step */
+} um_step_info_t;
+
+/* Called after every step that ran a forward pass; return nonzero to cancel. */
+typedef int (*um_step_fn)(void *user, const um_step_info_t *info);
+
+typedef struct um_gen_stats {
+    int32_t forward_passes;
+    int32_t steps_planned;
+    double total_ms;
+    double forward_ms;
+} um_gen_stats_t;
+
+/*
+ * Check params against the model (ranges, prompt plus gen_length within
+ * max_sequence_length). Returns 0 or UM_EINVAL / UM_ERANGE with a message in err
+ * that names the field, the value and the fix; *field is set to the field name.
+ */
+int um_gen_check(const um_model_config_t *cfg, int32_t n_prompt, const um_gen_params_t *p,
+                 const char **field, char *err, size_t errlen);
+
+/*
+ * Generate: canvas = prompt followed by gen_length mask tokens, denoised in place.
+ * canvas must have room for n_prompt + gen_length ids. Returns 0, UM_ECANCELLED when
+ * the callback asked to stop (canvas holds the partial result), or another UM_E* code
+ * with a message in err.
+ */
+int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
+                const um_gen_params_t *p, um_step_fn on_step, void *user, int32_t *canvas,
+                um_gen_stats_t *stats, char *err, size_t errlen);
+
+#endif /* UM_GENERATE_H */

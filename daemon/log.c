@@ -1,0 +1,51 @@
+/* Logging: see log.h. */
+#include "log.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+int um_log_threshold = UM_LOG_INFO;
+
+static const char *const s_level_names[] = {"debug", "info", "notice", "warn", "error"};
+
+void um_log_set_level(int level)
+{
+    um_log_threshold = level;
+}
+
+int um_log_parse_level(const char *name)
+{
+    for (int i = 0; i < 5; i++)
+        if (strcmp(name, s_level_names[i]) == 0)
+            return i;
+    return -1;
+}
+
+void um_log_write(int level, const char *component, const char *fmt, ...)
+{
+    char msg[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    struct tm tm;
+    gmtime_r(&ts.tv_sec, &tm);
+    char stamp[32];
+    strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%S", &tm);
+    if (level < 0 || level > 4)
+        level = UM_LOG_ERROR;
+    fprintf(stderr, "%s.%03ldZ %-6s %s: %s\n", stamp, ts.tv_nsec / 1000000L,
+            s_level_names[level], component, msg);
+}
+
+void um_assert_fail(const char *expr, const char *file, int line, const char *func)
+{
+    fprintf(stderr, "assertion failed: %s at %s:%d in %s()\n", expr, file, line, func);
+    abort();
+}

@@ -1,0 +1,44 @@
+/*
+ * Logging for the daemon and its tools: one process-wide level, lines on stderr as
+ * "2026-12-04T21:00:00.123Z info  component: message". The macros test the level
+ * before evaluating their arguments, so disabled debug lines cost one comparison.
+ * Thread-safe: each line is written with one fprintf call.
+ */
+#ifndef UM_LOG_H
+#define UM_LOG_H
+
+#include <unmaskd/plugin.h>
+
+extern int um_log_threshold;
+
+/* Set the lowest level that is printed. */
+void um_log_set_level(int level);
+
+/* Parse "debug", "info", "notice", "warn" or "error"; returns the level or -1. */
+int um_log_parse_level(const char *name);
+
+void um_log_write(int level, const char *component, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#define UM_LOG(level, component, ...)                      \
+    do {                                                   \
+        if ((level) >= um_log_threshold)                   \
+            um_log_write((level), (component), __VA_ARGS__); \
+    } while (0)
+
+#define um_debug(c, ...) UM_LOG(UM_LOG_DEBUG, c, __VA_ARGS__)
+#define um_info(c, ...) UM_LOG(UM_LOG_INFO, c, __VA_ARGS__)
+#define um_notice(c, ...) UM_LOG(UM_LOG_NOTICE, c, __VA_ARGS__)
+#define um_warn(c, ...) UM_LOG(UM_LOG_WARN, c, __VA_ARGS__)
+#define um_error(c, ...) UM_LOG(UM_LOG_ERROR, c, __VA_ARGS__)
+
+/* Always-on invariant check: prints the expression, file, line and function, then aborts. */
+#define UM_ASSERT(expr)                                                          \
+    do {                                                                         \
+        if (!(expr))                                                             \
+            um_assert_fail(#expr, __FILE__, __LINE__, __func__);                 \
+    } while (0)
+
+_Noreturn void um_assert_fail(const char *expr, const char *file, int line, const char *func);
+
+#endif /* UM_LOG_H */
