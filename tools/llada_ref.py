@@ -295,6 +295,9 @@ def generate(model, prompt, gen_length=64, block_length=32, steps=64, temperatur
             else:
                 logits = model(x)[0].float()
             logits = logits.double()
+            # The mask token and padding rows past the vocabulary are never predicted.
+            logits[:, mask_id] = -math.inf
+            logits[:, model.config.vocab_size:] = -math.inf
             positions = torch.nonzero(mask_index).flatten().tolist()
             conf = [-math.inf] * x.shape[1]
             x0 = x[0].clone()
