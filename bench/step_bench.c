@@ -1,0 +1,190 @@
+/*
+ * step-bench: time the engine on a model folder, without the daemon.
+ *
+ * Reports the forward pass over the whole canvas (what every denoising step costs),
+ * then whole generations: milliseconds per denoising step and generated tokens per
+ * second. Prints a table, and one JSON object with --json so runs can be compared.
+ */
+#include <getopt.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "generate.h"
+#include "kernels.h"
+#include "log.h"
+#include "model.h"
+#include "plugins.h"
+
+static double s_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static int s_cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static void s_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: step-bench [options]\n"
+            "  --model DIR         model folder (default models/tinystories)\n"
+            "  --plugin-dir DIR    folder with low_confidence.so (default build-plugins)\n"
+            "  --prompt-tokens N   prompt length in tokens (default 16)\n"
+            "  --gen-length N      generated tokens (default 64)\n"
+            "  --steps N           denoising steps (default 64)\n"
+            "  --block-length N    block length (default 32)\n"
+            "  --repeat N          timed runs of each measurement (default 5)\n"
+            "  --threads N         OpenMP threads (default: OpenMP's choice)\n"
+            "  --json              print one JSON object instead of the table\n");
+}
+
+int main(int argc, char **argv)
+{
+    const char *model_dir = "models/tinystories", *plugin_dir = "build-plugins";
+    int prompt_tokens = 16, gen_length = 64, steps = 64, block_length = 32, repeat = 5;
+    int threads = 0, json = 0;
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},      {"plugin-dir", required_argument, 0, 'p'},
+        {"prompt-tokens", required_argument, 0, 'P'}, {"gen-length", required_argument, 0, 'g'},
+        {"steps", required_argument, 0, 's'},      {"block-length", required_argument, 0, 'b'},
+        {"repeat", required_argument, 0, 'r'},     {"threads", required_argument, 0, 't'},
+        {"json", no_argument, 0, 'j'},             {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    int c;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model_dir = optarg; break;
+        case 'p': plugin_dir = optarg; break;
+        case 'P': prompt_tokens = atoi(optarg); break;
+        case 'g': gen_length = atoi(optarg); break;
+        case 's': steps = atoi(optarg); break;
+        case 'b': block_length = atoi(optarg); break;
+        case 'r': repeat = atoi(optarg); break;
+        case 't': threads = atoi(optarg); break;
+        case 'j': json = 1; break;
+        case 'h': s_usage(stdout); return 0;
+        default: s_usage(stderr); return 2;
+        }
+    }
+    if (prompt_tokens < 1 || gen_length < 1 || steps < 1 || block_length < 1 || repeat < 1) {
+        fprintf(stderr, "step-bench: --prompt-tokens, --gen-length, --steps, --block-length "
+                        "and --repeat must be at least 1\n");
+        return 2;
+    }
+    if (threads > 0)
+        omp_set_num_threads(threads);
+    um_log_set_level(UM_LOG_WARN);
+
+    char err[1024] = "";
+    um_model_t *model = NULL;
+    if (um_model_load(model_dir, &model, err, sizeof err) != 0) {
+        fprintf(stderr, "step-bench: %s\n", err);
+        return 1;
+    }
+    um_plugin_registry_t reg = {0};
+    um_plugins_scan(&reg, plugin_dir);
+    const um_plugin_t *policy = um_plugins_find(&reg, UM_PLUGIN_REMASK, "low_confidence");
+    if (!policy) {
+        fprintf(stderr, "step-bench: low_confidence.so not found in %s: build first and pass "
+                        "--plugin-dir\n", plugin_dir);
+        return 1;
+    }
+    const um_model_config_t *cfg = um_model_config(model);
+    int32_t L = prompt_tokens + gen_length;
+    if (L > cfg->max_sequence_length) {
+        fprintf(stderr, "step-bench: prompt plus gen_length is %d, past the model's %d "
+                        "positions\n", L, cfg->max_sequence_length);
+        return 2;
+    }
+
+    /* A fixed prompt of ordinary tokens, then the masked canvas. */
+    int32_t *ids = malloc((size_t)L * sizeof *ids);
+    int32_t *canvas = malloc((size_t)L * sizeof *canvas);
+    float *logits = malloc((size_t)L * cfg->embedding_size * sizeof *logits);
+    double *fwd = malloc((size_t)repeat * sizeof *fwd);
+    double *step_ms = malloc((size_t)repeat * sizeof *step_ms);
+    double *tps = malloc((size_t)repeat * sizeof *tps);
+    for (int32_t i = 0; i < L; i++)
+        ids[i] = i < prompt_tokens ? (int32_t)(100 + 37 * i) % cfg->vocab_size
+                                   : cfg->mask_token_id;
+
+    um_model_forward(model, ids, 1, L, logits); /* warm-up: primitives, page faults */
+    for (int r = 0; r < repeat; r++) {
+        double t0 = s_now_ms();
+        um_model_forward(model, ids, 1, L, logits);
+        fwd[r] = s_now_ms() - t0;
+    }
+
+    um_gen_params_t p = {.gen_length = gen_length, .block_length = block_length,
+                         .steps = steps, .temperature = 0, .cfg_scale = 0, .seed = 1,
+                         .remask = policy->desc->remask};
+    int passes = 0;
+    for (int r = 0; r < repeat; r++) {
+        um_gen_stats_t st;
+        if (um_generate(model, ids, prompt_tokens, &p, NULL, NULL, canvas, &st, err,
+                        sizeof err) != 0) {
+            fprintf(stderr, "step-bench: %s\n", err);
+            return 1;
+        }
+        passes = st.forward_passes;
+        step_ms[r] = st.total_ms / st.forward_passes;
+        tps[r] = gen_length / (st.total_ms / 1e3);
+    }
+    qsort(fwd, (size_t)repeat, sizeof *fwd, s_cmp_double);
+    qsort(step_ms, (size_t)repeat, sizeof *step_ms, s_cmp_double);
+    qsort(tps, (size_t)repeat, sizeof *tps, s_cmp_double);
+    int mid = repeat / 2;
+    double flops = 2.0 * L * (double)cfg->n_layers
+                       * (4.0 * cfg->d_model * cfg->d_model
+                          + 3.0 * cfg->d_model * cfg->mlp_hidden_size
+                          + 2.0 * L * cfg->d_model)
+                   + 2.0 * L * (double)cfg->d_model * cfg->embedding_size;
+
+    if (json) {
+        printf("{\"model\":\"%s\",\"d_model\":%d,\"n_layers\":%d,\"vocab\":%d,\"dtype\":\"%s\","
+               "\"backend\":\"%s\",\"isa\":\"%s\",\"threads\":%d,\"prompt_tokens\":%d,"
+               "\"gen_length\":%d,\"steps\":%d,\"block_length\":%d,\"repeat\":%d,"
+               "\"forward_passes\":%d,\"forward_ms_median\":%.3f,\"forward_ms_min\":%.3f,"
+               "\"forward_gflops\":%.2f,\"ms_per_step_median\":%.3f,"
+               "\"tokens_per_second_median\":%.2f}\n",
+               model_dir, cfg->d_model, cfg->n_layers, cfg->embedding_size,
+               um_model_dtype(model), um_model_backend(model), um_kernels()->isa,
+               omp_get_max_threads(), prompt_tokens, gen_length, steps, block_length, repeat,
+               passes, fwd[mid], fwd[0], flops / (fwd[mid] * 1e6), step_ms[mid], tps[mid]);
+    } else {
+        printf("model %s: d_model %d, %d layers, vocab %d, weights %s\n", model_dir,
+               cfg->d_model, cfg->n_layers, cfg->embedding_size, um_model_dtype(model));
+        printf("backend %s, kernels %s, %d threads\n", um_model_backend(model),
+               um_kernels()->isa, omp_get_max_threads());
+        printf("canvas %d tokens (prompt %d + gen %d), steps %d, block %d, %d runs each\n", L,
+               prompt_tokens, gen_length, steps, block_length, repeat);
+        printf("%-28s %10s %10s %10s\n", "measure", "min", "median", "max");
+        printf("%-28s %10.2f %10.2f %10.2f\n", "forward pass (ms)", fwd[0], fwd[mid],
+               fwd[repeat - 1]);
+        printf("%-28s %10.2f %10.2f %10.2f\n", "denoising step (ms)", step_ms[0], step_ms[mid],
+               step_ms[repeat - 1]);
+        printf("%-28s %10.1f %10.1f %10.1f\n", "generated tokens/s", tps[0], tps[mid],
+               tps[repeat - 1]);
+        printf("forward passes per generation: %d; forward at %.1f GFLOP/s (median)\n", passes,
+               flops / (fwd[mid] * 1e6));
+    }
+    free(ids);
+    free(canvas);
+    free(logits);
+    free(fwd);
+    free(step_ms);
+    free(tps);
+    um_plugins_clear(&reg);
+    um_model_destroy(&model);
+    um_gemm_shutdown();
+    return 0;
+}

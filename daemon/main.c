@@ -1,0 +1,401 @@
+/*
+ * unmaskd: the daemon's entry point. Parses the command line, loads the model, the
+ * plugins and the tokenizer, logs what it found, and runs the server until SIGINT
+ * or SIGTERM. This is the only place that decides to exit the process.
+ *
+ * Threading: runs on the main thread; the server starts the worker thread. The
+ * signal handler only writes a byte to a pipe that the server polls.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <unmaskd/protocol.h>
+
+#include "kernels.h"
+#include "log.h"
+#include "model.h"
+#include "plugins.h"
+#include "server.h"
+#include "tokenizer.h"
+
+/* Exit status for a command line that cannot be used, as getopt-based tools do. */
+#define S_EXIT_USAGE 2
+
+typedef struct s_options {
+    const char *model_dir;
+    int model_given;
+    const char *endpoint;
+    const char **plugin_dirs; /* (n_plugin_dirs) from --plugin-dir, in order */
+    size_t n_plugin_dirs;
+    const char *tokenizer;    /* NULL: the plugin whose probe scores highest */
+    int threads;              /* 0: OpenMP's default */
+    int log_level;
+    size_t max_queue;
+    size_t max_request_bytes;
+} s_options_t;
+
+/* Written by the signal handler, polled by the server: [0] read end, [1] write end. */
+static int s_stop_pipe[2] = {-1, -1};
+
+/* ------------------------------------------------------------------------- */
+/* Command line                                                              */
+
+static void s_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: unmaskd [OPTION]...\n"
+            "Serve a masked-diffusion language model over ZeroMQ.\n"
+            "\n"
+            "  --model DIR            Hugging Face model folder (config.json, *.safetensors,\n"
+            "                         tokenizer files); default %s\n"
+            "  --bind ENDPOINT        ZeroMQ endpoint to listen on; default %s\n"
+            "  --plugin-dir DIR       also load plugins from DIR (repeatable); the installed\n"
+            "                         folder %s comes first, the colon-separated\n"
+            "                         UNMASKD_PLUGIN_PATH last\n"
+            "  --tokenizer NAME       tokenizer plugin to use; default: the one that fits the\n"
+            "                         model folder best\n"
+            "  --threads N            OpenMP threads for the forward pass; default: OpenMP's\n"
+            "                         choice (OMP_NUM_THREADS or all cores)\n"
+            "  --log-level LEVEL      debug, info, notice, warn or error; default info\n"
+            "  --max-queue N          generate requests that may wait behind the running one;\n"
+            "                         more get a \"busy\" error; default %d\n"
+            "  --max-request-size N   largest request in bytes; larger ones get an error;\n"
+            "                         default %d\n"
+            "  --help                 show this help and exit\n"
+            "  --version              show the version and exit\n"
+            "\n"
+            "SIGINT or SIGTERM stops the daemon: every waiting or running request gets a\n"
+            "final reply, then it exits with status 0. The protocol is in docs/protocol.md.\n",
+            UM_MODEL_DIR, UM_DEFAULT_ENDPOINT, UM_PLUGIN_DIR, UM_SERVER_DEFAULT_MAX_QUEUE,
+            UM_SERVER_DEFAULT_MAX_REQUEST);
+}
+
+/* Parse a whole decimal number in [min, max] for flag; prints the problem and returns -1. */
+static int s_parse_count(const char *flag, const char *value, long long min, long long max,
+                         long long *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long long x = strtoll(value, &end, 10);
+    if (errno != 0 || end == value || *end != '\0' || x < min || x > max) {
+        fprintf(stderr, "unmaskd: %s must be a whole number in [%lld, %lld], got \"%s\"\n", flag,
+                min, max, value);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+enum {
+    S_OPT_MODEL = 256,
+    S_OPT_BIND,
+    S_OPT_PLUGIN_DIR,
+    S_OPT_TOKENIZER,
+    S_OPT_THREADS,
+    S_OPT_LOG_LEVEL,
+    S_OPT_MAX_QUEUE,
+    S_OPT_MAX_REQUEST,
+    S_OPT_HELP,
+    S_OPT_VERSION,
+};
+
+/* Parse argv into opt. Returns 0 to run, 1 when --help or --version was served, -1 on error. */
+static int s_parse_options(int argc, char **argv, s_options_t *opt)
+{
+    static const struct option longopts[] = {
+        {"model", required_argument, NULL, S_OPT_MODEL},
+        {"bind", required_argument, NULL, S_OPT_BIND},
+        {"plugin-dir", required_argument, NULL, S_OPT_PLUGIN_DIR},
+        {"tokenizer", required_argument, NULL, S_OPT_TOKENIZER},
+        {"threads", required_argument, NULL, S_OPT_THREADS},
+        {"log-level", required_argument, NULL, S_OPT_LOG_LEVEL},
+        {"max-queue", required_argument, NULL, S_OPT_MAX_QUEUE},
+        {"max-request-size", required_argument, NULL, S_OPT_MAX_REQUEST},
+        {"help", no_argument, NULL, S_OPT_HELP},
+        {"version", no_argument, NULL, S_OPT_VERSION},
+        {NULL, 0, NULL, 0},
+    };
+    *opt = (s_options_t){
+        .model_dir = UM_MODEL_DIR,
+        .endpoint = UM_DEFAULT_ENDPOINT,
+        .log_level = UM_LOG_INFO,
+        .max_queue = UM_SERVER_DEFAULT_MAX_QUEUE,
+        .max_request_bytes = UM_SERVER_DEFAULT_MAX_REQUEST,
+    };
+    opt->plugin_dirs = calloc((size_t)argc + 1, sizeof *opt->plugin_dirs);
+    if (!opt->plugin_dirs) {
+        fprintf(stderr, "unmaskd: out of memory\n");
+        return -1;
+    }
+
+    int c;
+    long long x;
+    while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+        switch (c) {
+        case S_OPT_MODEL:
+            opt->model_dir = optarg;
+            opt->model_given = 1;
+            break;
+        case S_OPT_BIND:
+            opt->endpoint = optarg;
+            break;
+        case S_OPT_PLUGIN_DIR:
+            opt->plugin_dirs[opt->n_plugin_dirs++] = optarg;
+            break;
+        case S_OPT_TOKENIZER:
+            opt->tokenizer = optarg;
+            break;
+        case S_OPT_THREADS:
+            if (s_parse_count("--threads", optarg, 1, 4096, &x) != 0)
+                return -1;
+            opt->threads = (int)x;
+            break;
+        case S_OPT_LOG_LEVEL:
+            opt->log_level = um_log_parse_level(optarg);
+            if (opt->log_level < 0) {
+                fprintf(stderr, "unmaskd: --log-level must be debug, info, notice, warn or "
+                        "error, got \"%s\"\n", optarg);
+                return -1;
+            }
+            break;
+        case S_OPT_MAX_QUEUE:
+            if (s_parse_count("--max-queue", optarg, 0, 1000000, &x) != 0)
+                return -1;
+            opt->max_queue = (size_t)x;
+            break;
+        case S_OPT_MAX_REQUEST:
+            /* The upper bound keeps the ZeroMQ frame cap (16 times this) within int64. */
+            if (s_parse_count("--max-request-size", optarg, 1024, 1LL << 32, &x) != 0)
+                return -1;
+            opt->max_request_bytes = (size_t)x;
+            break;
+        case S_OPT_HELP:
+            s_usage(stdout);
+            return 1;
+        case S_OPT_VERSION:
+            printf("unmaskd %s (protocol %d)\n", PACKAGE_VERSION, UM_PROTOCOL_VERSION);
+            return 1;
+        default:
+            fprintf(stderr, "unmaskd: run unmaskd --help for the options\n");
+            return -1;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "unmaskd: unexpected argument \"%s\": unmaskd takes only options, see "
+                "unmaskd --help\n", argv[optind]);
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Startup                                                                   */
+
+/* The plugin search path: the installed folder, each --plugin-dir, UNMASKD_PLUGIN_PATH. */
+static char *s_plugin_path(const s_options_t *opt)
+{
+    const char *env = getenv("UNMASKD_PLUGIN_PATH");
+    size_t len = strlen(UM_PLUGIN_DIR) + 2 + (env ? strlen(env) + 1 : 0);
+    for (size_t i = 0; i < opt->n_plugin_dirs; i++)
+        len += strlen(opt->plugin_dirs[i]) + 1;
+    char *path = malloc(len);
+    if (!path)
+        return NULL;
+    strcpy(path, UM_PLUGIN_DIR);
+    for (size_t i = 0; i < opt->n_plugin_dirs; i++) {
+        strcat(path, ":");
+        strcat(path, opt->plugin_dirs[i]);
+    }
+    if (env && *env) {
+        strcat(path, ":");
+        strcat(path, env);
+    }
+    return path;
+}
+
+static int s_check_model_dir(const s_options_t *opt)
+{
+    struct stat st;
+    if (stat(opt->model_dir, &st) == 0 && S_ISDIR(st.st_mode))
+        return 0;
+    if (opt->model_given)
+        um_error("main", "model folder %s does not exist or is not a folder: check the path "
+                 "given to --model", opt->model_dir);
+    else
+        um_error("main", "the bundled model folder %s does not exist (was unmaskd installed "
+                 "with make install?): pass --model DIR with a Hugging Face model folder",
+                 opt->model_dir);
+    return -1;
+}
+
+static void s_log_model(const um_model_t *model)
+{
+    const um_model_config_t *c = um_model_config(model);
+    um_info("main", "model %s: %s, d_model %d, %d layers, %d heads (%d key/value), head_dim "
+            "%d, mlp %d, vocab %d (embedding %d), max positions %d, mask id %d, eos id %d",
+            um_model_dir(model), c->model_type, c->d_model, c->n_layers, c->n_heads,
+            c->n_kv_heads, c->head_dim, c->mlp_hidden_size, c->vocab_size, c->embedding_size,
+            c->max_sequence_length, c->mask_token_id, c->eos_token_id);
+    um_info("main", "weights %s, GEMM backend %s, kernel ISA %s", um_model_dtype(model),
+            um_model_backend(model), um_kernels()->isa);
+}
+
+/* Require a remasking plugin; warn when the default one is missing. */
+static int s_check_plugins(const um_plugin_registry_t *reg, const char *path)
+{
+    size_t n_remask = 0;
+    for (size_t i = 0; i < reg->n; i++)
+        n_remask += reg->items[i].desc->kind == UM_PLUGIN_REMASK;
+    if (n_remask == 0) {
+        um_error("main", "no remasking plugin was loaded from %s: build the plugins (make), "
+                 "and point --plugin-dir or UNMASKD_PLUGIN_PATH at the folder holding "
+                 "low_confidence.so", path);
+        return -1;
+    }
+    if (!um_plugins_find(reg, UM_PLUGIN_REMASK, "low_confidence"))
+        um_warn("main", "the default remasking plugin low_confidence is not loaded: requests "
+                "must name a remasking plugin");
+    return 0;
+}
+
+static void s_on_signal(int sig)
+{
+    int saved = errno;
+    char c = (char)sig;
+    ssize_t n = write(s_stop_pipe[1], &c, 1);
+    (void)n; /* a full pipe already contains a stop request */
+    errno = saved;
+}
+
+static int s_install_signals(void)
+{
+    if (pipe(s_stop_pipe) != 0)
+        return -1;
+    for (int i = 0; i < 2; i++) {
+        fcntl(s_stop_pipe[i], F_SETFL, fcntl(s_stop_pipe[i], F_GETFL) | O_NONBLOCK);
+        fcntl(s_stop_pipe[i], F_SETFD, FD_CLOEXEC);
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = s_on_signal;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGTERM, &sa, NULL) != 0)
+        return -1;
+    signal(SIGPIPE, SIG_IGN);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------- */
+
+int main(int argc, char **argv)
+{
+    s_options_t opt;
+    int rc = s_parse_options(argc, argv, &opt);
+    if (rc != 0) {
+        free(opt.plugin_dirs);
+        return rc > 0 ? EXIT_SUCCESS : S_EXIT_USAGE;
+    }
+    um_log_set_level(opt.log_level);
+    um_info("main", "unmaskd %s starting (protocol %d)", PACKAGE_VERSION, UM_PROTOCOL_VERSION);
+
+    int status = EXIT_FAILURE;
+    um_model_t *model = NULL;
+    um_plugin_registry_t plugins = {0};
+    um_tokenizer_t tok = {0}, tok_worker = {0};
+    um_server_t *server = NULL;
+    char *plugin_path = NULL;
+    char err[1024] = "";
+
+    if (s_check_model_dir(&opt) != 0)
+        goto done;
+#ifdef _OPENMP
+    if (opt.threads > 0)
+        omp_set_num_threads(opt.threads);
+    um_info("main", "OpenMP threads: %d", opt.threads > 0 ? opt.threads : omp_get_max_threads());
+#else
+    if (opt.threads > 1)
+        um_warn("main", "--threads %d has no effect: unmaskd was built without OpenMP",
+                opt.threads);
+#endif
+
+    rc = um_model_load(opt.model_dir, &model, err, sizeof err);
+    if (rc != 0) {
+        um_error("main", "cannot load the model from %s: %s", opt.model_dir, err);
+        goto done;
+    }
+    s_log_model(model);
+
+    plugin_path = s_plugin_path(&opt);
+    if (!plugin_path) {
+        um_error("main", "out of memory");
+        goto done;
+    }
+    um_info("main", "plugin folders: %s", plugin_path);
+    um_plugins_scan(&plugins, plugin_path);
+    if (s_check_plugins(&plugins, plugin_path) != 0)
+        goto done;
+
+    /* Two instances, because a tokenizer serves one thread at a time (see server.h). */
+    rc = um_tokenizer_open(&tok, &plugins, opt.tokenizer, opt.model_dir, err, sizeof err);
+    if (rc == 0)
+        rc = um_tokenizer_open(&tok_worker, &plugins, opt.tokenizer, opt.model_dir, err,
+                               sizeof err);
+    if (rc != 0) {
+        um_error("main", "cannot open a tokenizer: %s", err);
+        goto done;
+    }
+    int32_t vocab = tok.ops->vocab_size(tok.state);
+    um_info("main", "tokenizer: plugin %s %s, %d tokens", tok.plugin->desc->name,
+            tok.plugin->desc->version ? tok.plugin->desc->version : "", vocab);
+    if (vocab > um_model_config(model)->embedding_size)
+        um_warn("main", "the tokenizer has %d tokens but the model embeds only %d: the "
+                "tokenizer may not belong to this model", vocab,
+                um_model_config(model)->embedding_size);
+
+    if (s_install_signals() != 0) {
+        um_error("main", "cannot install the SIGINT and SIGTERM handlers: %s", strerror(errno));
+        goto done;
+    }
+    um_server_config_t cfg = {
+        .endpoint = opt.endpoint,
+        .max_queue = opt.max_queue,
+        .max_request_bytes = opt.max_request_bytes,
+        .threads = opt.threads,
+        .stop_fd = s_stop_pipe[0],
+    };
+    rc = um_server_new(&server, &cfg, model, &plugins, &tok, &tok_worker, err, sizeof err);
+    if (rc != 0) {
+        um_error("main", "%s", err);
+        goto done;
+    }
+    if (um_server_run(server) == 0)
+        status = EXIT_SUCCESS;
+
+done:
+    um_server_destroy(&server);
+    um_tokenizer_close(&tok_worker);
+    um_tokenizer_close(&tok);
+    um_plugins_clear(&plugins);
+    um_model_destroy(&model);
+    um_gemm_shutdown();
+    free(plugin_path);
+    free(opt.plugin_dirs);
+    for (int i = 0; i < 2; i++)
+        if (s_stop_pipe[i] >= 0)
+            close(s_stop_pipe[i]);
+    um_info("main", "exiting with status %d", status);
+    return status;
+}

@@ -93,4 +93,30 @@ int um_model_forward_rows(um_model_t *model, const int32_t *ids, int32_t n_seq,
 /* Name of the matrix-product backend in use, e.g. "onednn 2.6.3 (f32)". */
 const char *um_model_backend(const um_model_t *model);
 
+/* ------------------------------------------------------------------------- */
+/* For the forward pass (forward.c), tests and benchmarks                     */
+
+/* The f32 weights bound at load; every pointer is valid until um_model_destroy. */
+typedef struct um_model_weights {
+    const float *wte;                 /* (embedding_size, d_model) token embeddings */
+    const um_block_weights_t *blocks; /* (n_layers) */
+    const float *ln_f;                /* (d_model) final RMSNorm weight */
+    const float *lm_head;             /* (embedding_size, d_model), untied from wte */
+} um_model_weights_t;
+
+const um_model_weights_t *um_model_weights(const um_model_t *model);
+
+/*
+ * RoPE table, (max_sequence_length, head_dim / 2, 2) floats: for position p and pair i,
+ * (cos, sin) of p * rope_theta^(-2i / head_dim), computed in double and stored in f32.
+ */
+const float *um_model_rope_table(const um_model_t *model);
+
+/*
+ * Grow the model's forward workspace to at least n_floats floats, 64-byte aligned, and
+ * set *out to it. Growing discards the contents. The workspace belongs to the model
+ * and is freed with it. Returns 0 or UM_ENOMEM (the old workspace is kept).
+ */
+int um_model_workspace(um_model_t *model, size_t n_floats, float **out);
+
 #endif /* UM_MODEL_H */

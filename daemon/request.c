@@ -1,0 +1,616 @@
+/*
+ * Requests and replies of the wire protocol (see request.h and docs/protocol.md).
+ *
+ * Parsing runs in a fixed order so a request with several faults always gets the
+ * same error: JSON syntax, object shape, id, op, unknown fields, then each field's
+ * type and the limits that need no model. Messages quote client-supplied text
+ * only after clipping it at a UTF-8 boundary, so an error reply is always valid
+ * JSON however long or odd the request was.
+ */
+#include "config.h"
+
+#include "request.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <unmaskd/protocol.h>
+
+/* Maximum length of client text quoted in a message, in bytes. */
+#define UM_REQ_QUOTE_MAX 48
+
+/* ------------------------------------------------------------------------- */
+/* Fields accepted by each op                                                */
+
+static const char *const s_op_names[] = {
+    UM_OP_GENERATE, UM_OP_TOKENIZE, UM_OP_DETOKENIZE, UM_OP_INFO, UM_OP_HEALTH, UM_OP_CANCEL,
+};
+#define UM_REQ_N_OPS (sizeof s_op_names / sizeof s_op_names[0])
+
+static const char *const s_generate_fields[] = {
+    "op", "id", "prompt", "gen_length", "steps", "block_length", "temperature",
+    "cfg_scale", "remasking", "remasking_params", "seed", "stream",
+};
+static const char *const s_tokenize_fields[] = {"op", "id", "text"};
+static const char *const s_detokenize_fields[] = {"op", "id", "tokens"};
+static const char *const s_plain_fields[] = {"op", "id"};
+static const char *const s_cancel_fields[] = {"op", "id", "target"};
+
+typedef struct s_field_list {
+    const char *const *names;
+    size_t n;
+} s_field_list_t;
+
+#define S_FIELDS(a) {(a), sizeof(a) / sizeof((a)[0])}
+
+/* Indexed by um_req_op_t. */
+static const s_field_list_t s_op_fields[] = {
+    S_FIELDS(s_generate_fields), S_FIELDS(s_tokenize_fields), S_FIELDS(s_detokenize_fields),
+    S_FIELDS(s_plain_fields),    S_FIELDS(s_plain_fields),    S_FIELDS(s_cancel_fields),
+};
+
+const char *um_request_op_name(um_req_op_t op)
+{
+    return (size_t)op < UM_REQ_N_OPS ? s_op_names[op] : "?";
+}
+
+/* ------------------------------------------------------------------------- */
+/* Text helpers                                                              */
+
+/* Length of the longest prefix of s, at most max bytes, that ends on a UTF-8 boundary. */
+static size_t s_utf8_prefix(const char *s, size_t len, size_t max)
+{
+    if (len <= max)
+        return len;
+    size_t n = max;
+    /* Step back over continuation bytes (10xxxxxx) to the start of the cut character. */
+    while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80)
+        n--;
+    return n;
+}
+
+/* Copy client text into buf for quoting, clipped at a UTF-8 boundary with "..." when cut. */
+static const char *s_clip(const char *s, char *buf, size_t size)
+{
+    size_t len = strlen(s);
+    size_t keep = s_utf8_prefix(s, len, size - 4);
+    memcpy(buf, s, keep);
+    if (keep < len)
+        memcpy(buf + keep, "...", 4);
+    else
+        buf[keep] = '\0';
+    return buf;
+}
+
+/* Cut a string that snprintf may have truncated back to a whole UTF-8 character. */
+static void s_utf8_trim(char *s)
+{
+    size_t len = strlen(s);
+    size_t i = len;
+    while (i > 0 && ((unsigned char)s[i - 1] & 0xC0) == 0x80)
+        i--;
+    if (i == 0)
+        return;
+    unsigned char lead = (unsigned char)s[i - 1];
+    size_t need = 1;
+    if (lead >= 0xF0)
+        need = 4;
+    else if (lead >= 0xE0)
+        need = 3;
+    else if (lead >= 0xC0)
+        need = 2;
+    if (len - (i - 1) < need)
+        s[i - 1] = '\0';
+}
+
+void um_req_error_set(um_req_error_t *err, const char *code, const char *field,
+                      const char *fmt, ...)
+{
+    err->code = code;
+    snprintf(err->field, sizeof err->field, "%s", field ? field : "");
+    s_utf8_trim(err->field);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->message, sizeof err->message, fmt, ap);
+    va_end(ap);
+    s_utf8_trim(err->message);
+}
+
+/* Article and name of a JSON value's type, for "must be an integer, got a string". */
+static const char *s_json_type(const json_t *v)
+{
+    switch (json_typeof(v)) {
+    case JSON_OBJECT:
+        return "an object";
+    case JSON_ARRAY:
+        return "an array";
+    case JSON_STRING:
+        return "a string";
+    case JSON_INTEGER:
+        return "an integer";
+    case JSON_REAL:
+        return "a fractional number";
+    case JSON_TRUE:
+        return "true";
+    case JSON_FALSE:
+        return "false";
+    case JSON_NULL:
+        return "null";
+    }
+    return "an unknown value";
+}
+
+/* Optimal string alignment distance, capped: returns 3 as soon as it must exceed 2. */
+static int s_edit_distance(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    enum { MAXW = 64 };
+    if (la > MAXW || lb > MAXW)
+        return 3;
+    if ((la > lb ? la - lb : lb - la) > 2)
+        return 3;
+    int d[MAXW + 1][MAXW + 1];
+    for (size_t i = 0; i <= la; i++)
+        d[i][0] = (int)i;
+    for (size_t j = 0; j <= lb; j++)
+        d[0][j] = (int)j;
+    for (size_t i = 1; i <= la; i++) {
+        for (size_t j = 1; j <= lb; j++) {
+            int cost = a[i - 1] != b[j - 1];
+            int best = d[i - 1][j] + 1;
+            if (d[i][j - 1] + 1 < best)
+                best = d[i][j - 1] + 1;
+            if (d[i - 1][j - 1] + cost < best)
+                best = d[i - 1][j - 1] + cost;
+            if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]
+                && d[i - 2][j - 2] + 1 < best)
+                best = d[i - 2][j - 2] + 1;
+            d[i][j] = best;
+        }
+    }
+    return d[la][lb] < 3 ? d[la][lb] : 3;
+}
+
+const char *um_request_suggest(const char *word, const char *const *candidates, size_t n)
+{
+    const char *best = NULL;
+    int best_d = 3;
+    for (size_t i = 0; i < n; i++) {
+        int d = s_edit_distance(word, candidates[i]);
+        if (d < best_d) {
+            best_d = d;
+            best = candidates[i];
+        }
+    }
+    return best;
+}
+
+/* Append ", " separated names to buf (size bytes, already holding a string). */
+static void s_append_names(char *buf, size_t size, const char *const *names, size_t n)
+{
+    size_t len = strlen(buf);
+    for (size_t i = 0; i < n && len < size; i++)
+        len += (size_t)snprintf(buf + len, size - len, "%s%s", i ? ", " : "", names[i]);
+}
+
+const char *um_request_id_text(const json_t *id, char *buf, size_t size)
+{
+    if (!id) {
+        snprintf(buf, size, "-");
+    } else if (json_is_string(id)) {
+        char clip[UM_REQ_QUOTE_MAX + 4];
+        snprintf(buf, size, "\"%s\"", s_clip(json_string_value(id), clip, sizeof clip));
+    } else if (json_is_integer(id)) {
+        snprintf(buf, size, "%" JSON_INTEGER_FORMAT, json_integer_value(id));
+    } else {
+        snprintf(buf, size, "?");
+    }
+    return buf;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Field readers: each returns 0, or -1 with err filled                      */
+
+/*
+ * Read an optional whole number in [min, max]. JSON has one number type, so 64.0 is
+ * accepted as 64; 6.5 is not.
+ */
+static int s_read_int(json_t *obj, const char *key, int64_t min, int64_t max, int64_t def,
+                      int64_t *out, um_req_error_t *err)
+{
+    json_t *v = json_object_get(obj, key);
+    if (!v) {
+        *out = def;
+        return 0;
+    }
+    if (json_is_integer(v) || (json_is_real(v) && floor(json_real_value(v)) == json_real_value(v))) {
+        double x = json_number_value(v);
+        /* Compare as doubles first: a real such as 1e300 does not fit an int64. */
+        if (x < (double)min || (json_is_integer(v) && json_integer_value(v) < min)) {
+            um_req_error_set(err, UM_ERR_OUT_OF_RANGE, key, "%s must be at least %lld, got %.17g",
+                             key, (long long)min, x);
+            return -1;
+        }
+        if (x > (double)max || (json_is_integer(v) && json_integer_value(v) > max)) {
+            um_req_error_set(err, UM_ERR_OUT_OF_RANGE, key, "%s must be at most %lld, got %.17g",
+                             key, (long long)max, x);
+            return -1;
+        }
+        *out = json_is_integer(v) ? (int64_t)json_integer_value(v) : (int64_t)x;
+        return 0;
+    }
+    if (json_is_real(v))
+        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be an integer, got %g", key,
+                         json_real_value(v));
+    else
+        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be an integer, got %s", key,
+                         s_json_type(v));
+    return -1;
+}
+
+static int s_read_int32(json_t *obj, const char *key, int32_t def, int32_t *out,
+                        um_req_error_t *err)
+{
+    int64_t x;
+    if (s_read_int(obj, key, INT32_MIN, INT32_MAX, def, &x, err) != 0)
+        return -1;
+    *out = (int32_t)x;
+    return 0;
+}
+
+static int s_read_number(json_t *obj, const char *key, double def, double *out,
+                         um_req_error_t *err)
+{
+    json_t *v = json_object_get(obj, key);
+    if (!v) {
+        *out = def;
+        return 0;
+    }
+    if (!json_is_number(v)) {
+        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be a number, got %s", key,
+                         s_json_type(v));
+        return -1;
+    }
+    *out = json_number_value(v);
+    return 0;
+}
+
+static int s_read_bool(json_t *obj, const char *key, int def, int *out, um_req_error_t *err)
+{
+    json_t *v = json_object_get(obj, key);
+    if (!v) {
+        *out = def;
+        return 0;
+    }
+    if (!json_is_boolean(v)) {
+        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be true or false, got %s", key,
+                         s_json_type(v));
+        return -1;
+    }
+    *out = json_is_true(v);
+    return 0;
+}
+
+/* Read a string field; *out stays NULL when the field is absent and not required. */
+static int s_read_string(json_t *obj, const char *key, int required, const char **out,
+                         size_t *len, um_req_error_t *err)
+{
+    json_t *v = json_object_get(obj, key);
+    *out = NULL;
+    if (len)
+        *len = 0;
+    if (!v) {
+        if (required) {
+            um_req_error_set(err, UM_ERR_INVALID, key, "missing field \"%s\": a %s request "
+                             "needs a string %s", key,
+                             json_string_value(json_object_get(obj, "op")), key);
+            return -1;
+        }
+        return 0;
+    }
+    if (!json_is_string(v)) {
+        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be a string, got %s", key,
+                         s_json_type(v));
+        return -1;
+    }
+    *out = json_string_value(v);
+    if (len)
+        *len = json_string_length(v);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Per-op parsing                                                            */
+
+static int s_parse_generate(um_request_t *req, um_req_error_t *err)
+{
+    json_t *o = req->root;
+    if (!req->id) {
+        um_req_error_set(err, UM_ERR_INVALID, "id", "missing field \"id\": a generate request "
+                         "needs an id (a string or an integer) so its replies can be matched "
+                         "and it can be cancelled, e.g. \"id\": \"g1\"");
+        return -1;
+    }
+    if (s_read_string(o, "prompt", 1, &req->prompt, &req->prompt_len, err) != 0)
+        return -1;
+    if (s_read_int32(o, "gen_length", UM_REQ_DEFAULT_GEN_LENGTH, &req->gen_length, err) != 0)
+        return -1;
+    if (s_read_int32(o, "steps", req->gen_length, &req->steps, err) != 0)
+        return -1;
+    if (s_read_int32(o, "block_length", req->gen_length, &req->block_length, err) != 0)
+        return -1;
+    if (s_read_number(o, "temperature", 0.0, &req->temperature, err) != 0)
+        return -1;
+    if (s_read_number(o, "cfg_scale", 0.0, &req->cfg_scale, err) != 0)
+        return -1;
+    if (s_read_string(o, "remasking", 0, &req->remasking, NULL, err) != 0)
+        return -1;
+    if (!req->remasking)
+        req->remasking = UM_REQ_DEFAULT_REMASKING;
+
+    json_t *params = json_object_get(o, "remasking_params");
+    if (params && !json_is_null(params) && !json_is_object(params)) {
+        um_req_error_set(err, UM_ERR_INVALID, "remasking_params",
+                         "remasking_params must be an object of parameter names to values, "
+                         "got %s", s_json_type(params));
+        return -1;
+    }
+    req->remasking_params = json_is_object(params) ? params : NULL;
+
+    /* jansson integers are signed 64-bit, which bounds the seeds a request can carry. */
+    int64_t seed = 0;
+    req->has_seed = json_object_get(o, "seed") != NULL;
+    if (s_read_int(o, "seed", 0, INT64_MAX, 0, &seed, err) != 0)
+        return -1;
+    req->seed = (uint64_t)seed;
+    return s_read_bool(o, "stream", 0, &req->stream, err);
+}
+
+static int s_parse_detokenize(um_request_t *req, um_req_error_t *err)
+{
+    json_t *tokens = json_object_get(req->root, "tokens");
+    if (!tokens) {
+        um_req_error_set(err, UM_ERR_INVALID, "tokens", "missing field \"tokens\": a detokenize "
+                         "request needs an array of token ids, e.g. [397, 12]");
+        return -1;
+    }
+    if (!json_is_array(tokens)) {
+        um_req_error_set(err, UM_ERR_INVALID, "tokens",
+                         "tokens must be an array of integers, got %s", s_json_type(tokens));
+        return -1;
+    }
+    size_t n = json_array_size(tokens);
+    req->tokens = malloc((n > 0 ? n : 1) * sizeof *req->tokens);
+    if (!req->tokens) {
+        um_req_error_set(err, UM_ERR_INTERNAL, "tokens", "out of memory for %zu token ids", n);
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *t = json_array_get(tokens, i);
+        double x = json_is_integer(t) ? (double)json_integer_value(t)
+                   : json_is_real(t)  ? json_real_value(t)
+                                      : NAN;
+        if (isnan(x) || floor(x) != x) {
+            um_req_error_set(err, UM_ERR_INVALID, "tokens",
+                             "tokens[%zu] must be an integer token id, got %s", i,
+                             s_json_type(t));
+            return -1;
+        }
+        if (x < INT32_MIN || x > INT32_MAX) {
+            um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "tokens",
+                             "tokens[%zu] is %.0f, not a token id: ids are in [0, vocabulary "
+                             "size)", i, x);
+            return -1;
+        }
+        req->tokens[i] = (int32_t)x;
+    }
+    req->n_tokens = n;
+    return 0;
+}
+
+static int s_parse_cancel(um_request_t *req, um_req_error_t *err)
+{
+    json_t *target = json_object_get(req->root, "target");
+    if (!target) {
+        um_req_error_set(err, UM_ERR_INVALID, "target", "missing field \"target\": a cancel "
+                         "request needs the id of the generate request to stop");
+        return -1;
+    }
+    if (!json_is_string(target) && !json_is_integer(target)) {
+        um_req_error_set(err, UM_ERR_INVALID, "target",
+                         "target must be a string or an integer (a request id), got %s",
+                         s_json_type(target));
+        return -1;
+    }
+    req->target = target;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Entry point                                                               */
+
+static int s_parse_id(um_request_t *req, um_req_error_t *err)
+{
+    json_t *id = json_object_get(req->root, "id");
+    if (!id || json_is_null(id))
+        return 0;
+    if (!json_is_string(id) && !json_is_integer(id)) {
+        um_req_error_set(err, UM_ERR_INVALID, "id", "id must be a string or an integer, got %s",
+                         s_json_type(id));
+        return -1;
+    }
+    req->id = id;
+    return 0;
+}
+
+static int s_parse_op(um_request_t *req, um_req_error_t *err)
+{
+    char list[160] = "";
+    s_append_names(list, sizeof list, s_op_names, UM_REQ_N_OPS);
+
+    json_t *op = json_object_get(req->root, "op");
+    if (!op) {
+        um_req_error_set(err, UM_ERR_INVALID, "op", "missing field \"op\": set it to one of %s",
+                         list);
+        return -1;
+    }
+    if (!json_is_string(op)) {
+        um_req_error_set(err, UM_ERR_INVALID, "op", "op must be a string (one of %s), got %s",
+                         list, s_json_type(op));
+        return -1;
+    }
+    const char *name = json_string_value(op);
+    for (size_t i = 0; i < UM_REQ_N_OPS; i++) {
+        if (strcmp(name, s_op_names[i]) == 0) {
+            req->op = (um_req_op_t)i;
+            return 0;
+        }
+    }
+    char clip[UM_REQ_QUOTE_MAX + 4];
+    const char *hint = um_request_suggest(name, s_op_names, UM_REQ_N_OPS);
+    if (hint)
+        um_req_error_set(err, UM_ERR_UNKNOWN_OP, "op", "unknown op \"%s\": did you mean %s? "
+                         "valid ops are %s", s_clip(name, clip, sizeof clip), hint, list);
+    else
+        um_req_error_set(err, UM_ERR_UNKNOWN_OP, "op", "unknown op \"%s\": valid ops are %s",
+                         s_clip(name, clip, sizeof clip), list);
+    return -1;
+}
+
+static int s_check_fields(um_request_t *req, um_req_error_t *err)
+{
+    const s_field_list_t *allowed = &s_op_fields[req->op];
+    const char *key;
+    json_t *value;
+    json_object_foreach(req->root, key, value) {
+        size_t i = 0;
+        while (i < allowed->n && strcmp(key, allowed->names[i]) != 0)
+            i++;
+        if (i < allowed->n)
+            continue;
+
+        char clip[UM_REQ_QUOTE_MAX + 4];
+        char list[320] = "";
+        s_append_names(list, sizeof list, allowed->names, allowed->n);
+        const char *hint = um_request_suggest(key, allowed->names, allowed->n);
+        s_clip(key, clip, sizeof clip);
+        if (hint)
+            um_req_error_set(err, UM_ERR_UNKNOWN_FIELD, clip, "unknown field \"%s\" in a %s "
+                             "request: did you mean %s? valid fields are %s", clip,
+                             um_request_op_name(req->op), hint, list);
+        else
+            um_req_error_set(err, UM_ERR_UNKNOWN_FIELD, clip, "unknown field \"%s\" in a %s "
+                             "request: valid fields are %s", clip, um_request_op_name(req->op),
+                             list);
+        return -1;
+    }
+    return 0;
+}
+
+int um_request_parse(const char *data, size_t len, um_request_t *req, um_req_error_t *err)
+{
+    memset(req, 0, sizeof *req);
+    if (len == 0) {
+        um_req_error_set(err, UM_ERR_BAD_JSON, NULL,
+                         "empty request: send one JSON object per message");
+        return -1;
+    }
+
+    json_error_t jerr;
+    req->root = json_loadb(data, len, JSON_DECODE_ANY | JSON_ALLOW_NUL | JSON_REJECT_DUPLICATES,
+                           &jerr);
+    if (!req->root) {
+        um_req_error_set(err, UM_ERR_BAD_JSON, NULL,
+                         "request is not valid JSON: %s at line %d, column %d", jerr.text,
+                         jerr.line, jerr.column);
+        return -1;
+    }
+    if (!json_is_object(req->root)) {
+        um_req_error_set(err, UM_ERR_BAD_JSON, NULL,
+                         "request must be a JSON object such as {\"op\": \"health\"}, got %s",
+                         s_json_type(req->root));
+        return -1;
+    }
+
+    if (s_parse_id(req, err) != 0 || s_parse_op(req, err) != 0
+        || s_check_fields(req, err) != 0)
+        return -1;
+
+    switch (req->op) {
+    case UM_REQ_GENERATE:
+        return s_parse_generate(req, err);
+    case UM_REQ_TOKENIZE:
+        return s_read_string(req->root, "text", 1, &req->text, &req->text_len, err);
+    case UM_REQ_DETOKENIZE:
+        return s_parse_detokenize(req, err);
+    case UM_REQ_CANCEL:
+        return s_parse_cancel(req, err);
+    case UM_REQ_INFO:
+    case UM_REQ_HEALTH:
+        return 0;
+    }
+    return 0;
+}
+
+void um_request_clear(um_request_t *req)
+{
+    json_decref(req->root);
+    free(req->tokens);
+    memset(req, 0, sizeof *req);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Replies                                                                   */
+
+json_t *um_reply_new(const json_t *id, const char *type)
+{
+    json_t *r = json_object();
+    if (!r)
+        return NULL;
+    json_object_set_new(r, "id", id ? json_deep_copy(id) : json_null());
+    json_object_set_new(r, "type", json_string(type));
+    return r;
+}
+
+json_t *um_reply_text(const char *s)
+{
+    json_t *v = json_string(s);
+    if (v)
+        return v;
+    char *copy = strdup(s);
+    if (!copy)
+        return json_null();
+    for (char *p = copy; *p; p++)
+        if ((unsigned char)*p >= 0x80)
+            *p = '?';
+    v = json_string(copy);
+    free(copy);
+    return v ? v : json_null();
+}
+
+json_t *um_reply_error(const json_t *id, const um_req_error_t *err)
+{
+    json_t *r = um_reply_new(id, UM_REPLY_ERROR);
+    if (!r)
+        return NULL;
+    json_t *e = json_object();
+    json_object_set_new(e, "code", json_string(err->code ? err->code : UM_ERR_INTERNAL));
+    json_object_set_new(e, "field", err->field[0] ? um_reply_text(err->field) : json_null());
+    json_object_set_new(e, "message", um_reply_text(err->message));
+    json_object_set_new(r, "error", e);
+    return r;
+}
+
+char *um_reply_dump(json_t *reply, size_t *len)
+{
+    if (!reply)
+        return NULL;
+    char *s = json_dumps(reply, JSON_COMPACT | JSON_ENCODE_ANY);
+    json_decref(reply);
+    if (s && len)
+        *len = strlen(s);
+    return s;
+}

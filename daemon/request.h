@@ -102,6 +102,12 @@ const char *um_request_id_text(const json_t *id, char *buf, size_t size);
 /* A new reply object {"id": id or null, "type": type}; id is copied. NULL on ENOMEM. */
 json_t *um_reply_new(const json_t *id, const char *type);
 
+/*
+ * A JSON string of s, or, when s is not valid UTF-8, of s with every byte above
+ * 0x7F replaced by '?'. Never NULL: falls back to JSON null on ENOMEM.
+ */
+json_t *um_reply_text(const char *s);
+
 /* An error reply {"id", "type": "error", "error": {"code", "field", "message"}}. */
 json_t *um_reply_error(const json_t *id, const um_req_error_t *err);
 

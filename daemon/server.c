@@ -1,0 +1,1390 @@
+/*
+ * The ZeroMQ server (see server.h and docs/protocol.md).
+ *
+ * The main thread owns the ROUTER socket, the FIFO of waiting generate requests and
+ * the main tokenizer. It replies to info, health, tokenize, detokenize and cancel at
+ * once, and checks a generate request completely (fields, plugin, parameters,
+ * ranges) before queueing it, so a queued request can only end in done, cancelled
+ * or an internal error. The worker thread owns the model and the worker tokenizer
+ * and runs one job at a time.
+ *
+ * The two threads talk over an inproc PAIR socket. Each message is three frames:
+ * a one-byte kind, the job pointer, and a payload. Main to worker: 'j' runs a job,
+ * 'q' quits. Worker to main: 'r' ready (start handshake, no job), 's' a step
+ * reply, and one final reply per job: 'd' done, 'c' cancelled or 'e' error.
+ * Payloads from the worker are finished JSON replies; the main thread forwards
+ * them unchanged to the job's client. A job belongs to the main thread except
+ * between 'j' and its final reply, when the worker reads it; during that time the
+ * main thread touches only the job's client address, its id (read-only) and the
+ * atomic cancel flag, which the worker's step callback checks after every step.
+ */
+#include "config.h"
+
+#include "server.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <jansson.h>
+#include <zmq.h>
+
+#include <unmaskd/protocol.h>
+
+#include "generate.h"
+#include "kernels.h"
+#include "log.h"
+#include "request.h"
+
+/* Largest frame ZeroMQ accepts at all, as a multiple of the request limit. A bigger
+   frame makes ZeroMQ drop the connection without a reply. */
+#define UM_SERVER_HARD_LIMIT_FACTOR 16
+/* Milliseconds that closing the ROUTER socket waits to deliver final replies. */
+#define UM_SERVER_LINGER_MS 1000
+
+/* Message kinds on the PAIR socket between the main thread and the worker. */
+enum {
+    S_MSG_READY = 'r',
+    S_MSG_JOB = 'j',
+    S_MSG_QUIT = 'q',
+    S_MSG_STEP = 's',
+    S_MSG_DONE = 'd',
+    S_MSG_CANCELLED = 'c',
+    S_MSG_ERROR = 'e',
+};
+
+/* Values of a job's cancel flag. */
+enum {
+    S_RUN = 0,
+    S_CANCEL = 1,   /* a cancel request named the job */
+    S_SHUTDOWN = 2, /* the daemon is stopping */
+};
+
+/* ------------------------------------------------------------------------- */
+/* Types                                                                     */
+
+/*
+ * A client's address on the ROUTER: its routing id, and whether its request had an
+ * empty delimiter frame (REQ sockets add one), which the replies then repeat.
+ */
+typedef struct s_client {
+    unsigned char id[256]; /* ZeroMQ routing ids are 1 to 255 bytes */
+    size_t len;
+    int delimiter;
+} s_client_t;
+
+/* An accepted generate request, from the queue until its final reply. */
+typedef struct s_job {
+    struct s_job *next; /* queue link */
+    s_client_t client;
+    um_request_t req;        /* owns the JSON the request fields point into */
+    int32_t *prompt;         /* (n_prompt) token ids of the prompt */
+    int32_t n_prompt;
+    um_gen_params_t params;  /* checked; remask_state from request_begin */
+    um_param_t *remask_params; /* (params.remask->n_params) values given to request_begin */
+    int remask_begun;        /* request_end is owed */
+    atomic_int cancel;       /* S_RUN, S_CANCEL or S_SHUTDOWN */
+    double t_accept_ms;
+    char id_text[80];        /* the id for log lines */
+} s_job_t;
+
+struct um_server {
+    um_server_config_t cfg;
+    char endpoint[256];   /* as bound, with a tcp port of 0 resolved */
+    char pipe_name[64];   /* inproc endpoint of the PAIR sockets */
+
+    um_model_t *model;                 /* used by the worker only */
+    const um_model_config_t *model_cfg; /* read-only, shared */
+    const um_plugin_registry_t *plugins; /* read-only, shared */
+    um_tokenizer_t *tok;               /* main thread */
+    um_tokenizer_t *tok_worker;        /* worker thread */
+
+    void *zctx;
+    void *router; /* clients */
+    void *pipe;   /* main thread's end of the PAIR */
+
+    pthread_t worker;
+    int worker_started;
+
+    s_job_t *queue_head; /* waiting jobs, oldest first */
+    s_job_t *queue_tail;
+    size_t queue_len;
+    s_job_t *running;    /* the worker's job, or NULL when idle */
+    int stopping;
+
+    double t_start_ms;
+};
+
+/* ------------------------------------------------------------------------- */
+/* Small helpers                                                             */
+
+static double s_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+/*
+ * A seed for a request that gave none: from the kernel's entropy, cut to 53 bits so
+ * that every JSON parser, including those that keep numbers as doubles, reads back
+ * the exact value the reply reports.
+ */
+static uint64_t s_random_seed(void)
+{
+    uint64_t x = 0;
+    if (getentropy(&x, sizeof x) != 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        x = (uint64_t)ts.tv_nsec * 0x9E3779B97F4A7C15ULL ^ (uint64_t)ts.tv_sec
+            ^ ((uint64_t)getpid() << 32);
+    }
+    return x & ((1ULL << 53) - 1);
+}
+
+static int s_same_client(const s_client_t *a, const s_client_t *b)
+{
+    return a->len == b->len && memcmp(a->id, b->id, a->len) == 0;
+}
+
+/* zmq_msg_recv that retries when a signal interrupts it. */
+static int s_msg_recv(zmq_msg_t *msg, void *socket, int flags)
+{
+    int rc;
+    do
+        rc = zmq_msg_recv(msg, socket, flags);
+    while (rc < 0 && errno == EINTR);
+    return rc;
+}
+
+static int s_send(void *socket, const void *data, size_t len, int flags)
+{
+    int rc;
+    do
+        rc = zmq_send(socket, data, len, flags);
+    while (rc < 0 && errno == EINTR);
+    return rc;
+}
+
+static int s_more(void *socket)
+{
+    int more = 0;
+    size_t size = sizeof more;
+    zmq_getsockopt(socket, ZMQ_RCVMORE, &more, &size);
+    return more;
+}
+
+/* Receive and drop the rest of a multipart message. */
+static void s_drain(void *socket)
+{
+    while (s_more(socket)) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        s_msg_recv(&m, socket, 0);
+        zmq_msg_close(&m);
+    }
+}
+
+/* ------------------------------------------------------------------------- */
+/* Sending replies to clients                                                */
+
+/*
+ * Send one reply to a client. A ROUTER socket without ZMQ_ROUTER_MANDATORY does not
+ * block on send (zmq_socket(3), libzmq 4.3), and it drops a reply to a client that
+ * has gone away.
+ */
+static void s_send_to_client(um_server_t *srv, const s_client_t *client, const char *data,
+                             size_t len)
+{
+    if (s_send(srv->router, client->id, client->len, ZMQ_SNDMORE) < 0
+        || (client->delimiter && s_send(srv->router, "", 0, ZMQ_SNDMORE) < 0)
+        || s_send(srv->router, data, len, 0) < 0)
+        um_warn("server", "sending a %zu-byte reply failed: %s", len, zmq_strerror(errno));
+}
+
+/* The reply used when a reply cannot be built, so the request still gets its final. */
+static const char s_oom_reply[] =
+    "{\"id\":null,\"type\":\"error\",\"error\":{\"code\":\"internal\",\"field\":null,"
+    "\"message\":\"out of memory while building the reply: the daemon is short of memory\"}}";
+
+/* Serialize reply (releasing it) and send it to client. */
+static void s_send_json(um_server_t *srv, const s_client_t *client, json_t *reply)
+{
+    size_t len = 0;
+    char *text = um_reply_dump(reply, &len);
+    if (!text) {
+        um_error("server", "out of memory while serializing a reply");
+        s_send_to_client(srv, client, s_oom_reply, sizeof s_oom_reply - 1);
+        return;
+    }
+    s_send_to_client(srv, client, text, len);
+    free(text);
+}
+
+/* Send an error reply and log it at warn with the request id. */
+static void s_send_error(um_server_t *srv, const s_client_t *client, const json_t *id,
+                         const um_req_error_t *err)
+{
+    char idbuf[80];
+    um_warn("server", "request %s: %s%s%s: %s", um_request_id_text(id, idbuf, sizeof idbuf),
+            err->code, err->field[0] ? " on " : "", err->field, err->message);
+    s_send_json(srv, client, um_reply_error(id, err));
+}
+
+static json_t *s_cancelled_reply(const json_t *id, int reason)
+{
+    json_t *r = um_reply_new(id, UM_REPLY_CANCELLED);
+    if (r)
+        json_object_set_new(r, "reason", json_string(reason == S_SHUTDOWN ? "shutdown"
+                                                                           : "cancel"));
+    return r;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Jobs and the queue                                                        */
+
+static void s_job_free(s_job_t *job)
+{
+    if (!job)
+        return;
+    if (job->remask_begun && job->params.remask->request_end)
+        job->params.remask->request_end(job->params.remask_state);
+    um_request_clear(&job->req);
+    free(job->prompt);
+    free(job->remask_params);
+    free(job);
+}
+
+static void s_queue_push(um_server_t *srv, s_job_t *job)
+{
+    job->next = NULL;
+    if (srv->queue_tail)
+        srv->queue_tail->next = job;
+    else
+        srv->queue_head = job;
+    srv->queue_tail = job;
+    srv->queue_len++;
+}
+
+/* Unlink job from the queue; prev is its predecessor or NULL for the head. */
+static void s_queue_unlink(um_server_t *srv, s_job_t *prev, s_job_t *job)
+{
+    if (prev)
+        prev->next = job->next;
+    else
+        srv->queue_head = job->next;
+    if (srv->queue_tail == job)
+        srv->queue_tail = prev;
+    job->next = NULL;
+    srv->queue_len--;
+}
+
+/* The running or waiting job of client with this id, or NULL. */
+static s_job_t *s_find_job(um_server_t *srv, const s_client_t *client, const json_t *id,
+                           s_job_t **prev_out)
+{
+    *prev_out = NULL;
+    if (srv->running && s_same_client(&srv->running->client, client)
+        && json_equal(srv->running->req.id, (json_t *)id))
+        return srv->running;
+    s_job_t *prev = NULL;
+    for (s_job_t *j = srv->queue_head; j; prev = j, j = j->next) {
+        if (s_same_client(&j->client, client) && json_equal(j->req.id, (json_t *)id)) {
+            *prev_out = prev;
+            return j;
+        }
+    }
+    return NULL;
+}
+
+/* Hand the oldest waiting job to the worker when it is idle. */
+static void s_dispatch(um_server_t *srv)
+{
+    if (srv->running || !srv->queue_head || srv->stopping)
+        return;
+    s_job_t *job = srv->queue_head;
+    s_queue_unlink(srv, NULL, job);
+    srv->running = job;
+    char kind = S_MSG_JOB;
+    if (s_send(srv->pipe, &kind, 1, ZMQ_SNDMORE) < 0 || s_send(srv->pipe, &job, sizeof job, 0) < 0) {
+        /* The worker cannot be reached, so the job gets an internal error here. */
+        um_req_error_t err;
+        um_req_error_set(&err, UM_ERR_INTERNAL, NULL, "the worker thread cannot be reached: %s",
+                         zmq_strerror(errno));
+        s_send_error(srv, &job->client, job->req.id, &err);
+        srv->running = NULL;
+        s_job_free(job);
+        return;
+    }
+    um_debug("server", "request %s: generate running after %.1f ms in the queue",
+             job->id_text, s_now_ms() - job->t_accept_ms);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Worker thread                                                             */
+
+typedef struct s_step_ctx {
+    um_server_t *srv;
+    void *pipe;
+    s_job_t *job;
+    int32_t steps_run;
+} s_step_ctx_t;
+
+static int s_pipe_send(void *pipe, char kind, s_job_t *job, const char *payload, size_t len)
+{
+    if (s_send(pipe, &kind, 1, ZMQ_SNDMORE) < 0 || s_send(pipe, &job, sizeof job, ZMQ_SNDMORE) < 0
+        || s_send(pipe, payload, len, 0) < 0)
+        return -1;
+    return 0;
+}
+
+/* Send a reply from the worker to the main thread, releasing it. */
+static void s_pipe_send_json(void *pipe, char kind, s_job_t *job, json_t *reply)
+{
+    size_t len = 0;
+    char *text = um_reply_dump(reply, &len);
+    int rc = text ? s_pipe_send(pipe, kind, job, text, len)
+                  : s_pipe_send(pipe, S_MSG_ERROR, job, s_oom_reply, sizeof s_oom_reply - 1);
+    if (rc != 0)
+        um_error("worker", "sending a reply to the main thread failed: %s", zmq_strerror(errno));
+    free(text);
+}
+
+/* Decode one token for a step reply; an undecodable id gets "" rather than failing the step. */
+static json_t *s_token_text(um_tokenizer_t *tok, int32_t id)
+{
+    char *text = NULL;
+    if (um_tokenizer_decode(tok, &id, 1, 0, &text) != 0)
+        return json_string("");
+    json_t *v = um_reply_text(text);
+    free(text);
+    return v;
+}
+
+/* um_generate's step callback: stops a cancelled job, and streams the step when asked. */
+static int s_on_step(void *user, const um_step_info_t *info)
+{
+    s_step_ctx_t *c = user;
+    s_job_t *job = c->job;
+    c->steps_run++;
+    if (atomic_load(&job->cancel) != S_RUN)
+        return 1;
+    if (!job->req.stream)
+        return 0;
+
+    json_t *r = um_reply_new(job->req.id, UM_REPLY_STEP);
+    json_t *committed = json_array();
+    if (!r || !committed) {
+        json_decref(r);
+        json_decref(committed);
+        return 0;
+    }
+    um_tokenizer_t *tok = c->srv->tok_worker;
+    for (int32_t i = 0; i < info->n_committed; i++) {
+        int32_t pos = info->committed[i];
+        int32_t token = info->canvas[pos];
+        json_t *e = json_object();
+        /* Positions count from the first generated token, so masks in the prompt are < 0. */
+        json_object_set_new(e, "pos", json_integer(pos - job->n_prompt));
+        json_object_set_new(e, "token", json_integer(token));
+        json_object_set_new(e, "text", s_token_text(tok, token));
+        if (tok->ops->is_special && tok->ops->is_special(tok->state, token))
+            json_object_set_new(e, "special", json_true());
+        json_array_append_new(committed, e);
+    }
+    json_object_set_new(r, "step", json_integer(info->step));
+    json_object_set_new(r, "steps", json_integer(info->n_steps));
+    json_object_set_new(r, "block", json_integer(info->block));
+    json_object_set_new(r, "blocks", json_integer(info->n_blocks));
+    json_object_set_new(r, "committed", committed);
+    json_object_set_new(r, "masked", json_integer(info->n_masked));
+    json_object_set_new(r, "step_ms", json_real(info->step_ms));
+    s_pipe_send_json(c->pipe, S_MSG_STEP, job, r);
+    return 0;
+}
+
+static json_t *s_done_reply(um_server_t *srv, const s_job_t *job, const int32_t *canvas,
+                            const um_gen_stats_t *stats, int32_t steps_run, char *err,
+                            size_t errlen)
+{
+    const int32_t *gen = canvas + job->n_prompt;
+    const int32_t n_gen = job->params.gen_length;
+    char *text = NULL;
+    int rc = um_tokenizer_decode(srv->tok_worker, gen, (size_t)n_gen, UM_DECODE_SKIP_SPECIAL,
+                                 &text);
+    if (rc != 0) {
+        snprintf(err, errlen, "decoding the %d generated tokens failed: %s", n_gen,
+                 um_strerror(rc));
+        return NULL;
+    }
+    json_t *r = um_reply_new(job->req.id, UM_REPLY_DONE);
+    json_t *tokens = json_array();
+    json_t *st = json_object();
+    if (!r || !tokens || !st) {
+        free(text);
+        json_decref(r);
+        json_decref(tokens);
+        json_decref(st);
+        snprintf(err, errlen, "out of memory while building the reply");
+        return NULL;
+    }
+    for (int32_t i = 0; i < n_gen; i++)
+        json_array_append_new(tokens, json_integer(gen[i]));
+    json_object_set_new(r, "text", um_reply_text(text));
+    free(text);
+    json_object_set_new(r, "tokens", tokens);
+    json_object_set_new(r, "prompt_tokens", json_integer(job->n_prompt));
+
+    /* Masks written in the prompt were filled in as well: report them by position. */
+    json_t *infill = NULL;
+    const int32_t mask_id = srv->model_cfg->mask_token_id;
+    for (int32_t i = 0; i < job->n_prompt; i++) {
+        if (job->prompt[i] != mask_id)
+            continue;
+        if (!infill)
+            infill = json_array();
+        json_t *e = json_object();
+        json_object_set_new(e, "pos", json_integer(i - job->n_prompt));
+        json_object_set_new(e, "token", json_integer(canvas[i]));
+        json_object_set_new(e, "text", s_token_text(srv->tok_worker, canvas[i]));
+        json_array_append_new(infill, e);
+    }
+    if (infill)
+        json_object_set_new(r, "infill", infill);
+    json_object_set_new(r, "seed", json_integer((json_int_t)job->params.seed));
+
+    double total_ms = stats->total_ms;
+    json_object_set_new(st, "forward_passes", json_integer(stats->forward_passes));
+    json_object_set_new(st, "steps", json_integer(steps_run));
+    json_object_set_new(st, "total_ms", json_real(total_ms));
+    json_object_set_new(st, "ms_per_step", json_real(steps_run > 0 ? total_ms / steps_run : 0.0));
+    json_object_set_new(st, "tokens_per_second",
+                        json_real(total_ms > 0 ? n_gen / (total_ms / 1e3) : 0.0));
+    json_object_set_new(r, "stats", st);
+    return r;
+}
+
+/* Run one job on the worker thread and send its final reply. */
+static void s_worker_run(um_server_t *srv, void *pipe, s_job_t *job)
+{
+    const size_t n_canvas = (size_t)job->n_prompt + (size_t)job->params.gen_length;
+    int32_t *canvas = malloc(n_canvas * sizeof *canvas);
+    char err[512] = "";
+    um_gen_stats_t stats = {0};
+    s_step_ctx_t ctx = {.srv = srv, .pipe = pipe, .job = job, .steps_run = 0};
+
+    int rc = UM_ENOMEM;
+    if (canvas)
+        rc = um_generate(srv->model, job->prompt, job->n_prompt, &job->params, s_on_step, &ctx,
+                         canvas, &stats, err, sizeof err);
+    else
+        snprintf(err, sizeof err, "out of memory for a canvas of %zu tokens", n_canvas);
+
+    if (rc == UM_ECANCELLED) {
+        s_pipe_send_json(pipe, S_MSG_CANCELLED, job,
+                         s_cancelled_reply(job->req.id, atomic_load(&job->cancel)));
+        free(canvas);
+        return;
+    }
+    json_t *reply = NULL;
+    if (rc == 0)
+        reply = s_done_reply(srv, job, canvas, &stats, ctx.steps_run, err, sizeof err);
+    free(canvas);
+    if (reply) {
+        s_pipe_send_json(pipe, S_MSG_DONE, job, reply);
+        return;
+    }
+
+    um_req_error_t e;
+    um_req_error_set(&e, UM_ERR_INTERNAL, NULL, "generation failed (%s): %s",
+                     um_error_name(rc), err[0] ? err : um_strerror(rc));
+    um_warn("worker", "request %s: %s", job->id_text, e.message);
+    s_pipe_send_json(pipe, S_MSG_ERROR, job, um_reply_error(job->req.id, &e));
+}
+
+static void *s_worker_main(void *arg)
+{
+    um_server_t *srv = arg;
+#ifdef _OPENMP
+    /* OpenMP keeps the thread count per thread, so the main thread's setting does not
+       reach this one. */
+    if (srv->cfg.threads > 0)
+        omp_set_num_threads(srv->cfg.threads);
+#endif
+    void *pipe = zmq_socket(srv->zctx, ZMQ_PAIR);
+    char kind = S_MSG_READY;
+    if (!pipe || zmq_connect(pipe, srv->pipe_name) != 0) {
+        um_error("worker", "connecting to %s failed: %s", srv->pipe_name, zmq_strerror(errno));
+        if (pipe)
+            zmq_close(pipe);
+        return NULL;
+    }
+    void *none = NULL;
+    s_pipe_send(pipe, kind, none, "", 0);
+
+    for (;;) {
+        zmq_msg_t msg;
+        zmq_msg_init(&msg);
+        if (s_msg_recv(&msg, pipe, 0) < 0) {
+            zmq_msg_close(&msg);
+            um_error("worker", "receiving from the main thread failed: %s", zmq_strerror(errno));
+            break;
+        }
+        kind = zmq_msg_size(&msg) == 1 ? *(char *)zmq_msg_data(&msg) : 0;
+        zmq_msg_close(&msg);
+
+        s_job_t *job = NULL;
+        if (s_more(pipe)) {
+            zmq_msg_init(&msg);
+            if (s_msg_recv(&msg, pipe, 0) >= 0 && zmq_msg_size(&msg) == sizeof job)
+                memcpy(&job, zmq_msg_data(&msg), sizeof job);
+            zmq_msg_close(&msg);
+            s_drain(pipe);
+        }
+        if (kind == S_MSG_QUIT)
+            break;
+        UM_ASSERT(kind == S_MSG_JOB && job != NULL);
+        s_worker_run(srv, pipe, job);
+    }
+    zmq_close(pipe);
+    return NULL;
+}
+
+/* Start the worker thread and wait for its ready message. */
+static int s_worker_start(um_server_t *srv, char *err, size_t errlen)
+{
+    /* Signals go to the main thread: the worker (and the OpenMP threads it starts)
+       block them, so a Ctrl-C never interrupts a forward pass halfway. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int rc = pthread_create(&srv->worker, NULL, s_worker_main, srv);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot start the worker thread: %s", strerror(rc));
+        return UM_ENOMEM;
+    }
+    srv->worker_started = 1;
+
+    /* The worker's first message is 'r'; if it could not connect it has exited instead,
+       so wait with a timeout rather than forever. */
+    zmq_pollitem_t item = {.socket = srv->pipe, .events = ZMQ_POLLIN};
+    int n;
+    do
+        n = zmq_poll(&item, 1, 10000);
+    while (n < 0 && errno == EINTR);
+    if (n <= 0) {
+        snprintf(err, errlen, "the worker thread did not start within 10 s");
+        return UM_EIO;
+    }
+    zmq_msg_t msg;
+    zmq_msg_init(&msg);
+    s_msg_recv(&msg, srv->pipe, 0);
+    zmq_msg_close(&msg);
+    s_drain(srv->pipe);
+    return 0;
+}
+
+/*
+ * Stop the worker: cancel its job, wait for that job's final reply (dropped here,
+ * since um_server_run has returned), then send quit and join the thread.
+ */
+static void s_worker_stop(um_server_t *srv)
+{
+    if (!srv->worker_started)
+        return;
+    while (srv->running) {
+        atomic_store(&srv->running->cancel, S_SHUTDOWN);
+        zmq_msg_t msg;
+        zmq_msg_init(&msg);
+        if (s_msg_recv(&msg, srv->pipe, 0) < 0) {
+            zmq_msg_close(&msg);
+            break;
+        }
+        char kind = zmq_msg_size(&msg) == 1 ? *(char *)zmq_msg_data(&msg) : 0;
+        zmq_msg_close(&msg);
+        s_drain(srv->pipe);
+        if (kind == S_MSG_DONE || kind == S_MSG_CANCELLED || kind == S_MSG_ERROR) {
+            s_job_free(srv->running);
+            srv->running = NULL;
+        }
+    }
+    /* Without DONTWAIT this would block forever on a worker that exited early. */
+    char kind = S_MSG_QUIT;
+    s_send(srv->pipe, &kind, 1, ZMQ_DONTWAIT);
+    pthread_join(srv->worker, NULL);
+    srv->worker_started = 0;
+}
+
+/* Forward one message from the worker to its client; a final reply ends the job. */
+static void s_handle_worker(um_server_t *srv)
+{
+    zmq_msg_t head, ptr, payload;
+    zmq_msg_init(&head);
+    zmq_msg_init(&ptr);
+    zmq_msg_init(&payload);
+    char kind = 0;
+    s_job_t *job = NULL;
+    if (s_msg_recv(&head, srv->pipe, 0) >= 0 && zmq_msg_size(&head) == 1)
+        kind = *(char *)zmq_msg_data(&head);
+    if (s_more(srv->pipe) && s_msg_recv(&ptr, srv->pipe, 0) >= 0
+        && zmq_msg_size(&ptr) == sizeof job)
+        memcpy(&job, zmq_msg_data(&ptr), sizeof job);
+    if (s_more(srv->pipe))
+        s_msg_recv(&payload, srv->pipe, 0);
+    s_drain(srv->pipe);
+
+    UM_ASSERT(job != NULL && job == srv->running);
+    s_send_to_client(srv, &job->client, zmq_msg_data(&payload), zmq_msg_size(&payload));
+    zmq_msg_close(&head);
+    zmq_msg_close(&ptr);
+    zmq_msg_close(&payload);
+    if (kind == S_MSG_STEP)
+        return;
+
+    const char *outcome = kind == S_MSG_DONE        ? UM_REPLY_DONE
+                          : kind == S_MSG_CANCELLED ? UM_REPLY_CANCELLED
+                                                    : UM_REPLY_ERROR;
+    um_debug("server", "request %s: generate finished with %s, %.1f ms after it was accepted",
+             job->id_text, outcome, s_now_ms() - job->t_accept_ms);
+    srv->running = NULL;
+    s_job_free(job);
+    s_dispatch(srv);
+}
+
+/* ------------------------------------------------------------------------- */
+/* info and health                                                           */
+
+static const char *s_param_type_name(um_param_type_t t)
+{
+    switch (t) {
+    case UM_PARAM_NUMBER:
+        return "number";
+    case UM_PARAM_INTEGER:
+        return "integer";
+    case UM_PARAM_BOOL:
+        return "bool";
+    case UM_PARAM_STRING:
+        return "string";
+    }
+    return "unknown";
+}
+
+static json_t *s_param_spec_json(const um_param_spec_t *p)
+{
+    json_t *o = json_object();
+    json_object_set_new(o, "name", json_string(p->name));
+    json_object_set_new(o, "type", json_string(s_param_type_name(p->type)));
+    int numeric = p->type == UM_PARAM_NUMBER || p->type == UM_PARAM_INTEGER;
+    if (p->type == UM_PARAM_INTEGER)
+        json_object_set_new(o, "default", json_integer((json_int_t)p->default_value));
+    else if (p->type == UM_PARAM_NUMBER)
+        json_object_set_new(o, "default", json_real(p->default_value));
+    else if (p->type == UM_PARAM_BOOL)
+        json_object_set_new(o, "default", json_boolean(p->default_value != 0));
+    else
+        json_object_set_new(o, "default", json_null());
+    json_object_set_new(o, "min", numeric ? json_real(p->min) : json_null());
+    json_object_set_new(o, "max", numeric ? json_real(p->max) : json_null());
+    json_object_set_new(o, "help", p->help ? um_reply_text(p->help) : json_null());
+    return o;
+}
+
+static json_t *s_plugin_json(const um_plugin_desc_t *d)
+{
+    json_t *o = json_object();
+    json_object_set_new(o, "name", json_string(d->name));
+    json_object_set_new(o, "version", d->version ? um_reply_text(d->version) : json_null());
+    json_object_set_new(o, "description",
+                        d->description ? um_reply_text(d->description) : json_null());
+    if (d->kind == UM_PLUGIN_REMASK) {
+        json_t *params = json_array();
+        for (int32_t i = 0; i < d->remask->n_params; i++)
+            json_array_append_new(params, s_param_spec_json(&d->remask->params[i]));
+        json_object_set_new(o, "params", params);
+    }
+    return o;
+}
+
+/* The version number out of um_gemm_backend()'s "onednn X.Y.Z". */
+static json_t *s_onednn_version(void)
+{
+    const char *b = um_gemm_backend();
+    const char *prefix = "onednn ";
+    if (strncmp(b, prefix, strlen(prefix)) == 0)
+        return json_string(b + strlen(prefix));
+    return um_reply_text(b);
+}
+
+static json_t *s_info_reply(um_server_t *srv, const json_t *id)
+{
+    const um_model_config_t *c = srv->model_cfg;
+    json_t *r = um_reply_new(id, UM_REPLY_DONE);
+    if (!r)
+        return NULL;
+    json_object_set_new(r, "version", json_string(PACKAGE_VERSION));
+    json_object_set_new(r, "protocol", json_integer(UM_PROTOCOL_VERSION));
+
+    json_t *m = json_object();
+    json_object_set_new(m, "dir", um_reply_text(um_model_dir(srv->model)));
+    json_object_set_new(m, "model_type", um_reply_text(c->model_type));
+    json_object_set_new(m, "d_model", json_integer(c->d_model));
+    json_object_set_new(m, "n_layers", json_integer(c->n_layers));
+    json_object_set_new(m, "n_heads", json_integer(c->n_heads));
+    json_object_set_new(m, "vocab_size", json_integer(c->vocab_size));
+    json_object_set_new(m, "max_sequence_length", json_integer(c->max_sequence_length));
+    json_object_set_new(m, "mask_token_id", json_integer(c->mask_token_id));
+    json_object_set_new(m, "eos_token_id",
+                        c->eos_token_id >= 0 ? json_integer(c->eos_token_id) : json_null());
+    json_object_set_new(m, "dtype", json_string(um_model_dtype(srv->model)));
+    json_object_set_new(r, "model", m);
+    json_object_set_new(r, "backend", um_reply_text(um_model_backend(srv->model)));
+    json_object_set_new(r, "isa", json_string(um_kernels()->isa));
+    json_object_set_new(r, "tokenizer", json_string(srv->tok->plugin->desc->name));
+
+    json_t *remask = json_array(), *tokenizer = json_array();
+    for (size_t i = 0; i < srv->plugins->n; i++) {
+        const um_plugin_desc_t *d = srv->plugins->items[i].desc;
+        json_array_append_new(d->kind == UM_PLUGIN_REMASK ? remask : tokenizer,
+                              s_plugin_json(d));
+    }
+    json_t *plugins = json_object();
+    json_object_set_new(plugins, "remask", remask);
+    json_object_set_new(plugins, "tokenizer", tokenizer);
+    json_object_set_new(r, "plugins", plugins);
+
+    int major, minor, patch;
+    zmq_version(&major, &minor, &patch);
+    char zver[32];
+    snprintf(zver, sizeof zver, "%d.%d.%d", major, minor, patch);
+    json_t *libs = json_object();
+    json_object_set_new(libs, "zmq", json_string(zver));
+#if JANSSON_VERSION_HEX >= 0x020d00
+    json_object_set_new(libs, "jansson", json_string(jansson_version_str()));
+#else
+    json_object_set_new(libs, "jansson", json_string(JANSSON_VERSION));
+#endif
+    json_object_set_new(libs, "onednn", s_onednn_version());
+    json_object_set_new(r, "libraries", libs);
+    return r;
+}
+
+static json_t *s_health_reply(um_server_t *srv, const json_t *id)
+{
+    json_t *r = um_reply_new(id, UM_REPLY_DONE);
+    if (!r)
+        return NULL;
+    json_object_set_new(r, "status", json_string("ok"));
+    json_object_set_new(r, "queue", json_integer((json_int_t)srv->queue_len));
+    json_object_set_new(r, "busy", json_boolean(srv->running != NULL));
+    json_object_set_new(r, "uptime_s", json_real((s_now_ms() - srv->t_start_ms) / 1e3));
+    return r;
+}
+
+/* ------------------------------------------------------------------------- */
+/* tokenize, detokenize, cancel                                              */
+
+static json_t *s_tokenize_reply(um_server_t *srv, const um_request_t *req, um_req_error_t *err)
+{
+    int32_t *ids = NULL;
+    size_t n = 0;
+    int rc = um_tokenizer_encode(srv->tok, req->text, req->text_len, &ids, &n);
+    if (rc != 0) {
+        um_req_error_set(err, UM_ERR_INTERNAL, "text", "tokenizer %s failed to encode %zu "
+                         "bytes of text: %s", srv->tok->plugin->desc->name, req->text_len,
+                         um_strerror(rc));
+        return NULL;
+    }
+    json_t *r = um_reply_new(req->id, UM_REPLY_DONE);
+    json_t *tokens = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(tokens, json_integer(ids[i]));
+    free(ids);
+    json_object_set_new(r, "tokens", tokens);
+    return r;
+}
+
+static json_t *s_detokenize_reply(um_server_t *srv, const um_request_t *req,
+                                  um_req_error_t *err)
+{
+    int32_t vocab = srv->tok->ops->vocab_size(srv->tok->state);
+    for (size_t i = 0; i < req->n_tokens; i++) {
+        if (req->tokens[i] < 0 || req->tokens[i] >= vocab) {
+            um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "tokens", "tokens[%zu] is %d, outside "
+                             "the vocabulary [0, %d): send ids that tokenize returned", i,
+                             req->tokens[i], vocab);
+            return NULL;
+        }
+    }
+    char *text = NULL;
+    int rc = um_tokenizer_decode(srv->tok, req->tokens, req->n_tokens, 0, &text);
+    if (rc != 0) {
+        um_req_error_set(err, rc == UM_ERANGE ? UM_ERR_OUT_OF_RANGE : UM_ERR_INTERNAL, "tokens",
+                         "tokenizer %s failed to decode %zu tokens: %s",
+                         srv->tok->plugin->desc->name, req->n_tokens, um_strerror(rc));
+        return NULL;
+    }
+    json_t *r = um_reply_new(req->id, UM_REPLY_DONE);
+    json_object_set_new(r, "text", um_reply_text(text));
+    free(text);
+    return r;
+}
+
+/*
+ * Cancel a generate request of the same client. A waiting one is removed and gets its
+ * "cancelled" reply at once. A running one is flagged and ends within one step.
+ */
+static json_t *s_cancel_reply(um_server_t *srv, const s_client_t *client,
+                              const um_request_t *req, um_req_error_t *err)
+{
+    s_job_t *prev = NULL;
+    s_job_t *job = s_find_job(srv, client, req->target, &prev);
+    if (!job) {
+        char idbuf[80];
+        um_req_error_set(err, UM_ERR_NOT_FOUND, "target", "no generate request with id %s is "
+                         "waiting or running for this connection: it may have finished "
+                         "already, or it was sent on another socket",
+                         um_request_id_text(req->target, idbuf, sizeof idbuf));
+        return NULL;
+    }
+    if (job == srv->running) {
+        atomic_store(&job->cancel, S_CANCEL);
+        um_debug("server", "request %s: cancel requested while it runs", job->id_text);
+    } else {
+        s_queue_unlink(srv, prev, job);
+        s_send_json(srv, &job->client, s_cancelled_reply(job->req.id, S_CANCEL));
+        um_debug("server", "request %s: generate cancelled while waiting", job->id_text);
+        s_job_free(job);
+    }
+    return um_reply_new(req->id, UM_REPLY_DONE);
+}
+
+/* ------------------------------------------------------------------------- */
+/* generate                                                                  */
+
+/*
+ * Convert remasking_params to um_param_t values, check each one against the plugin's
+ * spec (so the error names the parameter), then fill *out with one value per spec
+ * entry, defaults included. Returns 0 or -1 with err filled.
+ */
+static int s_check_remask_params(const um_plugin_desc_t *plugin, json_t *params,
+                                 um_param_t **out, um_req_error_t *err)
+{
+    const um_remask_ops_t *ops = plugin->remask;
+    size_t n_in = params ? json_object_size(params) : 0;
+    um_param_t *in = calloc(n_in + 1, sizeof *in);
+    um_param_t *checked = calloc((size_t)ops->n_params + 1, sizeof *checked);
+    const char **names = calloc((size_t)ops->n_params + 1, sizeof *names);
+    if (!in || !checked || !names) {
+        um_req_error_set(err, UM_ERR_INTERNAL, "remasking_params", "out of memory");
+        goto fail;
+    }
+    for (int32_t s = 0; s < ops->n_params; s++)
+        names[s] = ops->params[s].name;
+
+    size_t i = 0;
+    const char *key;
+    json_t *v;
+    json_object_foreach(params, key, v) {
+        char field[96];
+        snprintf(field, sizeof field, "remasking_params.%s", key);
+        int32_t s = 0;
+        while (s < ops->n_params && strcmp(ops->params[s].name, key) != 0)
+            s++;
+        if (s == ops->n_params) {
+            char list[256] = "";
+            size_t len = 0;
+            for (int32_t k = 0; k < ops->n_params && len < sizeof list; k++)
+                len += (size_t)snprintf(list + len, sizeof list - len, "%s%s", k ? ", " : "",
+                                        names[k]);
+            const char *hint = um_request_suggest(key, names, (size_t)ops->n_params);
+            if (ops->n_params == 0)
+                um_req_error_set(err, UM_ERR_UNKNOWN_FIELD, field, "unknown parameter \"%s\": "
+                                 "remasking plugin %s takes no parameters", key, plugin->name);
+            else
+                um_req_error_set(err, UM_ERR_UNKNOWN_FIELD, field, "unknown parameter \"%s\" "
+                                 "for remasking plugin %s: %s%s%saccepted parameters are %s",
+                                 key, plugin->name, hint ? "did you mean " : "",
+                                 hint ? hint : "", hint ? "? " : "", list);
+            goto fail;
+        }
+
+        um_param_type_t want = ops->params[s].type;
+        in[i].name = key;
+        if (json_is_boolean(v)) {
+            in[i].type = UM_PARAM_BOOL;
+            in[i].number = json_is_true(v);
+        } else if (json_is_integer(v)) {
+            in[i].type = UM_PARAM_INTEGER;
+            in[i].number = (double)json_integer_value(v);
+        } else if (json_is_real(v)) {
+            double x = json_real_value(v);
+            /* JSON has one number type: 3.0 is a valid value for an integer parameter. */
+            in[i].type = want == UM_PARAM_INTEGER && x == (double)(int64_t)x ? UM_PARAM_INTEGER
+                                                                              : UM_PARAM_NUMBER;
+            in[i].number = x;
+        } else if (json_is_string(v)) {
+            in[i].type = UM_PARAM_STRING;
+            in[i].string = json_string_value(v);
+        } else {
+            um_req_error_set(err, UM_ERR_INVALID, field, "%s must be a %s, got %s", field,
+                             s_param_type_name(want),
+                             json_is_null(v) ? "null" : json_is_array(v) ? "an array"
+                                                                         : "an object");
+            goto fail;
+        }
+
+        char msg[512];
+        int rc = um_params_check(ops->params, ops->n_params, &in[i], 1, checked, msg, sizeof msg);
+        if (rc != 0) {
+            um_req_error_set(err, rc == UM_ERANGE ? UM_ERR_OUT_OF_RANGE : UM_ERR_INVALID, field,
+                             "remasking plugin %s: %s", plugin->name, msg);
+            goto fail;
+        }
+        i++;
+    }
+
+    char msg[512];
+    int rc = um_params_check(ops->params, ops->n_params, in, (int32_t)n_in, checked, msg,
+                             sizeof msg);
+    if (rc != 0) {
+        um_req_error_set(err, rc == UM_ERANGE ? UM_ERR_OUT_OF_RANGE : UM_ERR_INVALID,
+                         "remasking_params", "remasking plugin %s: %s", plugin->name, msg);
+        goto fail;
+    }
+    free(in);
+    free(names);
+    *out = checked;
+    return 0;
+
+fail:
+    free(in);
+    free(checked);
+    free(names);
+    return -1;
+}
+
+static void s_unknown_plugin(um_server_t *srv, const char *name, um_req_error_t *err)
+{
+    const char *names[64];
+    size_t n = 0;
+    char list[512] = "";
+    size_t len = 0;
+    for (size_t i = 0; i < srv->plugins->n; i++) {
+        const um_plugin_desc_t *d = srv->plugins->items[i].desc;
+        if (d->kind != UM_PLUGIN_REMASK)
+            continue;
+        if (n < sizeof names / sizeof names[0])
+            names[n++] = d->name;
+        if (len < sizeof list)
+            len += (size_t)snprintf(list + len, sizeof list - len, "%s%s", len ? ", " : "",
+                                    d->name);
+    }
+    const char *hint = um_request_suggest(name, names, n);
+    char clip[52];
+    snprintf(clip, sizeof clip, "%s", name);
+    um_req_error_set(err, UM_ERR_UNKNOWN_PLUGIN, "remasking", "unknown remasking plugin "
+                     "\"%s\": %s%s%savailable: %s", clip, hint ? "did you mean " : "",
+                     hint ? hint : "", hint ? "? " : "", list);
+}
+
+/*
+ * Check a generate request completely and queue it. On success the job takes over
+ * the request (req is zeroed) and 0 is returned; otherwise -1 with err filled.
+ */
+static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_request_t *req,
+                             um_req_error_t *err)
+{
+    s_job_t *prev = NULL;
+    if (s_find_job(srv, client, req->id, &prev)) {
+        char idbuf[80];
+        um_req_error_set(err, UM_ERR_DUPLICATE_ID, "id", "a generate request with id %s is "
+                         "already waiting or running for this connection: use a new id for "
+                         "each request", um_request_id_text(req->id, idbuf, sizeof idbuf));
+        return -1;
+    }
+    const um_plugin_t *plugin = um_plugins_find(srv->plugins, UM_PLUGIN_REMASK, req->remasking);
+    if (!plugin) {
+        s_unknown_plugin(srv, req->remasking, err);
+        return -1;
+    }
+
+    s_job_t *job = calloc(1, sizeof *job);
+    if (!job) {
+        um_req_error_set(err, UM_ERR_INTERNAL, NULL, "out of memory for a new job");
+        return -1;
+    }
+    job->client = *client;
+    atomic_init(&job->cancel, S_RUN);
+    um_request_id_text(req->id, job->id_text, sizeof job->id_text);
+
+    size_t n_prompt = 0;
+    int rc = um_tokenizer_encode(srv->tok, req->prompt, req->prompt_len, &job->prompt, &n_prompt);
+    if (rc != 0) {
+        um_req_error_set(err, UM_ERR_INTERNAL, "prompt", "tokenizer %s failed to encode the "
+                         "prompt: %s", srv->tok->plugin->desc->name, um_strerror(rc));
+        goto fail;
+    }
+    if (n_prompt > (size_t)INT32_MAX) {
+        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "prompt", "the prompt has %zu tokens, more "
+                         "than any model takes", n_prompt);
+        goto fail;
+    }
+    job->n_prompt = (int32_t)n_prompt;
+
+    job->params = (um_gen_params_t){
+        .gen_length = req->gen_length,
+        .block_length = req->block_length,
+        .steps = req->steps,
+        .temperature = req->temperature,
+        .cfg_scale = req->cfg_scale,
+        .seed = req->has_seed ? req->seed : s_random_seed(),
+        .remask = plugin->desc->remask,
+        .remask_state = NULL,
+    };
+    const char *field = NULL;
+    char msg[512] = "";
+    rc = um_gen_check(srv->model_cfg, job->n_prompt, &job->params, &field, msg, sizeof msg);
+    if (rc != 0) {
+        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, field, "%s", msg);
+        goto fail;
+    }
+    if (s_check_remask_params(plugin->desc, req->remasking_params, &job->remask_params, err) != 0)
+        goto fail;
+
+    if (srv->running && srv->queue_len >= srv->cfg.max_queue) {
+        um_req_error_set(err, UM_ERR_BUSY, NULL, "the queue is full (%zu generate requests "
+                         "waiting behind the running one): retry later, or start unmaskd with a "
+                         "larger --max-queue", srv->queue_len);
+        goto fail;
+    }
+
+    msg[0] = '\0';
+    rc = job->params.remask->request_begin(um_plugin_host(), job->remask_params,
+                                           job->params.remask->n_params,
+                                           &job->params.remask_state, msg, sizeof msg);
+    if (rc != 0) {
+        um_req_error_set(err, rc == UM_ERANGE ? UM_ERR_OUT_OF_RANGE : UM_ERR_INVALID,
+                         "remasking_params", "remasking plugin %s rejected the request: %s",
+                         plugin->desc->name, msg[0] ? msg : um_strerror(rc));
+        goto fail;
+    }
+    job->remask_begun = 1;
+
+    job->req = *req;
+    memset(req, 0, sizeof *req);
+    job->t_accept_ms = s_now_ms();
+    s_queue_push(srv, job);
+    um_debug("server", "request %s: generate accepted: %d prompt tokens, gen_length %d, steps "
+             "%d, block_length %d, remasking %s, seed %llu, %zu waiting", job->id_text,
+             job->n_prompt, job->params.gen_length, job->params.steps,
+             job->params.block_length, plugin->desc->name,
+             (unsigned long long)job->params.seed, srv->queue_len);
+    s_dispatch(srv);
+    return 0;
+
+fail:
+    s_job_free(job);
+    return -1;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Requests from clients                                                     */
+
+/* Parse one request and reply to it, or queue it when it is a valid generate. */
+static void s_handle_request(um_server_t *srv, const s_client_t *client, const char *data,
+                             size_t len)
+{
+    um_request_t req;
+    um_req_error_t err;
+    if (um_request_parse(data, len, &req, &err) != 0) {
+        s_send_error(srv, client, req.id, &err);
+        um_request_clear(&req);
+        return;
+    }
+
+    char idbuf[80];
+    const char *op = um_request_op_name(req.op);
+    um_request_id_text(req.id, idbuf, sizeof idbuf);
+    um_debug("server", "request %s: %s started", idbuf, op);
+
+    json_t *reply = NULL;
+    switch (req.op) {
+    case UM_REQ_GENERATE:
+        if (s_accept_generate(srv, client, &req, &err) == 0) {
+            um_request_clear(&req);
+            return;
+        }
+        break;
+    case UM_REQ_TOKENIZE:
+        reply = s_tokenize_reply(srv, &req, &err);
+        break;
+    case UM_REQ_DETOKENIZE:
+        reply = s_detokenize_reply(srv, &req, &err);
+        break;
+    case UM_REQ_INFO:
+        reply = s_info_reply(srv, req.id);
+        if (!reply)
+            um_req_error_set(&err, UM_ERR_INTERNAL, NULL, "out of memory");
+        break;
+    case UM_REQ_HEALTH:
+        reply = s_health_reply(srv, req.id);
+        if (!reply)
+            um_req_error_set(&err, UM_ERR_INTERNAL, NULL, "out of memory");
+        break;
+    case UM_REQ_CANCEL:
+        reply = s_cancel_reply(srv, client, &req, &err);
+        break;
+    }
+    if (reply) {
+        s_send_json(srv, client, reply);
+        um_debug("server", "request %s: %s finished with done", idbuf, op);
+    } else {
+        s_send_error(srv, client, req.id, &err);
+    }
+    um_request_clear(&req);
+}
+
+/*
+ * Receive one message from the ROUTER: the routing id, an optional empty delimiter,
+ * and the request frame. Anything else gets an error reply.
+ */
+static void s_handle_client(um_server_t *srv)
+{
+    s_client_t client = {0};
+    zmq_msg_t parts[3]; /* the routing id and the first two frames after it */
+    size_t n_parts = 0, n_frames = 0;
+    for (;;) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (s_msg_recv(&m, srv->router, n_frames == 0 ? ZMQ_DONTWAIT : 0) < 0) {
+            zmq_msg_close(&m);
+            if (n_frames == 0)
+                return; /* nothing was waiting after all */
+            break;
+        }
+        n_frames++;
+        if (n_parts < 3) {
+            zmq_msg_init(&parts[n_parts]);
+            zmq_msg_move(&parts[n_parts++], &m);
+        }
+        zmq_msg_close(&m);
+        if (!s_more(srv->router))
+            break;
+    }
+
+    /* parts[0] is the routing id; ZeroMQ keeps it within 255 bytes. */
+    client.len = zmq_msg_size(&parts[0]);
+    if (client.len > sizeof client.id)
+        client.len = sizeof client.id;
+    memcpy(client.id, zmq_msg_data(&parts[0]), client.len);
+
+    size_t first = 1;
+    size_t n_body = n_frames - 1;
+    if (n_body >= 2 && zmq_msg_size(&parts[1]) == 0) {
+        client.delimiter = 1;
+        first = 2;
+        n_body--;
+    }
+
+    um_req_error_t err;
+    if (n_body != 1) {
+        um_req_error_set(&err, UM_ERR_INVALID, NULL, "a request is one message frame holding "
+                         "a JSON object, got %zu frames", n_body);
+        s_send_error(srv, &client, NULL, &err);
+    } else if (first >= n_parts) {
+        /* Cannot happen: n_body == 1 means the frame was kept. */
+        um_req_error_set(&err, UM_ERR_INTERNAL, NULL, "request frame missing");
+        s_send_error(srv, &client, NULL, &err);
+    } else {
+        zmq_msg_t *body = &parts[first];
+        size_t len = zmq_msg_size(body);
+        if (len > srv->cfg.max_request_bytes) {
+            um_req_error_set(&err, UM_ERR_INVALID, NULL, "request is %zu bytes, over the "
+                             "limit of %zu bytes: send a shorter prompt or start unmaskd "
+                             "with a larger --max-request-size", len,
+                             srv->cfg.max_request_bytes);
+            s_send_error(srv, &client, NULL, &err);
+        } else {
+            s_handle_request(srv, &client, zmq_msg_data(body), len);
+        }
+    }
+    for (size_t i = 0; i < n_parts; i++)
+        zmq_msg_close(&parts[i]);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Main loop                                                                 */
+
+/* Stop reading requests, reply to every waiting job, and flag the running one. */
+static void s_begin_shutdown(um_server_t *srv)
+{
+    srv->stopping = 1;
+    um_notice("server", "shutting down: %zu waiting and %d running generate requests get a "
+              "final reply", srv->queue_len, srv->running != NULL);
+    while (srv->queue_head) {
+        s_job_t *job = srv->queue_head;
+        s_queue_unlink(srv, NULL, job);
+        s_send_json(srv, &job->client, s_cancelled_reply(job->req.id, S_SHUTDOWN));
+        s_job_free(job);
+    }
+    if (srv->running)
+        atomic_store(&srv->running->cancel, S_SHUTDOWN);
+}
+
+int um_server_run(um_server_t *srv)
+{
+    for (;;) {
+        zmq_pollitem_t items[3] = {
+            {.socket = srv->pipe, .events = ZMQ_POLLIN},
+            {.socket = srv->router, .events = srv->stopping ? 0 : ZMQ_POLLIN},
+            {.socket = NULL, .fd = srv->cfg.stop_fd, .events = ZMQ_POLLIN},
+        };
+        int n_items = srv->cfg.stop_fd >= 0 && !srv->stopping ? 3 : 2;
+        if (zmq_poll(items, n_items, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            um_error("server", "polling the sockets failed: %s", zmq_strerror(errno));
+            return UM_EIO;
+        }
+        if (n_items == 3 && (items[2].revents & ZMQ_POLLIN)) {
+            char buf[64];
+            ssize_t got = read(srv->cfg.stop_fd, buf, sizeof buf);
+            (void)got;
+            s_begin_shutdown(srv);
+        }
+        if (items[0].revents & ZMQ_POLLIN)
+            s_handle_worker(srv);
+        if (srv->stopping && !srv->running)
+            break;
+        if (!srv->stopping && (items[1].revents & ZMQ_POLLIN))
+            s_handle_client(srv);
+    }
+    s_worker_stop(srv);
+    um_notice("server", "stopped");
+    return 0;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Construction                                                              */
+
+const char *um_server_endpoint(const um_server_t *srv)
+{
+    return srv->endpoint;
+}
+
+static int s_bind(um_server_t *srv, const char *endpoint, char *err, size_t errlen)
+{
+    srv->router = zmq_socket(srv->zctx, ZMQ_ROUTER);
+    if (!srv->router) {
+        snprintf(err, errlen, "cannot create the ROUTER socket: %s", zmq_strerror(errno));
+        return UM_EIO;
+    }
+    int linger = UM_SERVER_LINGER_MS;
+    zmq_setsockopt(srv->router, ZMQ_LINGER, &linger, sizeof linger);
+    /*
+     * No send limit, so that a client that reads slowly still gets every step and its
+     * final reply. The cost is memory for the replies it has not read yet.
+     */
+    int hwm = 0;
+    zmq_setsockopt(srv->router, ZMQ_SNDHWM, &hwm, sizeof hwm);
+    int64_t hard = (int64_t)srv->cfg.max_request_bytes * UM_SERVER_HARD_LIMIT_FACTOR;
+    zmq_setsockopt(srv->router, ZMQ_MAXMSGSIZE, &hard, sizeof hard);
+
+    if (zmq_bind(srv->router, endpoint) != 0) {
+        snprintf(err, errlen, "cannot bind %s: %s: stop the process that uses it or choose "
+                 "another endpoint with --bind", endpoint, zmq_strerror(errno));
+        return UM_EIO;
+    }
+    size_t size = sizeof srv->endpoint;
+    if (zmq_getsockopt(srv->router, ZMQ_LAST_ENDPOINT, srv->endpoint, &size) != 0)
+        snprintf(srv->endpoint, sizeof srv->endpoint, "%s", endpoint);
+    return 0;
+}
+
+int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *model,
+                  const um_plugin_registry_t *plugins, um_tokenizer_t *tok,
+                  um_tokenizer_t *tok_worker, char *err, size_t errlen)
+{
+    *out = NULL;
+    um_server_t *srv = calloc(1, sizeof *srv);
+    if (!srv) {
+        snprintf(err, errlen, "out of memory for the server");
+        return UM_ENOMEM;
+    }
+    srv->cfg = *cfg;
+    srv->cfg.endpoint = srv->endpoint; /* set by s_bind; the caller's string is not kept */
+    srv->model = model;
+    srv->model_cfg = um_model_config(model);
+    srv->plugins = plugins;
+    srv->tok = tok;
+    srv->tok_worker = tok_worker;
+    srv->t_start_ms = s_now_ms();
+    snprintf(srv->pipe_name, sizeof srv->pipe_name, "inproc://unmaskd-worker-%p", (void *)srv);
+
+    int rc = UM_EIO;
+    srv->zctx = zmq_ctx_new();
+    if (!srv->zctx) {
+        snprintf(err, errlen, "cannot create a ZeroMQ context: %s", zmq_strerror(errno));
+        goto fail;
+    }
+    rc = s_bind(srv, cfg->endpoint, err, errlen);
+    if (rc != 0)
+        goto fail;
+
+    rc = UM_EIO;
+    srv->pipe = zmq_socket(srv->zctx, ZMQ_PAIR);
+    if (!srv->pipe || zmq_bind(srv->pipe, srv->pipe_name) != 0) {
+        snprintf(err, errlen, "cannot bind the worker pipe %s: %s", srv->pipe_name,
+                 zmq_strerror(errno));
+        goto fail;
+    }
+    int linger = 0;
+    zmq_setsockopt(srv->pipe, ZMQ_LINGER, &linger, sizeof linger);
+    rc = s_worker_start(srv, err, errlen);
+    if (rc != 0)
+        goto fail;
+
+    um_info("server", "listening on %s", srv->endpoint);
+    *out = srv;
+    return 0;
+
+fail:
+    um_server_destroy(&srv);
+    return rc;
+}
+
+void um_server_destroy(um_server_t **srvp)
+{
+    um_server_t *srv = *srvp;
+    if (!srv)
+        return;
+    s_worker_stop(srv);
+    while (srv->queue_head) {
+        s_job_t *job = srv->queue_head;
+        s_queue_unlink(srv, NULL, job);
+        s_job_free(job);
+    }
+    if (srv->pipe)
+        zmq_close(srv->pipe);
+    if (srv->router)
+        zmq_close(srv->router);
+    if (srv->zctx) {
+        int rc;
+        do
+            rc = zmq_ctx_term(srv->zctx);
+        while (rc < 0 && errno == EINTR);
+    }
+    free(srv);
+    *srvp = NULL;
+}

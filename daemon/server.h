@@ -1,0 +1,64 @@
+/*
+ * The ZeroMQ server: a ROUTER socket that clients reach, and one worker thread
+ * that owns the model and runs one generation at a time.
+ *
+ * Threading: um_server_new, um_server_run and um_server_destroy are called from
+ * one thread (the main thread), which owns the ROUTER socket, the queue of waiting
+ * generate requests and the main tokenizer, and replies to the cheap ops itself. The
+ * worker thread is reached only through an inproc PAIR socket: it receives jobs,
+ * and sends back step and final replies that the main thread forwards to clients.
+ */
+#ifndef UM_SERVER_H
+#define UM_SERVER_H
+
+#include <stddef.h>
+
+#include "model.h"
+#include "plugins.h"
+#include "tokenizer.h"
+
+/* Default bound on generate requests waiting behind the running one. */
+#define UM_SERVER_DEFAULT_MAX_QUEUE 64
+/* Default size limit of one request frame, in bytes. */
+#define UM_SERVER_DEFAULT_MAX_REQUEST (1024 * 1024)
+
+typedef struct um_server_config {
+    const char *endpoint;     /* ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5557 */
+    size_t max_queue;         /* waiting generate requests; past it the reply is "busy" */
+    size_t max_request_bytes; /* larger request frames get an error reply */
+    int threads;              /* OpenMP threads for the worker's forward passes; 0: default */
+    int stop_fd;              /* file descriptor that turns readable to request shutdown,
+                                 -1 for none */
+} um_server_config_t;
+
+typedef struct um_server um_server_t;
+
+/*
+ * Bind the endpoint and start the worker thread (synchronous handshake). The server
+ * borrows model, plugins and both tokenizers until um_server_destroy: tok serves
+ * the main thread, tok_worker the worker, so the two never share tokenizer state.
+ * Returns 0 and sets *out, or a negative UM_E* code with a message in err (the
+ * endpoint cannot be bound, out of memory, the thread cannot start).
+ */
+int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *model,
+                  const um_plugin_registry_t *plugins, um_tokenizer_t *tok,
+                  um_tokenizer_t *tok_worker, char *err, size_t errlen);
+
+/*
+ * Serve until cfg->stop_fd turns readable. Shutdown stops reading requests, replies
+ * to every waiting generate request with a final "cancelled", cancels the running
+ * one and forwards its final reply, then stops the worker thread.
+ * Returns 0, or a negative UM_E* code when polling fails.
+ */
+int um_server_run(um_server_t *srv);
+
+/* The endpoint actually bound (a tcp port of 0 is resolved); valid until destroy. */
+const char *um_server_endpoint(const um_server_t *srv);
+
+/*
+ * Stop the worker if it still runs and close the sockets, waiting up to one second
+ * to flush replies. Then free the server and set *srv to NULL. A NULL *srv is ignored.
+ */
+void um_server_destroy(um_server_t **srv);
+
+#endif /* UM_SERVER_H */

@@ -1,6 +1,12 @@
 /*
  * The test runner: one Check suite per unit. CK_RUN_SUITE and CK_RUN_CASE select a
- * subset, CK_FORK=no runs in one process (for gdb and valgrind).
+ * subset.
+ *
+ * Tests run in one process by default. libgomp cannot run a parallel region in a child
+ * forked after the parent started its thread pool, and the engine's OpenMP loops and
+ * oneDNN both start it, so Check's fork mode would hang. make check runs this program
+ * under timeout(1) in place of the per-test timeouts that only fork mode enforces.
+ * CK_FORK=yes still selects fork mode, for suites that never touch the engine.
  */
 #include <check.h>
 #include <stdlib.h>
@@ -16,6 +22,7 @@ int main(void)
     srunner_add_suite(sr, um_plugins_suite());
     srunner_add_suite(sr, um_tokenizer_suite());
     srunner_add_suite(sr, um_server_suite());
+    srunner_set_fork_status(sr, CK_NOFORK);
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);

@@ -1,0 +1,1305 @@
+/*
+ * Server tests: the real unmaskd binary started as a child process on a private
+ * ipc endpoint, driven over a DEALER socket exactly as clients drive it, plus the
+ * unmask client binary against it.
+ *
+ * Each TCase starts its daemon once in an unchecked fixture (in the runner's
+ * process, so that in fork mode every test process reaches the same daemon) and
+ * stops it with SIGTERM in the teardown. ZeroMQ contexts are never alive across a
+ * fork: the fixture closes its own before returning, and each test opens one in a
+ * checked fixture. Tests that must see the daemon exit spawn their own.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include <unmaskd/protocol.h>
+
+#include "testutil.h"
+
+extern char **environ;
+
+/*
+ * Milliseconds a test waits for a reply that should come, multiplied by Check's
+ * CK_TIMEOUT_MULTIPLIER (as the TCase timeouts are) for runs under valgrind.
+ */
+#define S_REPLY_TIMEOUT_MS 30000
+/* How long "no further reply" is watched for after a final reply. */
+#define S_QUIET_MS 300
+
+typedef struct s_daemon {
+    pid_t pid;
+    char endpoint[160];
+    char log[512];
+} s_daemon_t;
+
+static s_daemon_t s_daemon = {.pid = -1};
+static void *s_ctx;
+static void *s_sock;
+static int s_instance;
+
+/* ------------------------------------------------------------------------- */
+/* Time and ZeroMQ helpers                                                   */
+
+static double s_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static void s_sleep_ms(int ms)
+{
+    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+static void *s_dealer(void *ctx, const char *endpoint)
+{
+    void *sock = zmq_socket(ctx, ZMQ_DEALER);
+    ck_assert_msg(sock != NULL, "zmq_socket: %s", zmq_strerror(errno));
+    int linger = 0;
+    zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
+    ck_assert_msg(zmq_connect(sock, endpoint) == 0, "zmq_connect %s: %s", endpoint,
+                  zmq_strerror(errno));
+    return sock;
+}
+
+static void s_send_text(void *sock, const char *text, size_t len)
+{
+    ck_assert_msg(zmq_send(sock, text, len, 0) == (int)len, "zmq_send: %s", zmq_strerror(errno));
+}
+
+static void s_send_json(void *sock, json_t *msg)
+{
+    char *text = json_dumps(msg, JSON_COMPACT);
+    ck_assert(text != NULL);
+    s_send_text(sock, text, strlen(text));
+    free(text);
+    json_decref(msg);
+}
+
+/* The next reply as a JSON object, or NULL when none comes within timeout_ms. */
+static json_t *s_recv(void *sock, int timeout_ms)
+{
+    zmq_pollitem_t item = {.socket = sock, .events = ZMQ_POLLIN};
+    if (zmq_poll(&item, 1, timeout_ms) <= 0)
+        return NULL;
+    zmq_msg_t msg;
+    zmq_msg_init(&msg);
+    ck_assert(zmq_msg_recv(&msg, sock, 0) >= 0);
+    ck_assert_msg(!zmq_msg_more(&msg), "a reply must be a single frame");
+    json_error_t jerr;
+    json_t *reply = json_loadb(zmq_msg_data(&msg), zmq_msg_size(&msg), 0, &jerr);
+    ck_assert_msg(reply != NULL, "reply is not JSON: %s: %.*s", jerr.text,
+                  (int)zmq_msg_size(&msg), (char *)zmq_msg_data(&msg));
+    zmq_msg_close(&msg);
+    ck_assert_msg(json_is_object(reply), "reply is not a JSON object");
+    ck_assert_msg(json_is_string(json_object_get(reply, "type")), "reply has no type");
+    ck_assert_msg(json_object_get(reply, "id") != NULL, "reply has no id field");
+    return reply;
+}
+
+static int s_reply_timeout_ms(void)
+{
+    const char *m = getenv("CK_TIMEOUT_MULTIPLIER");
+    double mult = m ? atof(m) : 1.0;
+    return (int)(S_REPLY_TIMEOUT_MS * (mult >= 1.0 ? mult : 1.0));
+}
+
+static json_t *s_recv_must(void *sock)
+{
+    int timeout_ms = s_reply_timeout_ms();
+    json_t *r = s_recv(sock, timeout_ms);
+    ck_assert_msg(r != NULL, "no reply within %d ms", timeout_ms);
+    return r;
+}
+
+static json_t *s_call(void *sock, json_t *request)
+{
+    s_send_json(sock, request);
+    return s_recv_must(sock);
+}
+
+static const char *s_type(const json_t *r)
+{
+    return json_string_value(json_object_get(r, "type"));
+}
+
+static const char *s_id(const json_t *r)
+{
+    return json_string_value(json_object_get(r, "id"));
+}
+
+/* Assert that reply is a done reply and return it. */
+static json_t *s_done(json_t *r)
+{
+    if (strcmp(s_type(r), UM_REPLY_DONE) != 0) {
+        char *text = json_dumps(r, JSON_COMPACT);
+        ck_abort_msg("expected a done reply, got %s", text);
+    }
+    return r;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Daemon process                                                            */
+
+/*
+ * Start unmaskd on a fresh ipc endpoint with the test model and plugins, with
+ * stderr in a log file under UM_TEST_OUT. extra is a NULL-terminated list of
+ * further arguments. Returns 0, or -1 when the spawn fails.
+ */
+static int s_daemon_spawn(s_daemon_t *d, const char *const *extra)
+{
+    const char *bin = um_test_env("UM_TEST_DAEMON");
+    const char *model = um_test_env("UM_TEST_MODEL");
+    const char *plugins = um_test_env("UM_TEST_PLUGINS");
+    const char *out = getenv("UM_TEST_OUT");
+    int n = ++s_instance;
+
+    snprintf(d->endpoint, sizeof d->endpoint, "ipc:///tmp/unmaskd-test-%ld-%d.sock",
+             (long)getpid(), n);
+    unlink(d->endpoint + strlen("ipc://"));
+    if (out && *out) {
+        mkdir(out, 0777);
+        snprintf(d->log, sizeof d->log, "%s/server-%ld-%d.log", out, (long)getpid(), n);
+    } else {
+        snprintf(d->log, sizeof d->log, "/dev/null");
+    }
+
+    const char *argv[32] = {bin, "--model", model, "--plugin-dir", plugins, "--bind",
+                            d->endpoint, "--log-level", "debug", "--threads", "1"};
+    int argc = 11;
+    for (int i = 0; extra && extra[i] && argc < 31; i++)
+        argv[argc++] = extra[i];
+    argv[argc] = NULL;
+
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, d->log, O_WRONLY | O_CREAT | O_TRUNC,
+                                     0644);
+    posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+    int rc = posix_spawn(&d->pid, bin, &fa, NULL, (char *const *)argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    if (rc != 0) {
+        d->pid = -1;
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * Wait until the daemon replies to health. Returns 0, or -1 when it exits first or
+ * does not reply within timeout_ms. Uses its own context and closes it.
+ */
+static int s_daemon_wait_ready(s_daemon_t *d, int timeout_ms)
+{
+    void *ctx = zmq_ctx_new();
+    void *sock = s_dealer(ctx, d->endpoint);
+    int ready = -1;
+    double deadline = s_now_ms() + timeout_ms;
+    while (s_now_ms() < deadline) {
+        int status;
+        if (waitpid(d->pid, &status, WNOHANG) == d->pid) {
+            d->pid = -1;
+            break;
+        }
+        const char *health = "{\"op\":\"health\",\"id\":\"ready\"}";
+        zmq_send(sock, health, strlen(health), ZMQ_DONTWAIT);
+        zmq_pollitem_t item = {.socket = sock, .events = ZMQ_POLLIN};
+        if (zmq_poll(&item, 1, 200) > 0) {
+            ready = 0;
+            break;
+        }
+    }
+    zmq_close(sock);
+    zmq_ctx_term(ctx);
+    return ready;
+}
+
+/* Send SIGTERM and wait up to timeout_ms; returns the wait status, or -1 after SIGKILL. */
+static int s_daemon_stop(s_daemon_t *d, int timeout_ms)
+{
+    if (d->pid <= 0)
+        return -1;
+    kill(d->pid, SIGTERM);
+    double deadline = s_now_ms() + timeout_ms;
+    int status = 0;
+    while (s_now_ms() < deadline) {
+        pid_t got = waitpid(d->pid, &status, WNOHANG);
+        if (got == d->pid) {
+            d->pid = -1;
+            return status;
+        }
+        s_sleep_ms(20);
+    }
+    kill(d->pid, SIGKILL);
+    waitpid(d->pid, &status, 0);
+    d->pid = -1;
+    return -1;
+}
+
+static void s_daemon_start_with(const char *const *extra)
+{
+    ck_assert_msg(s_daemon_spawn(&s_daemon, extra) == 0, "cannot start %s",
+                  um_test_env("UM_TEST_DAEMON"));
+    ck_assert_msg(s_daemon_wait_ready(&s_daemon, 60000) == 0,
+                  "unmaskd did not reply to health on %s: see its log %s", s_daemon.endpoint,
+                  s_daemon.log);
+}
+
+static void s_setup_daemon(void)
+{
+    s_daemon_start_with(NULL);
+}
+
+static void s_setup_daemon_queue1(void)
+{
+    const char *const extra[] = {"--max-queue", "1", NULL};
+    s_daemon_start_with(extra);
+}
+
+/*
+ * NOTE: a teardown cannot fail a test, because in fork mode it runs in the runner
+ * itself. A bad exit status is reported on stderr here, and test_shutdown asserts it.
+ */
+static void s_teardown_daemon(void)
+{
+    int status = s_daemon_stop(&s_daemon, 30000);
+    if (status < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        fprintf(stderr, "unmaskd on %s did not exit with status 0 after SIGTERM (wait status "
+                "%d): see %s\n", s_daemon.endpoint, status, s_daemon.log);
+}
+
+static void s_setup_client(void)
+{
+    s_ctx = zmq_ctx_new();
+    ck_assert(s_ctx != NULL);
+    s_sock = s_dealer(s_ctx, s_daemon.endpoint);
+}
+
+static void s_teardown_client(void)
+{
+    if (s_sock)
+        zmq_close(s_sock);
+    if (s_ctx)
+        zmq_ctx_term(s_ctx);
+    s_sock = NULL;
+    s_ctx = NULL;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Request helpers                                                           */
+
+/* A generate request with the given id, prompt and gen_length; callers add fields. */
+static json_t *s_generate(const char *id, const char *prompt, int gen_length)
+{
+    return json_pack("{s:s, s:s, s:s, s:i, s:i}", "op", "generate", "id", id, "prompt", prompt,
+                     "gen_length", gen_length, "seed", 1);
+}
+
+static json_t *s_health(const char *id)
+{
+    return json_pack("{s:s, s:s}", "op", "health", "id", id);
+}
+
+/* Check that the daemon still serves: health replies done with status ok. */
+static void s_assert_serving(void *sock)
+{
+    json_t *r = s_done(s_call(sock, s_health("after")));
+    ck_assert_str_eq(s_id(r), "after");
+    ck_assert_str_eq(json_string_value(json_object_get(r, "status")), "ok");
+    json_decref(r);
+}
+
+/*
+ * Send a raw request and check the error reply: code, field (NULL: JSON null) and a
+ * piece of the message. Then check that the daemon still serves.
+ */
+static void s_expect_error_raw(const char *text, size_t len, const char *code,
+                               const char *field, const char *message_part)
+{
+    s_send_text(s_sock, text, len);
+    json_t *r = s_recv_must(s_sock);
+    ck_assert_msg(strcmp(s_type(r), UM_REPLY_ERROR) == 0, "expected an error for %.80s, got %s",
+                  text, s_type(r));
+    json_t *e = json_object_get(r, "error");
+    const char *got_code = json_string_value(json_object_get(e, "code"));
+    const char *got_msg = json_string_value(json_object_get(e, "message"));
+    ck_assert_msg(got_code && strcmp(got_code, code) == 0, "request %.80s: code %s, expected %s "
+                  "(message: %s)", text, got_code, code, got_msg);
+    json_t *f = json_object_get(e, "field");
+    if (field)
+        ck_assert_msg(json_is_string(f) && strcmp(json_string_value(f), field) == 0,
+                      "request %.80s: field %s, expected %s", text,
+                      json_is_string(f) ? json_string_value(f) : "null", field);
+    else
+        ck_assert_msg(json_is_null(f), "request %.80s: field should be null", text);
+    ck_assert_msg(got_msg && strstr(got_msg, message_part) != NULL,
+                  "request %.80s: message \"%s\" lacks \"%s\"", text, got_msg, message_part);
+    json_decref(r);
+    s_assert_serving(s_sock);
+}
+
+static void s_expect_error_text(const char *text, const char *code, const char *field,
+                                const char *message_part)
+{
+    s_expect_error_raw(text, strlen(text), code, field, message_part);
+}
+
+static void s_expect_error(json_t *request, const char *code, const char *field,
+                           const char *message_part)
+{
+    char *text = json_dumps(request, JSON_COMPACT);
+    json_decref(request);
+    s_expect_error_raw(text, strlen(text), code, field, message_part);
+    free(text);
+}
+
+/* Receive replies until the final one for id; steps go to *steps when not NULL. */
+static json_t *s_wait_final(void *sock, const char *id, json_t *steps)
+{
+    for (;;) {
+        json_t *r = s_recv_must(sock);
+        if (s_id(r) && strcmp(s_id(r), id) == 0 && strcmp(s_type(r), UM_REPLY_STEP) != 0)
+            return r;
+        if (steps && s_id(r) && strcmp(s_id(r), id) == 0)
+            json_array_append(steps, r);
+        json_decref(r);
+    }
+}
+
+/* Assert that no reply arrives for a while (exactly one final per request). */
+static void s_assert_quiet(void *sock)
+{
+    json_t *extra = s_recv(sock, S_QUIET_MS);
+    if (extra) {
+        char *text = json_dumps(extra, JSON_COMPACT);
+        ck_abort_msg("unexpected reply after the final one: %s", text);
+    }
+}
+
+static int s_max_positions(void)
+{
+    json_t *info = s_done(s_call(s_sock, json_pack("{s:s, s:s}", "op", "info", "id", "i")));
+    int n = (int)json_integer_value(
+        json_object_get(json_object_get(info, "model"), "max_sequence_length"));
+    json_decref(info);
+    ck_assert_int_gt(n, 8);
+    return n;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Cheap ops                                                                 */
+
+START_TEST(test_health)
+{
+    json_t *r = s_done(s_call(s_sock, s_health("h1")));
+    ck_assert_str_eq(s_id(r), "h1");
+    ck_assert_str_eq(json_string_value(json_object_get(r, "status")), "ok");
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "queue")), 0);
+    ck_assert(json_is_false(json_object_get(r, "busy")));
+    ck_assert(json_number_value(json_object_get(r, "uptime_s")) >= 0);
+    json_decref(r);
+
+    /* An integer id is echoed as an integer; a request without id gets id null. */
+    r = s_done(s_call(s_sock, json_pack("{s:s, s:i}", "op", "health", "id", 7)));
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "id")), 7);
+    json_decref(r);
+    r = s_done(s_call(s_sock, json_pack("{s:s}", "op", "health")));
+    ck_assert(json_is_null(json_object_get(r, "id")));
+    json_decref(r);
+}
+END_TEST
+
+static int s_has_plugin(json_t *list, const char *name)
+{
+    size_t i;
+    json_t *p;
+    json_array_foreach(list, i, p) {
+        if (strcmp(json_string_value(json_object_get(p, "name")), name) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+START_TEST(test_info)
+{
+    json_t *r = s_done(s_call(s_sock, json_pack("{s:s, s:s}", "op", "info", "id", "i1")));
+    ck_assert_str_eq(json_string_value(json_object_get(r, "version")), PACKAGE_VERSION);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "protocol")), UM_PROTOCOL_VERSION);
+
+    json_t *m = json_object_get(r, "model");
+    ck_assert_str_eq(json_string_value(json_object_get(m, "model_type")), "llada");
+    ck_assert_int_gt(json_integer_value(json_object_get(m, "d_model")), 0);
+    ck_assert_int_gt(json_integer_value(json_object_get(m, "n_layers")), 0);
+    ck_assert_int_gt(json_integer_value(json_object_get(m, "n_heads")), 0);
+    ck_assert_int_gt(json_integer_value(json_object_get(m, "vocab_size")), 0);
+    ck_assert_int_gt(json_integer_value(json_object_get(m, "max_sequence_length")), 0);
+    ck_assert(json_is_integer(json_object_get(m, "mask_token_id")));
+    ck_assert(json_is_string(json_object_get(m, "dir")));
+    ck_assert(json_is_string(json_object_get(m, "dtype")));
+    ck_assert(json_is_string(json_object_get(r, "backend")));
+    ck_assert(json_is_string(json_object_get(r, "isa")));
+
+    json_t *plugins = json_object_get(r, "plugins");
+    json_t *remask = json_object_get(plugins, "remask");
+    ck_assert_msg(s_has_plugin(remask, "low_confidence"), "info lacks low_confidence");
+    ck_assert_msg(s_has_plugin(remask, "random"), "info lacks random");
+    ck_assert_msg(s_has_plugin(json_object_get(plugins, "tokenizer"), "bpe"), "info lacks bpe");
+    ck_assert(json_is_array(json_object_get(json_array_get(remask, 0), "params")));
+
+    json_t *libs = json_object_get(r, "libraries");
+    ck_assert(json_is_string(json_object_get(libs, "zmq")));
+    ck_assert(json_is_string(json_object_get(libs, "jansson")));
+    ck_assert(json_is_string(json_object_get(libs, "onednn")));
+    json_decref(r);
+}
+END_TEST
+
+START_TEST(test_tokenize_round_trip)
+{
+    const char *text = "once upon a time, there was a little girl named lily.";
+    json_t *r = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:s}", "op", "tokenize", "id", "t1",
+                                                "text", text)));
+    json_t *tokens = json_object_get(r, "tokens");
+    ck_assert_int_gt(json_array_size(tokens), 3);
+    ck_assert_int_lt(json_array_size(tokens), strlen(text));
+
+    json_t *d = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:O}", "op", "detokenize", "id", "d1",
+                                                "tokens", tokens)));
+    ck_assert_str_eq(json_string_value(json_object_get(d, "text")), text);
+    json_decref(d);
+    json_decref(r);
+
+    /* The mask token written in text is one id, the model's mask id. */
+    json_t *info = s_done(s_call(s_sock, json_pack("{s:s, s:s}", "op", "info", "id", "i")));
+    json_int_t mask = json_integer_value(
+        json_object_get(json_object_get(info, "model"), "mask_token_id"));
+    json_decref(info);
+    r = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:s}", "op", "tokenize", "id", "t2", "text",
+                                        "a<|mdm_mask|>b")));
+    tokens = json_object_get(r, "tokens");
+    ck_assert_int_eq(json_array_size(tokens), 3);
+    ck_assert_int_eq(json_integer_value(json_array_get(tokens, 1)), mask);
+    json_decref(r);
+
+    /* Empty text, and an empty token list. */
+    r = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:s}", "op", "tokenize", "id", "t3", "text",
+                                        "")));
+    ck_assert_int_eq(json_array_size(json_object_get(r, "tokens")), 0);
+    json_decref(r);
+    r = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:[]}", "op", "detokenize", "id", "d2",
+                                        "tokens")));
+    ck_assert_str_eq(json_string_value(json_object_get(r, "text")), "");
+    json_decref(r);
+}
+END_TEST
+
+START_TEST(test_req_socket)
+{
+    /* REQ adds an empty delimiter frame; the reply must repeat it for REQ to accept it. */
+    void *req = zmq_socket(s_ctx, ZMQ_REQ);
+    int linger = 0;
+    zmq_setsockopt(req, ZMQ_LINGER, &linger, sizeof linger);
+    ck_assert_int_eq(zmq_connect(req, s_daemon.endpoint), 0);
+    const char *health = "{\"op\":\"health\",\"id\":\"req\"}";
+    ck_assert_int_eq(zmq_send(req, health, strlen(health), 0), (int)strlen(health));
+    json_t *r = s_done(s_recv_must(req));
+    ck_assert_str_eq(s_id(r), "req");
+    json_decref(r);
+    zmq_close(req);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------- */
+/* generate                                                                  */
+
+START_TEST(test_generate_plain)
+{
+    const char *prompt = "once upon a time";
+    json_t *t = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:s}", "op", "tokenize", "id", "t",
+                                                "text", prompt)));
+    size_t n_prompt = json_array_size(json_object_get(t, "tokens"));
+    json_decref(t);
+
+    json_t *req = s_generate("g1", prompt, 16);
+    json_object_set_new(req, "steps", json_integer(8));
+    json_object_set_new(req, "seed", json_integer(5));
+    json_t *r = s_done(s_call(s_sock, req));
+    ck_assert_str_eq(s_id(r), "g1");
+    ck_assert_int_eq(json_array_size(json_object_get(r, "tokens")), 16);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "prompt_tokens")), (json_int_t)n_prompt);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "seed")), 5);
+    ck_assert(json_is_string(json_object_get(r, "text")));
+    json_t *st = json_object_get(r, "stats");
+    ck_assert_int_eq(json_integer_value(json_object_get(st, "steps")), 8);
+    ck_assert_int_ge(json_integer_value(json_object_get(st, "forward_passes")), 8);
+    ck_assert(json_number_value(json_object_get(st, "total_ms")) > 0);
+    ck_assert(json_number_value(json_object_get(st, "ms_per_step")) > 0);
+    ck_assert(json_number_value(json_object_get(st, "tokens_per_second")) > 0);
+    s_assert_quiet(s_sock);
+
+    /* The same request again gives the same tokens. */
+    req = s_generate("g2", prompt, 16);
+    json_object_set_new(req, "steps", json_integer(8));
+    json_object_set_new(req, "seed", json_integer(5));
+    json_t *again = s_done(s_call(s_sock, req));
+    ck_assert(json_equal(json_object_get(r, "tokens"), json_object_get(again, "tokens")));
+    json_decref(again);
+    json_decref(r);
+
+    /* Without a seed the daemon picks one and reports it. */
+    r = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:s, s:i}", "op", "generate", "id", "g3",
+                                        "prompt", prompt, "gen_length", 4)));
+    ck_assert(json_is_integer(json_object_get(r, "seed")));
+    ck_assert_int_ge(json_integer_value(json_object_get(r, "seed")), 0);
+    json_decref(r);
+}
+END_TEST
+
+START_TEST(test_generate_stream)
+{
+    const int gen_length = 24;
+    json_t *req = s_generate("s1", "one day, a little boy named tim", gen_length);
+    json_object_set_new(req, "steps", json_integer(12));
+    json_object_set_new(req, "block_length", json_integer(8));
+    json_object_set_new(req, "stream", json_true());
+    s_send_json(s_sock, req);
+
+    json_int_t committed_token[64];
+    int seen[64] = {0};
+    json_int_t last_step = -1;
+    int n_steps = 0;
+    json_t *final = NULL;
+    while (!final) {
+        json_t *r = s_recv_must(s_sock);
+        ck_assert_str_eq(s_id(r), "s1");
+        if (strcmp(s_type(r), UM_REPLY_STEP) != 0) {
+            final = r;
+            break;
+        }
+        json_int_t step = json_integer_value(json_object_get(r, "step"));
+        ck_assert_msg(step > last_step, "step %lld arrived after step %lld", (long long)step,
+                      (long long)last_step);
+        last_step = step;
+        n_steps++;
+        ck_assert_int_eq(json_integer_value(json_object_get(r, "steps")), 12);
+        ck_assert_int_eq(json_integer_value(json_object_get(r, "blocks")), 3);
+        json_int_t block = json_integer_value(json_object_get(r, "block"));
+        ck_assert(block >= 0 && block < 3);
+        ck_assert(json_is_number(json_object_get(r, "step_ms")));
+
+        size_t i;
+        json_t *c;
+        json_array_foreach(json_object_get(r, "committed"), i, c) {
+            json_int_t pos = json_integer_value(json_object_get(c, "pos"));
+            ck_assert_msg(pos >= 0 && pos < gen_length, "pos %lld out of range", (long long)pos);
+            ck_assert_msg(!seen[pos], "position %lld committed twice", (long long)pos);
+            /* Blocks are semi-autoregressive: a step commits only inside its block. */
+            ck_assert_int_eq(pos / 8, block);
+            seen[pos] = 1;
+            committed_token[pos] = json_integer_value(json_object_get(c, "token"));
+            ck_assert(json_is_string(json_object_get(c, "text")));
+        }
+        json_int_t masked = json_integer_value(json_object_get(r, "masked"));
+        int n_seen = 0;
+        for (int p = 0; p < gen_length; p++)
+            n_seen += seen[p];
+        ck_assert_int_eq(masked, gen_length - n_seen);
+        json_decref(r);
+    }
+    ck_assert_str_eq(s_type(final), UM_REPLY_DONE);
+    ck_assert_int_eq(n_steps, 12);
+    json_t *tokens = json_object_get(final, "tokens");
+    ck_assert_int_eq(json_array_size(tokens), gen_length);
+    for (int p = 0; p < gen_length; p++) {
+        ck_assert_msg(seen[p], "position %d never committed", p);
+        ck_assert_int_eq(json_integer_value(json_array_get(tokens, (size_t)p)), committed_token[p]);
+    }
+    json_decref(final);
+    s_assert_quiet(s_sock);
+}
+END_TEST
+
+/* A mask token in the prompt is filled in too, and reported at its negative position. */
+START_TEST(test_generate_infill)
+{
+    const char *prompt = "once upon a <|mdm_mask|> time";
+    json_t *t = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:s}", "op", "tokenize", "id", "t",
+                                                "text", prompt)));
+    json_t *ids = json_object_get(t, "tokens");
+    json_t *info = s_done(s_call(s_sock, json_pack("{s:s, s:s}", "op", "info", "id", "i")));
+    json_int_t mask = json_integer_value(
+        json_object_get(json_object_get(info, "model"), "mask_token_id"));
+    json_decref(info);
+    json_int_t n_prompt = (json_int_t)json_array_size(ids);
+    json_int_t mask_pos = 0;
+    for (json_int_t i = 0; i < n_prompt; i++)
+        if (json_integer_value(json_array_get(ids, (size_t)i)) == mask)
+            mask_pos = i - n_prompt;
+    json_decref(t);
+    ck_assert_int_lt(mask_pos, 0);
+
+    json_t *req = s_generate("in1", prompt, 8);
+    json_object_set_new(req, "stream", json_true());
+    s_send_json(s_sock, req);
+    json_t *steps = json_array();
+    json_t *r = s_done(s_wait_final(s_sock, "in1", steps));
+    json_t *infill = json_object_get(r, "infill");
+    ck_assert_int_eq(json_array_size(infill), 1);
+    json_t *e = json_array_get(infill, 0);
+    ck_assert_int_eq(json_integer_value(json_object_get(e, "pos")), mask_pos);
+    json_int_t token = json_integer_value(json_object_get(e, "token"));
+
+    /* When a step committed the prompt's mask, the final reply reports the same token. */
+    size_t i, k;
+    json_t *step, *c;
+    json_array_foreach(steps, i, step) {
+        json_array_foreach(json_object_get(step, "committed"), k, c) {
+            if (json_integer_value(json_object_get(c, "pos")) == mask_pos)
+                ck_assert_int_eq(json_integer_value(json_object_get(c, "token")), token);
+        }
+    }
+    json_decref(steps);
+    json_decref(r);
+}
+END_TEST
+
+/* Every case of the sampler fixture, through the daemon, token for token. */
+START_TEST(test_generate_fixture)
+{
+    const char *path = um_test_path(um_test_env("UM_TEST_FIXTURES"), "generate.json");
+    json_error_t jerr;
+    json_t *doc = json_load_file(path, 0, &jerr);
+    ck_assert_msg(doc != NULL, "cannot read %s: %s (write it with tools/make_fixtures.py)", path,
+                  jerr.text);
+    json_t *cases = json_object_get(doc, "cases");
+    ck_assert_int_ge(json_array_size(cases), 2);
+
+    size_t i;
+    json_t *c;
+    json_array_foreach(cases, i, c) {
+        const char *name = json_string_value(json_object_get(c, "name"));
+        json_t *req = json_pack("{s:s, s:s, s:O, s:O, s:O, s:O, s:O, s:O, s:O, s:O}", "op",
+                                "generate", "id", name, "prompt", json_object_get(c, "prompt"),
+                                "gen_length", json_object_get(c, "gen_length"), "block_length",
+                                json_object_get(c, "block_length"), "steps",
+                                json_object_get(c, "steps"), "temperature",
+                                json_object_get(c, "temperature"), "cfg_scale",
+                                json_object_get(c, "cfg_scale"), "remasking",
+                                json_object_get(c, "remasking"), "seed",
+                                json_object_get(c, "seed"));
+        ck_assert_msg(req != NULL, "case %s lacks a field", name);
+        json_t *r = s_call(s_sock, req);
+        ck_assert_msg(strcmp(s_type(r), UM_REPLY_DONE) == 0, "case %s: reply %s", name, s_type(r));
+
+        json_t *canvas = json_object_get(c, "canvas");
+        size_t n_prompt = json_array_size(json_object_get(c, "prompt_ids"));
+        json_t *tokens = json_object_get(r, "tokens");
+        ck_assert_int_eq(json_integer_value(json_object_get(r, "prompt_tokens")),
+                         (json_int_t)n_prompt);
+        ck_assert_int_eq(json_array_size(tokens), json_array_size(canvas) - n_prompt);
+        for (size_t k = 0; k < json_array_size(tokens); k++) {
+            json_int_t want = json_integer_value(json_array_get(canvas, n_prompt + k));
+            json_int_t got = json_integer_value(json_array_get(tokens, k));
+            ck_assert_msg(got == want, "case %s: token %zu is %lld, the reference has %lld", name,
+                          k, (long long)got, (long long)want);
+        }
+        json_decref(r);
+    }
+    json_decref(doc);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------- */
+/* Errors                                                                    */
+
+START_TEST(test_error_json)
+{
+    s_expect_error_text("{\"op\": \"health\"", UM_ERR_BAD_JSON, NULL, "not valid JSON");
+    s_expect_error_text("[1, 2]", UM_ERR_BAD_JSON, NULL, "must be a JSON object");
+    s_expect_error_text("42", UM_ERR_BAD_JSON, NULL, "must be a JSON object");
+    s_expect_error_text("", UM_ERR_BAD_JSON, NULL, "empty request");
+    s_expect_error_text("{\"op\":\"health\",\"op\":\"info\"}", UM_ERR_BAD_JSON, NULL,
+                        "duplicate");
+    s_expect_error_text("{\"op\":\"health\"} trailing", UM_ERR_BAD_JSON, NULL,
+                        "not valid JSON");
+}
+END_TEST
+
+START_TEST(test_error_op)
+{
+    s_expect_error(json_pack("{s:s}", "id", "x"), UM_ERR_INVALID, "op", "missing field \"op\"");
+    s_expect_error(json_pack("{s:i}", "op", 3), UM_ERR_INVALID, "op", "must be a string");
+    s_expect_error(json_pack("{s:s, s:s}", "op", "generat", "id", "x"), UM_ERR_UNKNOWN_OP, "op",
+                   "did you mean generate?");
+    s_expect_error(json_pack("{s:s}", "op", "launch"), UM_ERR_UNKNOWN_OP, "op", "valid ops are");
+    s_expect_error(json_pack("{s:s, s:[]}", "op", "health", "id"), UM_ERR_INVALID, "id",
+                   "string or an integer");
+
+    /* The error echoes the id when the request had a readable one. */
+    s_send_json(s_sock, json_pack("{s:s, s:s}", "op", "launch", "id", "e7"));
+    json_t *r = s_recv_must(s_sock);
+    ck_assert_str_eq(s_id(r), "e7");
+    json_decref(r);
+}
+END_TEST
+
+START_TEST(test_error_fields)
+{
+    json_t *req = s_generate("f1", "hi", 8);
+    json_object_set_new(req, "gen_lenght", json_integer(8));
+    s_expect_error(req, UM_ERR_UNKNOWN_FIELD, "gen_lenght", "did you mean gen_length?");
+    s_expect_error(json_pack("{s:s, s:s, s:s}", "op", "health", "id", "f2", "verbose", "yes"),
+                   UM_ERR_UNKNOWN_FIELD, "verbose", "valid fields are op, id");
+
+    req = s_generate("f3", "hi", 8);
+    json_object_set_new(req, "gen_length", json_string("8"));
+    s_expect_error(req, UM_ERR_INVALID, "gen_length", "must be an integer, got a string");
+    req = s_generate("f4", "hi", 8);
+    json_object_set_new(req, "steps", json_real(2.5));
+    s_expect_error(req, UM_ERR_INVALID, "steps", "must be an integer");
+    req = s_generate("f5", "hi", 8);
+    json_object_set_new(req, "temperature", json_string("hot"));
+    s_expect_error(req, UM_ERR_INVALID, "temperature", "must be a number");
+    req = s_generate("f6", "hi", 8);
+    json_object_set_new(req, "stream", json_integer(1));
+    s_expect_error(req, UM_ERR_INVALID, "stream", "true or false");
+    s_expect_error(json_pack("{s:s, s:s, s:i}", "op", "generate", "id", "f7", "prompt", 5),
+                   UM_ERR_INVALID, "prompt", "must be a string");
+    s_expect_error(json_pack("{s:s, s:s}", "op", "generate", "id", "f8"), UM_ERR_INVALID,
+                   "prompt", "missing field \"prompt\"");
+    req = s_generate("f9", "hi", 8);
+    json_object_set_new(req, "seed", json_integer(-1));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "seed", "must be at least 0");
+    req = s_generate("f10", "hi", 8);
+    json_object_set_new(req, "gen_length", json_integer(1LL << 40));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "gen_length", "must be at most 2147483647");
+    s_expect_error(json_pack("{s:s, s:s, s:s}", "op", "detokenize", "id", "f11", "tokens", "1 2"),
+                   UM_ERR_INVALID, "tokens", "must be an array");
+    s_expect_error(json_pack("{s:s, s:s, s:[i,s]}", "op", "detokenize", "id", "f12", "tokens", 1,
+                             "x"),
+                   UM_ERR_INVALID, "tokens", "tokens[1] must be an integer");
+    s_expect_error(json_pack("{s:s, s:s, s:[i,i]}", "op", "detokenize", "id", "f13", "tokens", 1,
+                             99999999),
+                   UM_ERR_OUT_OF_RANGE, "tokens", "99999999");
+    s_expect_error(json_pack("{s:s, s:s, s:[i]}", "op", "detokenize", "id", "f14", "tokens", -3),
+                   UM_ERR_OUT_OF_RANGE, "tokens", "-3");
+    s_expect_error(json_pack("{s:s, s:s}", "op", "tokenize", "id", "f15"), UM_ERR_INVALID, "text",
+                   "missing field \"text\"");
+}
+END_TEST
+
+START_TEST(test_error_ranges)
+{
+    json_t *req = s_generate("r1", "hi", 8);
+    json_object_set_new(req, "steps", json_integer(0));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "steps", "steps must be at least 1, got 0");
+    req = s_generate("r2", "hi", 8);
+    json_object_set_new(req, "temperature", json_real(-0.5));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "temperature", "-0.5");
+    req = s_generate("r3", "hi", 8);
+    json_object_set_new(req, "block_length", json_integer(0));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "block_length", "block_length");
+    req = s_generate("r4", "hi", 0);
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "gen_length", "gen_length");
+    req = s_generate("r5", "hi", 8);
+    json_object_set_new(req, "cfg_scale", json_real(-1));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "cfg_scale", "cfg_scale");
+
+    int max = s_max_positions();
+    s_expect_error(s_generate("r6", "once upon a time", max), UM_ERR_OUT_OF_RANGE, "gen_length",
+                   "past the model's");
+}
+END_TEST
+
+START_TEST(test_error_plugins)
+{
+    json_t *req = s_generate("p1", "hi", 8);
+    json_object_set_new(req, "remasking", json_string("low_confidense"));
+    s_expect_error(req, UM_ERR_UNKNOWN_PLUGIN, "remasking", "did you mean low_confidence?");
+    req = s_generate("p2", "hi", 8);
+    json_object_set_new(req, "remasking", json_string("entropy_bound"));
+    s_expect_error(req, UM_ERR_UNKNOWN_PLUGIN, "remasking", "low_confidence, random");
+
+    req = s_generate("p3", "hi", 8);
+    json_object_set_new(req, "remasking_params", json_pack("{s:f}", "alpha", 0.5));
+    s_expect_error(req, UM_ERR_UNKNOWN_FIELD, "remasking_params.alpha", "takes no parameters");
+    req = s_generate("p4", "hi", 8);
+    json_object_set_new(req, "remasking_params", json_integer(5));
+    s_expect_error(req, UM_ERR_INVALID, "remasking_params", "must be an object");
+
+    /* An empty parameter object is fine. */
+    req = s_generate("p5", "hi", 4);
+    json_object_set_new(req, "remasking_params", json_object());
+    json_object_set_new(req, "remasking", json_string("random"));
+    json_decref(s_done(s_call(s_sock, req)));
+}
+END_TEST
+
+START_TEST(test_error_missing_id)
+{
+    s_expect_error(json_pack("{s:s, s:s}", "op", "generate", "prompt", "hi"), UM_ERR_INVALID, "id",
+                   "missing field \"id\"");
+}
+END_TEST
+
+START_TEST(test_error_oversized)
+{
+    /* A valid tokenize request just over 1 MiB, the default limit. */
+    size_t len = 1024 * 1024 + 100;
+    char *text = malloc(len + 1);
+    ck_assert(text != NULL);
+    int head = snprintf(text, len, "{\"op\":\"tokenize\",\"id\":\"big\",\"text\":\"");
+    memset(text + head, 'a', len - (size_t)head - 2);
+    memcpy(text + len - 2, "\"}", 2);
+    text[len] = '\0';
+    s_expect_error_raw(text, len, UM_ERR_INVALID, NULL, "over the limit");
+    free(text);
+}
+END_TEST
+
+START_TEST(test_error_frames)
+{
+    const char *a = "{\"op\":\"health\"}";
+    ck_assert(zmq_send(s_sock, a, strlen(a), ZMQ_SNDMORE) >= 0);
+    s_expect_error_raw(a, strlen(a), UM_ERR_INVALID, NULL, "got 2 frames");
+}
+END_TEST
+
+/* After all the bad requests above, a full generate still works. */
+START_TEST(test_error_then_generate)
+{
+    s_expect_error_text("{", UM_ERR_BAD_JSON, NULL, "not valid JSON");
+    json_t *r = s_done(s_call(s_sock, s_generate("ok", "the cat sat", 8)));
+    ck_assert_int_eq(json_array_size(json_object_get(r, "tokens")), 8);
+    json_decref(r);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------- */
+/* Cancel, duplicates, queue                                                 */
+
+/* A streamed generate that runs long enough to be cancelled: every position, one per step. */
+static json_t *s_long_generate(const char *id, int stream)
+{
+    int max = s_max_positions();
+    int gen = max - 8;
+    json_t *req = s_generate(id, "once upon a time", gen);
+    json_object_set_new(req, "steps", json_integer(gen));
+    json_object_set_new(req, "stream", json_boolean(stream));
+    return req;
+}
+
+START_TEST(test_cancel_running)
+{
+    s_send_json(s_sock, s_long_generate("c1", 1));
+    json_t *r = s_recv_must(s_sock);
+    ck_assert_str_eq(s_id(r), "c1");
+    ck_assert_str_eq(s_type(r), UM_REPLY_STEP);
+    json_decref(r);
+
+    s_send_json(s_sock, json_pack("{s:s, s:s, s:s}", "op", "cancel", "id", "x1", "target", "c1"));
+    int cancel_done = 0, target_final = 0, steps_after = 0;
+    while (!cancel_done || !target_final) {
+        r = s_recv_must(s_sock);
+        if (strcmp(s_id(r), "x1") == 0) {
+            ck_assert_str_eq(s_type(r), UM_REPLY_DONE);
+            cancel_done++;
+        } else {
+            ck_assert_str_eq(s_id(r), "c1");
+            if (strcmp(s_type(r), UM_REPLY_STEP) == 0) {
+                steps_after++;
+            } else {
+                ck_assert_str_eq(s_type(r), UM_REPLY_CANCELLED);
+                ck_assert_str_eq(json_string_value(json_object_get(r, "reason")), "cancel");
+                target_final++;
+            }
+        }
+        json_decref(r);
+    }
+    /* The flag is checked after every step; a few steps may already be in flight. */
+    ck_assert_int_le(steps_after, 3);
+    s_assert_quiet(s_sock);
+
+    s_expect_error(json_pack("{s:s, s:s, s:s}", "op", "cancel", "id", "x2", "target", "c1"),
+                   UM_ERR_NOT_FOUND, "target", "c1");
+    s_expect_error(json_pack("{s:s, s:s}", "op", "cancel", "id", "x3"), UM_ERR_INVALID, "target",
+                   "missing field");
+}
+END_TEST
+
+START_TEST(test_cancel_queued)
+{
+    s_send_json(s_sock, s_long_generate("q1", 0));
+    s_send_json(s_sock, s_long_generate("q2", 0));
+    s_send_json(s_sock, json_pack("{s:s, s:s, s:s}", "op", "cancel", "id", "x1", "target", "q2"));
+
+    /* The queued target gets its cancelled reply at once, before the cancel's own reply. */
+    json_t *r = s_recv_must(s_sock);
+    ck_assert_str_eq(s_id(r), "q2");
+    ck_assert_str_eq(s_type(r), UM_REPLY_CANCELLED);
+    json_decref(r);
+    r = s_recv_must(s_sock);
+    ck_assert_str_eq(s_id(r), "x1");
+    ck_assert_str_eq(s_type(r), UM_REPLY_DONE);
+    json_decref(r);
+
+    r = s_done(s_call(s_sock, s_health("h")));
+    ck_assert(json_is_true(json_object_get(r, "busy")));
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "queue")), 0);
+    json_decref(r);
+
+    s_send_json(s_sock, json_pack("{s:s, s:s, s:s}", "op", "cancel", "id", "x2", "target", "q1"));
+    json_t *final = s_wait_final(s_sock, "q1", NULL);
+    ck_assert_str_eq(s_type(final), UM_REPLY_CANCELLED);
+    json_decref(final);
+    s_assert_quiet(s_sock);
+}
+END_TEST
+
+START_TEST(test_duplicate_id)
+{
+    s_send_json(s_sock, s_long_generate("d1", 0));
+    json_t *dup = s_long_generate("d1", 0);
+    s_send_json(s_sock, dup);
+    json_t *r = s_recv_must(s_sock);
+    ck_assert_str_eq(s_id(r), "d1");
+    ck_assert_str_eq(s_type(r), UM_REPLY_ERROR);
+    json_t *e = json_object_get(r, "error");
+    ck_assert_str_eq(json_string_value(json_object_get(e, "code")), UM_ERR_DUPLICATE_ID);
+    ck_assert_str_eq(json_string_value(json_object_get(e, "field")), "id");
+    json_decref(r);
+
+    /* Ids are scoped per connection: another socket may reuse d1. */
+    void *other = s_dealer(s_ctx, s_daemon.endpoint);
+    s_send_json(other, json_pack("{s:s, s:s, s:s}", "op", "cancel", "id", "x", "target", "d1"));
+    r = s_recv_must(other);
+    ck_assert_str_eq(json_string_value(json_object_get(json_object_get(r, "error"), "code")),
+                     UM_ERR_NOT_FOUND);
+    json_decref(r);
+    zmq_close(other);
+
+    s_send_json(s_sock, json_pack("{s:s, s:s, s:s}", "op", "cancel", "id", "x", "target", "d1"));
+    int cancel_done = 0, target_final = 0;
+    while (!cancel_done || !target_final) {
+        r = s_recv_must(s_sock);
+        if (strcmp(s_id(r), "x") == 0) {
+            ck_assert_str_eq(s_type(r), UM_REPLY_DONE);
+            cancel_done++;
+        } else {
+            ck_assert_str_eq(s_id(r), "d1");
+            ck_assert_str_eq(s_type(r), UM_REPLY_CANCELLED);
+            target_final++;
+        }
+        json_decref(r);
+    }
+    s_assert_quiet(s_sock);
+
+    /* Once d1 has ended, its id is free again. */
+    json_decref(s_done(s_call(s_sock, s_generate("d1", "hi", 4))));
+}
+END_TEST
+
+START_TEST(test_queue_busy)
+{
+    s_send_json(s_sock, s_long_generate("b1", 0)); /* runs */
+    s_send_json(s_sock, s_long_generate("b2", 0)); /* waits: the queue has room for 1 */
+    s_send_json(s_sock, s_long_generate("b3", 0)); /* over the limit */
+    json_t *r = s_recv_must(s_sock);
+    ck_assert_str_eq(s_id(r), "b3");
+    ck_assert_str_eq(s_type(r), UM_REPLY_ERROR);
+    ck_assert_str_eq(json_string_value(json_object_get(json_object_get(r, "error"), "code")),
+                     UM_ERR_BUSY);
+    json_decref(r);
+
+    r = s_done(s_call(s_sock, s_health("h")));
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "queue")), 1);
+    ck_assert(json_is_true(json_object_get(r, "busy")));
+    json_decref(r);
+
+    s_send_json(s_sock, json_pack("{s:s, s:s, s:s}", "op", "cancel", "id", "x2", "target", "b2"));
+    s_send_json(s_sock, json_pack("{s:s, s:s, s:s}", "op", "cancel", "id", "x1", "target", "b1"));
+    int finals = 0, cancels = 0;
+    while (finals < 2 || cancels < 2) {
+        r = s_recv_must(s_sock);
+        if (s_id(r)[0] == 'x')
+            cancels++;
+        else if (strcmp(s_type(r), UM_REPLY_CANCELLED) == 0)
+            finals++;
+        json_decref(r);
+    }
+    json_decref(s_done(s_call(s_sock, s_generate("b4", "hi", 4))));
+}
+END_TEST
+
+/* ------------------------------------------------------------------------- */
+/* Shutdown                                                                  */
+
+/* After SIGTERM the running and the waiting request get cancelled, then the daemon exits 0. */
+START_TEST(test_shutdown)
+{
+    s_daemon_t d = {.pid = -1};
+    ck_assert_int_eq(s_daemon_spawn(&d, NULL), 0);
+    ck_assert_msg(s_daemon_wait_ready(&d, 60000) == 0, "daemon not ready: see %s", d.log);
+
+    void *ctx = zmq_ctx_new();
+    void *sock = s_dealer(ctx, d.endpoint);
+    json_t *req = s_generate("run", "once upon a time", 100);
+    json_object_set_new(req, "steps", json_integer(100));
+    json_object_set_new(req, "stream", json_true());
+    s_send_json(sock, req);
+    s_send_json(sock, s_generate("wait", "once upon a time", 16));
+    json_t *r = s_recv_must(sock);
+    ck_assert_str_eq(s_type(r), UM_REPLY_STEP);
+    json_decref(r);
+
+    kill(d.pid, SIGTERM);
+    int run_final = 0, wait_final = 0;
+    while (!run_final || !wait_final) {
+        r = s_recv_must(sock);
+        if (strcmp(s_id(r), "wait") == 0) {
+            ck_assert_str_eq(s_type(r), UM_REPLY_CANCELLED);
+            ck_assert_str_eq(json_string_value(json_object_get(r, "reason")), "shutdown");
+            wait_final++;
+        } else if (strcmp(s_type(r), UM_REPLY_STEP) != 0) {
+            ck_assert_str_eq(s_type(r), UM_REPLY_CANCELLED);
+            ck_assert_str_eq(json_string_value(json_object_get(r, "reason")), "shutdown");
+            run_final++;
+        }
+        json_decref(r);
+    }
+    ck_assert_int_eq(run_final, 1);
+    ck_assert_int_eq(wait_final, 1);
+    zmq_close(sock);
+    zmq_ctx_term(ctx);
+
+    int status = s_daemon_stop(&d, 30000);
+    ck_assert_msg(status >= 0 && WIFEXITED(status), "daemon did not exit: see %s", d.log);
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+}
+END_TEST
+
+START_TEST(test_startup_failures)
+{
+    /* A model folder that does not exist: a clear message and a nonzero exit. */
+    const char *bin = um_test_env("UM_TEST_DAEMON");
+    const char *argv[] = {bin, "--model", "/nonexistent/model", "--bind",
+                          "ipc:///tmp/unmaskd-test-never.sock", NULL};
+    char log[512];
+    const char *out = getenv("UM_TEST_OUT");
+    snprintf(log, sizeof log, "%s/server-startup-%ld.log", out && *out ? out : "/tmp",
+             (long)getpid());
+    if (out && *out)
+        mkdir(out, 0777);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    pid_t pid;
+    ck_assert_int_eq(posix_spawn(&pid, bin, &fa, NULL, (char *const *)argv, environ), 0);
+    posix_spawn_file_actions_destroy(&fa);
+    int status;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert(WIFEXITED(status));
+    ck_assert_int_ne(WEXITSTATUS(status), 0);
+    char *text = um_test_read_file(log, NULL);
+    ck_assert(text != NULL);
+    ck_assert_msg(strstr(text, "/nonexistent/model") && strstr(text, "--model"),
+                  "message does not name the folder and --model: %s", text);
+    free(text);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------- */
+/* The unmask client                                                         */
+
+typedef struct s_run_result {
+    int status;
+    char *out;
+    char *err;
+} s_run_result_t;
+
+/* Run the client binary with args (NULL-terminated) and capture its output. */
+static s_run_result_t s_run_client(const char *const *args)
+{
+    const char *bin = um_test_env("UM_TEST_CLIENT");
+    char out_path[256], err_path[256];
+    snprintf(out_path, sizeof out_path, "/tmp/unmask-test-%ld.out", (long)getpid());
+    snprintf(err_path, sizeof err_path, "/tmp/unmask-test-%ld.err", (long)getpid());
+    const char *argv[32] = {bin};
+    int argc = 1;
+    for (int i = 0; args[i] && argc < 31; i++)
+        argv[argc++] = args[i];
+    argv[argc] = NULL;
+
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, out_path, O_WRONLY | O_CREAT | O_TRUNC,
+                                     0644);
+    posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, err_path, O_WRONLY | O_CREAT | O_TRUNC,
+                                     0644);
+    pid_t pid;
+    ck_assert_int_eq(posix_spawn(&pid, bin, &fa, NULL, (char *const *)argv, environ), 0);
+    posix_spawn_file_actions_destroy(&fa);
+    s_run_result_t res = {0};
+    ck_assert_int_eq(waitpid(pid, &res.status, 0), pid);
+    ck_assert_msg(WIFEXITED(res.status), "unmask was killed by a signal");
+    res.status = WEXITSTATUS(res.status);
+    res.out = um_test_read_file(out_path, NULL);
+    res.err = um_test_read_file(err_path, NULL);
+    unlink(out_path);
+    unlink(err_path);
+    ck_assert(res.out && res.err);
+    return res;
+}
+
+static void s_run_free(s_run_result_t *r)
+{
+    free(r->out);
+    free(r->err);
+}
+
+START_TEST(test_client_plain)
+{
+    const char *prompt = "the cat sat";
+    const char *args[] = {"--connect", s_daemon.endpoint, "--plain", "--gen-length", "12",
+                          "--seed", "4", prompt, NULL};
+    s_run_result_t res = s_run_client(args);
+    ck_assert_msg(res.status == 0, "unmask exited %d: %s", res.status, res.err);
+
+    /* The output is the prompt plus the text the daemon generates for the same request. */
+    json_t *req = s_generate("cmp", prompt, 12);
+    json_object_set_new(req, "seed", json_integer(4));
+    json_t *r = s_done(s_call(s_sock, req));
+    char want[4096];
+    snprintf(want, sizeof want, "%s%s\n", prompt, json_string_value(json_object_get(r, "text")));
+    ck_assert_str_eq(res.out, want);
+    json_decref(r);
+    s_run_free(&res);
+}
+END_TEST
+
+START_TEST(test_client_json)
+{
+    const char *args[] = {"--connect", s_daemon.endpoint, "--json", "--gen-length", "8",
+                          "--steps", "4", "--remasking", "random", "--seed", "2",
+                          "once upon a time", NULL};
+    s_run_result_t res = s_run_client(args);
+    ck_assert_msg(res.status == 0, "unmask exited %d: %s", res.status, res.err);
+    json_error_t jerr;
+    json_t *r = json_loads(res.out, 0, &jerr);
+    ck_assert_msg(r != NULL, "unmask --json printed invalid JSON: %s: %s", jerr.text, res.out);
+    ck_assert_str_eq(s_type(r), UM_REPLY_DONE);
+    ck_assert_int_eq(json_array_size(json_object_get(r, "tokens")), 8);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "seed")), 2);
+    json_decref(r);
+    s_run_free(&res);
+}
+END_TEST
+
+START_TEST(test_client_errors)
+{
+    /* An error reply: exit 1 with the code and message on stderr. */
+    const char *bad[] = {"--connect", s_daemon.endpoint, "--plain", "--remasking", "nope", "x",
+                         NULL};
+    s_run_result_t res = s_run_client(bad);
+    ck_assert_int_eq(res.status, 1);
+    ck_assert_msg(strstr(res.err, "unknown_plugin") != NULL, "stderr: %s", res.err);
+    s_run_free(&res);
+
+    /* A flag checked locally. */
+    const char *flag[] = {"--connect", s_daemon.endpoint, "--steps", "0", "x", NULL};
+    res = s_run_client(flag);
+    ck_assert_int_eq(res.status, 2);
+    ck_assert_msg(strstr(res.err, "--steps") != NULL, "stderr: %s", res.err);
+    s_run_free(&res);
+
+    /* Nothing listens: exit 2 with a message that names the fix. */
+    const char *none[] = {"--connect", "ipc:///tmp/unmaskd-test-nobody-listens.sock", "--plain",
+                          "--timeout", "1", "x", NULL};
+    res = s_run_client(none);
+    ck_assert_int_eq(res.status, 2);
+    ck_assert_msg(strstr(res.err, "no reply from ipc:///tmp/unmaskd-test-nobody-listens.sock "
+                                  "within 1 s: is unmaskd running?") != NULL,
+                  "stderr: %s", res.err);
+    s_run_free(&res);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------- */
+
+static TCase *s_tcase(const char *name, void (*setup)(void), int timeout_s)
+{
+    TCase *tc = tcase_create(name);
+    tcase_add_unchecked_fixture(tc, setup, s_teardown_daemon);
+    tcase_add_checked_fixture(tc, s_setup_client, s_teardown_client);
+    tcase_set_timeout(tc, timeout_s);
+    return tc;
+}
+
+Suite *um_server_suite(void)
+{
+    Suite *s = suite_create("server");
+
+    TCase *tc = s_tcase("ops", s_setup_daemon, 120);
+    tcase_add_test(tc, test_health);
+    tcase_add_test(tc, test_info);
+    tcase_add_test(tc, test_tokenize_round_trip);
+    tcase_add_test(tc, test_req_socket);
+    tcase_add_test(tc, test_generate_plain);
+    tcase_add_test(tc, test_generate_stream);
+    tcase_add_test(tc, test_generate_infill);
+    tcase_add_test(tc, test_generate_fixture);
+    suite_add_tcase(s, tc);
+
+    tc = s_tcase("errors", s_setup_daemon, 120);
+    tcase_add_test(tc, test_error_json);
+    tcase_add_test(tc, test_error_op);
+    tcase_add_test(tc, test_error_fields);
+    tcase_add_test(tc, test_error_ranges);
+    tcase_add_test(tc, test_error_plugins);
+    tcase_add_test(tc, test_error_missing_id);
+    tcase_add_test(tc, test_error_oversized);
+    tcase_add_test(tc, test_error_frames);
+    tcase_add_test(tc, test_error_then_generate);
+    suite_add_tcase(s, tc);
+
+    tc = s_tcase("cancel", s_setup_daemon, 120);
+    tcase_add_test(tc, test_cancel_running);
+    tcase_add_test(tc, test_cancel_queued);
+    tcase_add_test(tc, test_duplicate_id);
+    suite_add_tcase(s, tc);
+
+    tc = s_tcase("queue", s_setup_daemon_queue1, 120);
+    tcase_add_test(tc, test_queue_busy);
+    suite_add_tcase(s, tc);
+
+    tc = s_tcase("client", s_setup_daemon, 120);
+    tcase_add_test(tc, test_client_plain);
+    tcase_add_test(tc, test_client_json);
+    tcase_add_test(tc, test_client_errors);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("lifecycle");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_shutdown);
+    tcase_add_test(tc, test_startup_failures);
+    suite_add_tcase(s, tc);
+    return s;
+}

@@ -1,13 +1,13 @@
 /*
  * Internal interface of the byte-level BPE tokenizer plugin (not installed).
  *
- * A um_bpe_t holds everything one loaded tokenizer.json needs: the tokens by id,
+ * A um_bpe_t contains everything one loaded tokenizer.json needs: the tokens by id,
  * a hash table from vocabulary entries to ids, the ranked merges keyed by the ids
  * of their two parts, the added tokens, the compiled pre-tokenizer regexes and the
  * scratch buffers and word cache that encode and decode reuse.
  *
  * The files of this folder split the work by data flow: bpe_json.c reads the file
- * into a um_bpe_t, bpe_encode.c turns text into ids, bpe.c holds the tables, decode
+ * into a um_bpe_t, bpe_encode.c turns text into ids, bpe.c contains the tables, decode
  * and the plugin descriptor.
  *
  * Threading: a um_bpe_t is immutable after loading except for its scratch buffers
@@ -28,8 +28,8 @@
 #define UM_BPE_NAME "bpe"
 
 /*
- * Largest token id accepted. Tokens live in an array indexed by id, so a malformed
- * file with a huge id would otherwise make loading allocate without limit; real
+ * Largest token id accepted. Tokens live in an array indexed by id, so without a
+ * limit a malformed file with a huge id would make loading allocate that much. Real
  * vocabularies stay far below 2^24 (LLaMA-3 has 128,256 ids).
  */
 #define UM_BPE_MAX_ID ((1 << 24) - 1)
@@ -57,7 +57,7 @@
 typedef struct um_bpe_token {
     const char *piece;    /* the entry as written in tokenizer.json, UTF-8, NUL-terminated */
     uint32_t piece_len;   /* bytes in piece, without the NUL */
-    const unsigned char *bytes; /* (n_bytes) the text bytes the token stands for */
+    const unsigned char *bytes; /* (n_bytes) the text bytes the token represents */
     uint32_t n_bytes;
     uint8_t present;      /* 0 for ids no entry uses */
     uint8_t added;        /* from added_tokens: matched literally, decoded as content */
@@ -88,9 +88,9 @@ typedef struct um_bpe_added {
 } um_bpe_added_t;
 
 /*
- * One pre-tokenizer step, applied to every split the previous step produced:
- * prepend a space when prefix_space is set and the split does not start with one,
- * then, when re is set, cut the split into regex matches and the text between them.
+ * Pre-tokenizer step, applied to every split the previous step produced. It prepends
+ * a space when prefix_space is set and the split does not start with one. Then, when
+ * re is set, it cuts the split into regex matches and the text between them.
  */
 typedef struct um_bpe_step {
     pcre2_code *re;
@@ -160,7 +160,7 @@ typedef struct um_bpe {
 void *um_bpe_alloc(um_bpe_t *bpe, size_t size);
 void um_bpe_free(um_bpe_t *bpe, void *ptr);
 
-/* Ensure buf holds at least size bytes; keeps the contents. UM_ENOMEM on failure. */
+/* Grow buf to at least size bytes, keeping its contents. Returns 0 or UM_ENOMEM. */
 int um_bpe_buf_reserve(um_bpe_t *bpe, um_bpe_buf_t *buf, size_t size);
 
 /* Copy len bytes into the arena and add a NUL; NULL when out of memory. */
@@ -186,7 +186,7 @@ void um_bpe_merge_insert(um_bpe_t *bpe, int32_t left, int32_t right, uint32_t ra
 int um_bpe_merge_find(const um_bpe_t *bpe, int32_t left, int32_t right, uint32_t *rank,
                       int32_t *merged);
 
-/* GPT-2's byte-to-unicode map: the code point that stands for byte b. */
+/* Map byte b to its code point under GPT-2's byte-to-unicode map. */
 uint32_t um_bpe_byte_to_codepoint(unsigned b);
 
 /* Inverse of um_bpe_byte_to_codepoint: the byte for code point cp, or -1. */
@@ -218,7 +218,7 @@ int um_bpe_probe_json(const char *path);
 
 /*
  * Encode len bytes of UTF-8 text into ids (room for cap). Returns 0, UM_EINVAL for
- * text that is not valid UTF-8, UM_ENOSPACE when cap is too small (*n_ids then holds
+ * text that is not valid UTF-8, UM_ENOSPACE when cap is too small (*n_ids is then
  * the count needed), UM_ENOMEM, or UM_EPLUGIN when the regex engine fails.
  */
 int um_bpe_encode(um_bpe_t *bpe, const char *text, size_t len, int32_t *ids, size_t cap,
