@@ -123,6 +123,10 @@ static int s_config_features(json_t *root, const char *path, char *err, size_t e
                           "%s sets %s to true, which unmaskd does not implement: only the "
                           "LLaDA-8B layout (%s false) is supported", path, off_flags[i],
                           off_flags[i]);
+    if (json_is_number(json_object_get(root, "clip_qkv")))
+        return s_fail(err, errlen, UM_EUNSUPPORTED,
+                      "%s sets clip_qkv, which unmaskd does not implement: only unclipped "
+                      "q, k and v (clip_qkv null, as in LLaDA-8B) are supported", path);
     if (json_is_false(json_object_get(root, "rope")))
         return s_fail(err, errlen, UM_EUNSUPPORTED,
                       "%s sets rope to false, which unmaskd does not implement: only RoPE "
@@ -425,7 +429,12 @@ static int s_slots_bind(um_model_t *m, s_slot_t *slots, size_t n_slots, char *er
         if (!s_in_place(t))
             arena_floats += ((size_t)t->numel + 15) / 16 * 16;
     }
-    snprintf(m->dtype, sizeof m->dtype, "%s", n_bf16 == 0 ? "f32" : n_f32 == 0 ? "bf16" : "mixed");
+    const char *dtype = "mixed";
+    if (n_bf16 == 0)
+        dtype = "f32";
+    else if (n_f32 == 0)
+        dtype = "bf16";
+    snprintf(m->dtype, sizeof m->dtype, "%s", dtype);
 
     if (arena_floats > 0) {
         /* NOTE: BF16 checkpoints are widened to f32 copies, which doubles their memory.

@@ -379,7 +379,8 @@ static int s_add_file(um_safetensors_t *st, const char *path, char *err, size_t 
     f->path = strdup(path);
     if (!f->path)
         return s_fail(err, errlen, UM_ENOMEM, "out of memory while opening %s", path);
-    /* Count the file now, so close releases it whatever fails below. */
+    /* Count the file before mapping it, so that um_safetensors_close frees it if a
+     * later step fails. */
     st->n_files++;
 
     int rc = s_map_file(path, f, err, errlen);

@@ -37,10 +37,10 @@ typedef struct um_tensor_view {
 typedef struct um_safetensors um_safetensors_t;
 
 /*
- * Map and validate one .safetensors file. Checks that the header length fits in the
- * file, that the header is a JSON object of well-formed entries (`__metadata__` is
- * skipped), that each dtype is F32 or BF16, that data_offsets lie inside the data
- * section, match shape times element size and do not overlap.
+ * Map and validate one .safetensors file. The header length must fit in the file and
+ * the header must be a JSON object of well-formed entries (`__metadata__` is skipped).
+ * Each dtype must be F32 or BF16. Each data_offsets pair must lie inside the data
+ * section, match shape times element size, and not overlap another tensor.
  * Returns 0 and sets *out, or UM_ENOTFOUND (no such file), UM_EIO (cannot read or
  * map it), UM_EFORMAT (malformed or truncated), UM_EUNSUPPORTED (another dtype) or
  * UM_ENOMEM, with a message in err naming the file, the tensor and the fix.
@@ -51,9 +51,9 @@ int um_safetensors_open_file(const char *path, um_safetensors_t **out, char *err
 /*
  * Open the weights of a Hugging Face model folder: the shards listed in the
  * weight_map of model.safetensors.index.json when that file exists, otherwise
- * model.safetensors. Every file is validated as in um_safetensors_open_file; for
- * shards, every weight_map entry must name a tensor stored in its shard, and no
- * tensor may appear in two shards. Same returns as um_safetensors_open_file.
+ * model.safetensors. Every file is validated as in um_safetensors_open_file. Every
+ * weight_map entry must name a tensor stored in its shard, and no tensor may appear
+ * in two shards. Same returns as um_safetensors_open_file.
  */
 int um_safetensors_open_dir(const char *dir, um_safetensors_t **out, char *err,
                             size_t errlen);

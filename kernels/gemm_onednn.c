@@ -57,6 +57,8 @@ typedef struct s_gemm_ctx {
 #define S_BUCKETS 1024
 #define S_SCRATCH_ALIGN 64
 
+/* NOTE: the cache has no eviction. Each distinct (M, N, K, strides) adds entries, so a
+ * daemon that sees many sequence lengths keeps one set of primitives per length. */
 static pthread_rwlock_t s_cache_lock = PTHREAD_RWLOCK_INITIALIZER;
 static dnnl_engine_t s_engine;                 /* NULL until the first product */
 static s_gemm_entry_t *s_buckets[S_BUCKETS];   /* guarded by s_cache_lock */
@@ -157,7 +159,8 @@ static int s_entry_create(const s_gemm_key_t *key, float alpha, s_gemm_entry_t *
     UM_DNNL_CHECK(dnnl_matmul_desc_init(&desc, &e->a_md, &e->b_md, NULL, &e->c_md), key);
     UM_DNNL_CHECK(dnnl_primitive_desc_create(&pd, &desc, attr, s_engine, NULL), key);
 
-    const dnnl_memory_desc_t *scratch = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+    const dnnl_memory_desc_t *scratch =
+        dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
     if (scratch) {
         e->scratch_md = *scratch;
         e->scratch_bytes = dnnl_memory_desc_get_size(scratch);
@@ -232,7 +235,7 @@ unlock:
 /* ------------------------------------------------------------------------- */
 /* Execution contexts                                                         */
 
-/* Take an idle context, or create one; its scratchpad holds at least scratch_bytes. */
+/* Take an idle context, or create one, with a scratchpad of at least scratch_bytes. */
 static int s_ctx_take(size_t scratch_bytes, s_gemm_ctx_t **out)
 {
     pthread_mutex_lock(&s_pool_lock);
@@ -309,7 +312,8 @@ static int s_execute(const s_gemm_entry_t *e, const float *A, const float *B, fl
     };
     int n_args = 3;
     if (e->scratch_bytes > 0) {
-        UM_DNNL_CHECK(dnnl_memory_create(&scratch_mem, &e->scratch_md, s_engine, ctx->scratch), key);
+        UM_DNNL_CHECK(dnnl_memory_create(&scratch_mem, &e->scratch_md, s_engine, ctx->scratch),
+                      key);
         args[n_args++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, scratch_mem};
     }
     UM_DNNL_CHECK(dnnl_primitive_execute(e->primitive, ctx->stream, n_args, args), key);

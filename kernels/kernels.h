@@ -63,7 +63,8 @@ const um_kernel_table_t *um_kernels(void);
  * C[M, N] = A[M, K] * B^T (+ C when accumulate), f32, where B is stored [N, K]
  * row-major (nn.Linear weights) and lda, ldb, ldc are row strides in elements.
  * Primitives are created once per shape and stride set and cached. Thread-safe.
- * Returns 0 or UM_EBACKEND (the oneDNN status is logged).
+ * Returns 0, UM_EINVAL for a negative size, a stride below its row length or a NULL
+ * matrix, UM_ENOMEM, or UM_EBACKEND (the oneDNN status is logged).
  */
 int um_gemm_f32_nt(int32_t M, int32_t N, int32_t K, const float *A, int32_t lda,
                    const float *B, int32_t ldb, float *C, int32_t ldc, int accumulate);

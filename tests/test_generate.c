@@ -165,12 +165,10 @@ START_TEST(partial_block_schedule)
     ck_assert_int_eq(t.violations, 0);
     ck_assert_int_eq(st.forward_passes, 7);
     ck_assert_int_eq(st.steps_planned, 7);
-    /* Each block fills only its own positions, in order. */
-    for (int32_t pos = 4; pos < L; pos++) {
-        int32_t block = (pos - 4) / 8;
-        int32_t first = block == 0 ? 0 : block == 1 ? 3 : 5;
-        ck_assert_int_ge(t.first_seen[pos], first);
-    }
+    /* Each block fills only its own positions: blocks 1 and 2 start at steps 3 and 5. */
+    const int32_t block_first_step[] = {0, 3, 5};
+    for (int32_t pos = 4; pos < L; pos++)
+        ck_assert_int_ge(t.first_seen[pos], block_first_step[(pos - 4) / 8]);
     for (int32_t i = 0; i < 4; i++)
         ck_assert_int_eq(canvas[i], s_prompt[i]);
     s_trace_free(&t);
@@ -296,7 +294,7 @@ Suite *um_generate_suite(void)
     TCase *tc = tcase_create("reference");
     tcase_add_unchecked_fixture(tc, s_setup, s_teardown);
     tcase_set_timeout(tc, 120);
-    /* The fixture file holds nine cases; a missing case fails on its lookup. */
+    /* The fixture file has nine cases, and a missing case fails on its lookup. */
     tcase_add_loop_test(tc, matches_reference_canvas, 0, 9);
     suite_add_tcase(s, tc);
     tc = tcase_create("schedule");

@@ -76,7 +76,8 @@ START_TEST(rmsnorm_matches_double)
     const um_kernel_table_t *t = s_table(_i);
     for (size_t c = 0; c < S_N_LENGTHS; c++) {
         int32_t n = s_lengths[c];
-        float *x = malloc(n * sizeof *x), *w = malloc(n * sizeof *w), *out = malloc(n * sizeof *out);
+        float *x = malloc(n * sizeof *x), *w = malloc(n * sizeof *w);
+        float *out = malloc(n * sizeof *out);
         s_fill(x, n, 11 + c, -3.0f, 3.0f);
         s_fill(w, n, 97 + c, 0.5f, 1.5f);
         const float eps = 1e-5f;

@@ -1,7 +1,7 @@
 /*
- * safetensors suite: small files written into a temporary folder, read back with
- * their values checked, and one file per fault the reader must reject, each checked
- * for its error code and for a message that names the file and the tensor.
+ * safetensors suite: small files are written into a temporary folder and read back
+ * with their values checked. Each fault the reader must reject gets its own file,
+ * checked for the error code and for a message that names the file and the tensor.
  */
 #include <dirent.h>
 #include <stdio.h>
@@ -321,7 +321,7 @@ END_TEST
 /* ------------------------------------------------------------------------- */
 /* Folders                                                                    */
 
-/* Shard 1 holds a.weight; shard 2 holds b.bias; the index maps both. */
+/* Write shard 1 with a.weight, shard 2 with b.bias, and index_text as the index. */
 static void s_write_shards(const char *index_text)
 {
     s_write_raw("model-00001-of-00002.safetensors",

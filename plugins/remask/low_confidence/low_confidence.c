@@ -1,7 +1,7 @@
 /*
  * low_confidence: LLaDA's default remasking policy. Each step commits the quota
- * candidates whose predicted token has the highest probability under the model
- * (softmax of the raw logits, before temperature); ties go to the lower position.
+ * candidates whose predicted token has the highest probability under the model, the
+ * softmax of the raw logits before temperature. Ties go to the lower position.
  * Committing the most confident tokens is the same as remasking the least
  * confident ones, which is how the LLaDA paper phrases it.
  *
