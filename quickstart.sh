@@ -64,7 +64,8 @@ case "${1:-}" in
 test)
     build
     cd build
-    make -j"$(nproc)" check
+    make -j"$(nproc)" check || { cat tests/check_unmaskd.log; exit 1; }
+    grep -h "Checks:" tests/check_unmaskd.log
     make -j"$(nproc)" distcheck
     ;;
 -h | --help)

@@ -223,8 +223,13 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
         const int32_t block_start = n_prompt + b * block_length;
         const int32_t block_end = block_start + block_length < L ? block_start + block_length : L;
         const int32_t n_steps = s_block_steps(p->steps, n_blocks, b);
+        /*
+         * The quota covers every mask left of the block's end, not only the block's own:
+         * masks written in the prompt (infilling) compete for the same commits, and
+         * counting them too means no mask survives the last block.
+         */
         int32_t n_masked = 0;
-        for (int32_t i = block_start; i < block_end; i++)
+        for (int32_t i = 0; i < block_end; i++)
             n_masked += canvas[i] == mask_id;
 
         for (int32_t i = 0; i < n_steps; i++, step++) {

@@ -545,7 +545,7 @@ int um_model_load(const char *dir, um_model_t **out, char *err, size_t errlen)
     snprintf(m->backend, sizeof m->backend, "%s (f32)", um_gemm_backend());
 
     const um_model_config_t *c = &m->config;
-    um_info("model",
+    um_debug("model",
             "loaded %s: %s, d_model %d, %d layers, %d heads (%d kv, head_dim %d), mlp %d, "
             "vocab %d (embedding %d), max_sequence_length %d, %s weights, mask id %d, "
             "kernels %s, matmul %s",

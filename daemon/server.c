@@ -8,15 +8,15 @@
  * or an internal error. The worker thread owns the model and the worker tokenizer
  * and runs one job at a time.
  *
- * The two threads talk over an inproc PAIR socket. Each message is three frames:
- * a one-byte kind, the job pointer, and a payload. Main to worker: 'j' runs a job,
- * 'q' quits. Worker to main: 'r' ready (start handshake, no job), 's' a step
- * reply, and one final reply per job: 'd' done, 'c' cancelled or 'e' error.
- * Payloads from the worker are finished JSON replies; the main thread forwards
- * them unchanged to the job's client. A job belongs to the main thread except
- * between 'j' and its final reply, when the worker reads it; during that time the
+ * The two threads talk over an inproc PAIR socket, and each message starts with a
+ * one-byte kind frame. Main to worker: 'j' and the job pointer runs a job, and 'q'
+ * alone quits. Worker to main, always kind, job pointer and payload: 'r' ready (the
+ * start handshake, with no job), 's' a step reply, and one final reply per job,
+ * 'd' done, 'c' cancelled or 'e' error. Payloads from the worker are finished JSON
+ * replies, which the main thread forwards unchanged to the job's client. A job belongs to the main thread except
+ * between 'j' and its final reply, when the worker reads it. During that time the
  * main thread touches only the job's client address, its id (read-only) and the
- * atomic cancel flag, which the worker's step callback checks after every step.
+ * atomic cancel flag. The worker's step callback checks that flag after every step.
  */
 #include "config.h"
 
@@ -101,6 +101,7 @@ typedef struct s_job {
 struct um_server {
     um_server_config_t cfg;
     char endpoint[256];   /* as bound, with a tcp port of 0 resolved */
+    int bound;            /* the ROUTER socket is bound to endpoint */
     char pipe_name[64];   /* inproc endpoint of the PAIR sockets */
 
     um_model_t *model;                 /* used by the worker only */
@@ -563,8 +564,8 @@ static void *s_worker_main(void *arg)
 /* Start the worker thread and wait for its ready message. */
 static int s_worker_start(um_server_t *srv, char *err, size_t errlen)
 {
-    /* Signals go to the main thread: the worker (and the OpenMP threads it starts)
-       block them, so a Ctrl-C never interrupts a forward pass halfway. */
+    /* The worker and the OpenMP threads it starts block all signals, so SIGINT and
+       SIGTERM reach the main thread and never interrupt the worker's system calls. */
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
@@ -1306,6 +1307,7 @@ static int s_bind(um_server_t *srv, const char *endpoint, char *err, size_t errl
                  "another endpoint with --bind", endpoint, zmq_strerror(errno));
         return UM_EIO;
     }
+    srv->bound = 1;
     size_t size = sizeof srv->endpoint;
     if (zmq_getsockopt(srv->router, ZMQ_LAST_ENDPOINT, srv->endpoint, &size) != 0)
         snprintf(srv->endpoint, sizeof srv->endpoint, "%s", endpoint);
@@ -1385,6 +1387,10 @@ void um_server_destroy(um_server_t **srvp)
             rc = zmq_ctx_term(srv->zctx);
         while (rc < 0 && errno == EINTR);
     }
+    /* libzmq 4.3 leaves the socket file of an ipc endpoint behind ("ipc://@name" is
+       an abstract socket with no file), so remove it once the socket is closed. */
+    if (srv->bound && strncmp(srv->endpoint, "ipc://", 6) == 0 && srv->endpoint[6] != '@')
+        unlink(srv->endpoint + 6);
     free(srv);
     *srvp = NULL;
 }

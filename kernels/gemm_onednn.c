@@ -24,7 +24,7 @@
 #include <oneapi/dnnl/dnnl_debug.h>
 #include <unmaskd/error.h>
 
-/* The engine's one logging facility; log.h is a leaf that includes only the public ABI. */
+/* The project's one logging facility, which includes only the public ABI. */
 #include "log.h"
 
 /* ------------------------------------------------------------------------- */

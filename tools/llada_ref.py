@@ -280,7 +280,8 @@ def generate(model, prompt, gen_length=64, block_length=32, steps=64, temperatur
     global_step = 0
     for start, end, n_steps in block_plan(gen_length, block_length, steps):
         block_end = P + end
-        n_masked = int((x[0, P + start:block_end] == mask_id).sum())
+        # Every mask left of the block's end counts, prompt masks (infilling) included.
+        n_masked = int((x[0, :block_end] == mask_id).sum())
         for quota in step_quota(n_masked, n_steps):
             step = global_step
             global_step += 1

@@ -1,6 +1,7 @@
 /*
- * Logging for the daemon and its tools: one process-wide level, lines on stderr as
- * "2026-12-04T21:00:00.123Z info  component: message". The macros test the level
+ * Logging for the kernels, the engine, the daemon and its tools. It lives with the
+ * kernels because they are the lowest layer that logs. One process-wide level; lines
+ * go to stderr as "2026-12-04T21:00:00.123Z info  component: message". The macros test the level
  * before evaluating their arguments, so disabled debug lines cost one comparison.
  * Thread-safe: each line is written with one fprintf call.
  */
