@@ -1,9 +1,9 @@
 /*
  * Logging for the kernels, the engine, the daemon and its tools. It lives with the
- * kernels because they are the lowest layer that logs. One process-wide level; lines
- * go to stderr as "2026-12-04T21:00:00.123Z info  component: message". The macros test the level
- * before evaluating their arguments, so disabled debug lines cost one comparison.
- * Thread-safe: each line is written with one fprintf call.
+ * kernels because they are the lowest layer that logs. One process-wide level; each
+ * line goes to stderr as "2026-12-04T21:00:00.123Z info  component: message". The
+ * macros test the level before evaluating their arguments, so a disabled debug line
+ * costs one comparison. Thread-safe: each line is written with one fprintf call.
  */
 #ifndef UM_LOG_H
 #define UM_LOG_H
