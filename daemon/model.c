@@ -43,19 +43,6 @@ struct um_model {
     size_t workspace_floats;
 };
 
-static int s_fail(char *err, size_t errlen, int code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static int s_fail(char *err, size_t errlen, int code, const char *fmt, ...)
-{
-    if (err && errlen > 0) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
 
 /* aligned_alloc needs a size that is a multiple of the alignment. */
 static void *s_alloc_aligned(size_t bytes)
@@ -77,7 +64,7 @@ static int s_config_int(json_t *root, const char *path, const char *field, int r
     json_t *v = json_object_get(root, field);
     if (!v || json_is_null(v)) {
         if (required)
-            return s_fail(err, errlen, UM_EFORMAT,
+            return um_fail(err, errlen, UM_EFORMAT,
                           "%s has no field %s, which a LLaDA model requires: add it", path,
                           field);
         *out = dflt;
@@ -85,7 +72,7 @@ static int s_config_int(json_t *root, const char *path, const char *field, int r
     }
     if (!json_is_integer(v) || json_integer_value(v) < INT32_MIN ||
         json_integer_value(v) > INT32_MAX)
-        return s_fail(err, errlen, UM_EFORMAT, "%s field %s must be a 32-bit integer: fix it",
+        return um_fail(err, errlen, UM_EFORMAT, "%s field %s must be a 32-bit integer: fix it",
                       path, field);
     *out = (int32_t)json_integer_value(v);
     return 0;
@@ -101,7 +88,7 @@ static int s_config_number(json_t *root, const char *path, const char *field, do
         return 0;
     }
     if (!json_is_number(v))
-        return s_fail(err, errlen, UM_EFORMAT, "%s field %s must be a number: fix it", path,
+        return um_fail(err, errlen, UM_EFORMAT, "%s field %s must be a number: fix it", path,
                       field);
     *out = json_number_value(v);
     return 0;
@@ -119,16 +106,16 @@ static int s_config_features(json_t *root, const char *path, char *err, size_t e
     };
     for (size_t i = 0; i < sizeof off_flags / sizeof off_flags[0]; i++)
         if (json_is_true(json_object_get(root, off_flags[i])))
-            return s_fail(err, errlen, UM_EUNSUPPORTED,
+            return um_fail(err, errlen, UM_EUNSUPPORTED,
                           "%s sets %s to true, which unmaskd does not implement: only the "
                           "LLaDA-8B layout (%s false) is supported", path, off_flags[i],
                           off_flags[i]);
     if (json_is_number(json_object_get(root, "clip_qkv")))
-        return s_fail(err, errlen, UM_EUNSUPPORTED,
+        return um_fail(err, errlen, UM_EUNSUPPORTED,
                       "%s sets clip_qkv, which unmaskd does not implement: only unclipped "
                       "q, k and v (clip_qkv null, as in LLaDA-8B) are supported", path);
     if (json_is_false(json_object_get(root, "rope")))
-        return s_fail(err, errlen, UM_EUNSUPPORTED,
+        return um_fail(err, errlen, UM_EUNSUPPORTED,
                       "%s sets rope to false, which unmaskd does not implement: only RoPE "
                       "position encoding is supported", path);
 
@@ -146,7 +133,7 @@ static int s_config_features(json_t *root, const char *path, char *err, size_t e
         if (strcmp(v, strings[i].allowed[0]) == 0 ||
             (strings[i].allowed[1] && strcmp(v, strings[i].allowed[1]) == 0))
             continue;
-        return s_fail(err, errlen, UM_EUNSUPPORTED,
+        return um_fail(err, errlen, UM_EUNSUPPORTED,
                       "%s sets %s to \"%s\", which unmaskd does not implement: only \"%s\" is "
                       "supported", path, strings[i].field, v, strings[i].allowed[0]);
     }
@@ -172,35 +159,35 @@ static int s_config_validate(um_model_config_t *c, const char *path, char *err,
     };
     for (size_t i = 0; i < sizeof positive / sizeof positive[0]; i++)
         if (positive[i].value <= 0)
-            return s_fail(err, errlen, UM_EFORMAT, "%s field %s is %d, but it must be positive",
+            return um_fail(err, errlen, UM_EFORMAT, "%s field %s is %d, but it must be positive",
                           path, positive[i].field, positive[i].value);
 
     if (c->d_model % c->n_heads != 0 || (c->d_model / c->n_heads) % 2 != 0)
-        return s_fail(err, errlen, UM_EFORMAT,
+        return um_fail(err, errlen, UM_EFORMAT,
                       "%s has d_model %d and n_heads %d: d_model must be n_heads times an even "
                       "head size", path, c->d_model, c->n_heads);
     c->head_dim = c->d_model / c->n_heads;
     if (c->n_heads % c->n_kv_heads != 0)
-        return s_fail(err, errlen, UM_EFORMAT,
+        return um_fail(err, errlen, UM_EFORMAT,
                       "%s has n_heads %d and n_kv_heads %d: n_heads must be a multiple of "
                       "n_kv_heads", path, c->n_heads, c->n_kv_heads);
     if (c->embedding_size < c->vocab_size)
-        return s_fail(err, errlen, UM_EFORMAT,
+        return um_fail(err, errlen, UM_EFORMAT,
                       "%s has embedding_size %d smaller than vocab_size %d: fix either field",
                       path, c->embedding_size, c->vocab_size);
     if (c->mask_token_id < 0 || c->mask_token_id >= c->embedding_size)
-        return s_fail(err, errlen, UM_ERANGE,
+        return um_fail(err, errlen, UM_ERANGE,
                       "%s has mask_token_id %d outside [0, %d): fix it", path, c->mask_token_id,
                       c->embedding_size);
     if (c->eos_token_id < -1 || c->eos_token_id >= c->embedding_size)
-        return s_fail(err, errlen, UM_ERANGE,
+        return um_fail(err, errlen, UM_ERANGE,
                       "%s has eos_token_id %d outside [0, %d): fix it or remove it", path,
                       c->eos_token_id, c->embedding_size);
     if (!(c->rope_theta > 0.0f) || !isfinite(c->rope_theta))
-        return s_fail(err, errlen, UM_ERANGE, "%s has rope_theta %g, but it must be positive",
+        return um_fail(err, errlen, UM_ERANGE, "%s has rope_theta %g, but it must be positive",
                       path, (double)c->rope_theta);
     if (!(c->rms_norm_eps > 0.0f) || !isfinite(c->rms_norm_eps))
-        return s_fail(err, errlen, UM_ERANGE,
+        return um_fail(err, errlen, UM_ERANGE,
                       "%s has rms_norm_eps %g, but it must be positive", path,
                       (double)c->rms_norm_eps);
     return 0;
@@ -211,35 +198,35 @@ static int s_config_load(const char *dir, um_model_config_t *c, char *err, size_
 {
     char path[PATH_MAX];
     if ((size_t)snprintf(path, sizeof path, "%s/config.json", dir) >= sizeof path)
-        return s_fail(err, errlen, UM_EINVAL, "model folder path %s is too long", dir);
+        return um_fail(err, errlen, UM_EINVAL, "model folder path %s is too long", dir);
 
     json_error_t jerr;
     json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
     if (!root) {
         if (json_error_code(&jerr) == json_error_cannot_open_file)
-            return s_fail(err, errlen, UM_ENOTFOUND,
+            return um_fail(err, errlen, UM_ENOTFOUND,
                           "cannot read %s (%s): pass a Hugging Face model folder with a "
                           "config.json", path, jerr.text);
-        return s_fail(err, errlen, UM_EFORMAT, "%s is not valid JSON (%s at line %d, column %d)",
+        return um_fail(err, errlen, UM_EFORMAT, "%s is not valid JSON (%s at line %d, column %d)",
                       path, jerr.text, jerr.line, jerr.column);
     }
 
     int rc = 0;
     memset(c, 0, sizeof *c);
     if (!json_is_object(root)) {
-        rc = s_fail(err, errlen, UM_EFORMAT, "%s is not a JSON object", path);
+        rc = um_fail(err, errlen, UM_EFORMAT, "%s is not a JSON object", path);
         goto cleanup;
     }
 
     json_t *type = json_object_get(root, "model_type");
     if (!type) {
-        rc = s_fail(err, errlen, UM_EFORMAT,
+        rc = um_fail(err, errlen, UM_EFORMAT,
                     "%s has no field model_type: add \"model_type\": \"llada\" for a LLaDA "
                     "model", path);
         goto cleanup;
     }
     if (!json_is_string(type) || strcmp(json_string_value(type), "llada") != 0) {
-        rc = s_fail(err, errlen, UM_EUNSUPPORTED,
+        rc = um_fail(err, errlen, UM_EUNSUPPORTED,
                     "%s has model_type %s%s%s, but unmaskd runs only \"llada\" models", path,
                     json_is_string(type) ? "\"" : "",
                     json_is_string(type) ? json_string_value(type) : "that is not a string",
@@ -365,7 +352,7 @@ static int s_slots_match(const um_model_t *m, s_slot_t *slots, size_t n_slots, c
         s_slot_t *s = &slots[i];
         s->view = um_safetensors_find(m->weights_file, s->name);
         if (!s->view)
-            return s_fail(err, errlen, UM_ENOTFOUND,
+            return um_fail(err, errlen, UM_ENOTFOUND,
                           "tensor %s is missing from %s: the checkpoint does not match "
                           "config.json", s->name, source);
         int same = s->view->ndim == s->ndim;
@@ -375,7 +362,7 @@ static int s_slots_match(const um_model_t *m, s_slot_t *slots, size_t n_slots, c
             char got[160], expected[160];
             s_format_shape(got, sizeof got, s->view->shape, s->view->ndim);
             s_format_shape(expected, sizeof expected, s->shape, s->ndim);
-            return s_fail(err, errlen, UM_EFORMAT,
+            return um_fail(err, errlen, UM_EFORMAT,
                           "tensor %s has shape %s, expected %s: the checkpoint does not match "
                           "config.json", s->name, got, expected);
         }
@@ -390,7 +377,7 @@ static int s_slots_match(const um_model_t *m, s_slot_t *slots, size_t n_slots, c
             for (size_t j = 0; j < n_slots && !used; j++)
                 used = slots[j].view == t;
             if (!used)
-                return s_fail(err, errlen, UM_EFORMAT,
+                return um_fail(err, errlen, UM_EFORMAT,
                               "tensor %s in %s is not part of a LLaDA model with n_layers %d: "
                               "the checkpoint does not match config.json", t->name, source,
                               m->config.n_layers);
@@ -441,7 +428,7 @@ static int s_slots_bind(um_model_t *m, s_slot_t *slots, size_t n_slots, char *er
          * Keeping bf16 weights for the matrix products comes with the AMX/bf16 GEMM. */
         m->arena = s_alloc_aligned(arena_floats * sizeof(float));
         if (!m->arena)
-            return s_fail(err, errlen, UM_ENOMEM,
+            return um_fail(err, errlen, UM_ENOMEM,
                           "out of memory allocating %.1f MB for the f32 copies of the weights "
                           "of %s", arena_floats * 4.0 / 1e6, m->dir);
     }
@@ -481,7 +468,7 @@ static int s_weights_load(um_model_t *m, char *err, size_t errlen)
     size_t n_slots = 0;
     s_slot_t *slots = m->blocks ? s_slots_build(m, &n_slots) : NULL;
     if (!slots)
-        return s_fail(err, errlen, UM_ENOMEM, "out of memory binding the weights of %s",
+        return um_fail(err, errlen, UM_ENOMEM, "out of memory binding the weights of %s",
                       m->dir);
     rc = s_slots_match(m, slots, n_slots, err, errlen);
     if (rc == 0)
@@ -501,7 +488,7 @@ static int s_rope_build(um_model_t *m, char *err, size_t errlen)
     size_t n = (size_t)c->max_sequence_length * (size_t)half * 2;
     m->rope = s_alloc_aligned(n * sizeof *m->rope);
     if (!m->rope)
-        return s_fail(err, errlen, UM_ENOMEM, "out of memory for the RoPE table of %s", m->dir);
+        return um_fail(err, errlen, UM_ENOMEM, "out of memory for the RoPE table of %s", m->dir);
 
     /* Angles in double, as the reference computes them, so positions near
      * max_sequence_length keep full precision before the f32 rounding. */
@@ -530,7 +517,7 @@ int um_model_load(const char *dir, um_model_t **out, char *err, size_t errlen)
     int rc = 0;
     um_model_t *m = calloc(1, sizeof *m);
     if (!m || !(m->dir = strdup(dir))) {
-        rc = s_fail(err, errlen, UM_ENOMEM, "out of memory loading the model in %s", dir);
+        rc = um_fail(err, errlen, UM_ENOMEM, "out of memory loading the model in %s", dir);
         goto cleanup;
     }
     rc = s_config_load(dir, &m->config, err, errlen);

@@ -296,7 +296,7 @@ static const char *s_article(um_param_type_t t)
     return t == UM_PARAM_INTEGER ? "an" : "a";
 }
 
-static const char *s_type_name(um_param_type_t t)
+const char *um_param_type_name(um_param_type_t t)
 {
     switch (t) {
     case UM_PARAM_NUMBER:
@@ -304,7 +304,7 @@ static const char *s_type_name(um_param_type_t t)
     case UM_PARAM_INTEGER:
         return "integer";
     case UM_PARAM_BOOL:
-        return "boolean";
+        return "bool";
     case UM_PARAM_STRING:
         return "string";
     }
@@ -338,8 +338,8 @@ int um_params_check(const um_param_spec_t *spec, int32_t n_spec, const um_param_
                       || (p->type == UM_PARAM_NUMBER && in[i].type == UM_PARAM_INTEGER);
         if (!type_ok) {
             snprintf(err, errlen, "parameter \"%s\" must be %s %s, got %s %s", p->name,
-                     s_article(p->type), s_type_name(p->type), s_article(in[i].type),
-                     s_type_name(in[i].type));
+                     s_article(p->type), um_param_type_name(p->type), s_article(in[i].type),
+                     um_param_type_name(in[i].type));
             return UM_EINVAL;
         }
         if (p->type == UM_PARAM_NUMBER || p->type == UM_PARAM_INTEGER) {
@@ -347,7 +347,7 @@ int um_params_check(const um_param_spec_t *spec, int32_t n_spec, const um_param_
             if (!isfinite(v) || v < p->min || v > p->max
                 || (p->type == UM_PARAM_INTEGER && v != floor(v))) {
                 snprintf(err, errlen, "parameter \"%s\" must be %s %s in [%g, %g], got %g",
-                         p->name, s_article(p->type), s_type_name(p->type), p->min, p->max, v);
+                         p->name, s_article(p->type), um_param_type_name(p->type), p->min, p->max, v);
                 return UM_ERANGE;
             }
         }

@@ -57,4 +57,7 @@ void um_plugins_clear(um_plugin_registry_t *reg);
 int um_params_check(const um_param_spec_t *spec, int32_t n_spec, const um_param_t *in,
                     int32_t n_in, um_param_t *out, char *err, size_t errlen);
 
+/* Name of a parameter type as the protocol reports it: "number", "integer", "bool", "string". */
+const char *um_param_type_name(um_param_type_t type);
+
 #endif /* UM_PLUGINS_H */

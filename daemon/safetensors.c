@@ -51,19 +51,6 @@ typedef struct s_range {
 /* ------------------------------------------------------------------------- */
 /* Helpers                                                                    */
 
-static int s_fail(char *err, size_t errlen, int code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static int s_fail(char *err, size_t errlen, int code, const char *fmt, ...)
-{
-    if (err && errlen > 0) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
 
 static void s_format_shape(char *buf, size_t len, const int64_t *shape, int32_t ndim)
 {
@@ -101,7 +88,7 @@ static int s_parse_dtype(const char *path, const char *name, json_t *entry, um_d
 {
     json_t *dtype = json_object_get(entry, "dtype");
     if (!json_is_string(dtype))
-        return s_fail(err, errlen, UM_EFORMAT,
+        return um_fail(err, errlen, UM_EFORMAT,
                       "tensor %s in %s has no dtype string in the header: the file is corrupt; "
                       "export it again", name, path);
     const char *s = json_string_value(dtype);
@@ -110,7 +97,7 @@ static int s_parse_dtype(const char *path, const char *name, json_t *entry, um_d
     else if (strcmp(s, "BF16") == 0)
         *out = UM_DTYPE_BF16;
     else
-        return s_fail(err, errlen, UM_EUNSUPPORTED,
+        return um_fail(err, errlen, UM_EUNSUPPORTED,
                       "tensor %s in %s has dtype %s, but unmaskd reads only F32 and BF16 "
                       "weights: convert the checkpoint to BF16 or F32", name, path, s);
     return 0;
@@ -121,12 +108,12 @@ static int s_parse_shape(const char *path, const char *name, json_t *entry,
 {
     json_t *shape = json_object_get(entry, "shape");
     if (!json_is_array(shape))
-        return s_fail(err, errlen, UM_EFORMAT,
+        return um_fail(err, errlen, UM_EFORMAT,
                       "tensor %s in %s has no shape array in the header: the file is corrupt; "
                       "export it again", name, path);
     size_t ndim = json_array_size(shape);
     if (ndim > UM_SAFETENSORS_MAX_DIMS)
-        return s_fail(err, errlen, UM_EUNSUPPORTED,
+        return um_fail(err, errlen, UM_EUNSUPPORTED,
                       "tensor %s in %s has %zu dimensions, more than the %d unmaskd reads",
                       name, path, ndim, UM_SAFETENSORS_MAX_DIMS);
 
@@ -135,14 +122,14 @@ static int s_parse_shape(const char *path, const char *name, json_t *entry,
     for (size_t i = 0; i < ndim; i++) {
         json_t *dim = json_array_get(shape, i);
         if (!json_is_integer(dim) || json_integer_value(dim) < 0)
-            return s_fail(err, errlen, UM_EFORMAT,
+            return um_fail(err, errlen, UM_EFORMAT,
                           "tensor %s in %s has dimension %zu that is not a non-negative "
                           "integer: the file is corrupt; export it again", name, path, i);
         int64_t d = json_integer_value(dim);
         t->shape[i] = d;
         /* Reject element counts whose byte size would not fit in 63 bits. */
         if (d != 0 && t->numel > (INT64_MAX / 4) / d)
-            return s_fail(err, errlen, UM_EFORMAT,
+            return um_fail(err, errlen, UM_EFORMAT,
                           "tensor %s in %s has a shape whose size overflows 64 bits: the file "
                           "is corrupt; export it again", name, path);
         t->numel *= d;
@@ -157,18 +144,18 @@ static int s_parse_offsets(const char *path, const char *name, json_t *entry,
     json_t *b = json_array_get(offsets, 0), *e = json_array_get(offsets, 1);
     if (!json_is_array(offsets) || json_array_size(offsets) != 2 || !json_is_integer(b) ||
         !json_is_integer(e) || json_integer_value(b) < 0 || json_integer_value(e) < 0)
-        return s_fail(err, errlen, UM_EFORMAT,
+        return um_fail(err, errlen, UM_EFORMAT,
                       "tensor %s in %s needs data_offsets as two non-negative integers: "
                       "the file is corrupt; export it again", name, path);
     range->begin = (uint64_t)json_integer_value(b);
     range->end = (uint64_t)json_integer_value(e);
     if (range->begin > range->end)
-        return s_fail(err, errlen, UM_EFORMAT,
+        return um_fail(err, errlen, UM_EFORMAT,
                       "tensor %s in %s has data_offsets [%llu, %llu] that end before they "
                       "begin: the file is corrupt; export it again", name, path,
                       (unsigned long long)range->begin, (unsigned long long)range->end);
     if (range->end > data_len)
-        return s_fail(err, errlen, UM_EFORMAT,
+        return um_fail(err, errlen, UM_EFORMAT,
                       "tensor %s in %s has data_offsets [%llu, %llu] past the end of the "
                       "data section (%llu bytes): the file is truncated or its header is "
                       "corrupt; download or export it again", name, path,
@@ -183,7 +170,7 @@ static int s_parse_entry(const char *path, const char *name, json_t *entry,
                          s_range_t *range, char *err, size_t errlen)
 {
     if (!json_is_object(entry))
-        return s_fail(err, errlen, UM_EFORMAT,
+        return um_fail(err, errlen, UM_EFORMAT,
                       "tensor %s in %s is not a JSON object in the header: the file is "
                       "corrupt; export it again", name, path);
     int rc = s_parse_dtype(path, name, entry, &t->dtype, err, errlen);
@@ -198,7 +185,7 @@ static int s_parse_entry(const char *path, const char *name, json_t *entry,
     if (range->end - range->begin != t->nbytes) {
         char shape[160];
         s_format_shape(shape, sizeof shape, t->shape, t->ndim);
-        return s_fail(err, errlen, UM_EFORMAT,
+        return um_fail(err, errlen, UM_EFORMAT,
                       "tensor %s in %s has data_offsets [%llu, %llu] (%llu bytes), but shape "
                       "%s of %s needs %zu bytes: the header is inconsistent; export the file "
                       "again", name, path, (unsigned long long)range->begin,
@@ -228,7 +215,7 @@ static int s_check_overlap(const um_safetensors_t *st, const char *path, s_range
         if (ranges[i].begin == ranges[i].end)
             continue;
         if (prev && ranges[i].begin < prev->end)
-            return s_fail(err, errlen, UM_EFORMAT,
+            return um_fail(err, errlen, UM_EFORMAT,
                           "tensors %s [%llu, %llu] and %s [%llu, %llu] in %s overlap: the file "
                           "is corrupt; export it again", st->tensors[prev->tensor].name,
                           (unsigned long long)prev->begin, (unsigned long long)prev->end,
@@ -247,18 +234,18 @@ static int s_map_file(const char *path, s_file_t *f, char *err, size_t errlen)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return s_fail(err, errlen, errno == ENOENT ? UM_ENOTFOUND : UM_EIO,
+        return um_fail(err, errlen, errno == ENOENT ? UM_ENOTFOUND : UM_EIO,
                       "cannot open %s: %s", path, strerror(errno));
 
     int rc = 0;
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
-        rc = s_fail(err, errlen, UM_EIO, "cannot read the size of %s: %s", path,
+        rc = um_fail(err, errlen, UM_EIO, "cannot read the size of %s: %s", path,
                     strerror(errno));
         goto cleanup;
     }
     if (sb.st_size < 8) {
-        rc = s_fail(err, errlen, UM_EFORMAT,
+        rc = um_fail(err, errlen, UM_EFORMAT,
                     "%s is %lld bytes, too short for the 8-byte header length: the file is "
                     "truncated or not a safetensors file; download or export it again", path,
                     (long long)sb.st_size);
@@ -268,7 +255,7 @@ static int s_map_file(const char *path, s_file_t *f, char *err, size_t errlen)
     f->map = mmap(NULL, f->size, PROT_READ, MAP_PRIVATE, fd, 0);
     if (f->map == MAP_FAILED) {
         f->map = NULL;
-        rc = s_fail(err, errlen, UM_EIO, "cannot map %s (%zu bytes) into memory: %s", path,
+        rc = um_fail(err, errlen, UM_EIO, "cannot map %s (%zu bytes) into memory: %s", path,
                     f->size, strerror(errno));
     }
 cleanup:
@@ -297,12 +284,12 @@ static int s_parse_file(um_safetensors_t *st, const s_file_t *f, char *err, size
     const unsigned char *bytes = f->map;
     uint64_t header_len = s_read_le64(bytes);
     if (header_len > f->size - 8)
-        return s_fail(err, errlen, UM_EFORMAT,
+        return um_fail(err, errlen, UM_EFORMAT,
                       "%s declares a %llu-byte header, but only %zu bytes follow the length "
                       "field: the file is truncated or not a safetensors file; download or "
                       "export it again", f->path, (unsigned long long)header_len, f->size - 8);
     if (header_len > S_MAX_HEADER_BYTES)
-        return s_fail(err, errlen, UM_EFORMAT,
+        return um_fail(err, errlen, UM_EFORMAT,
                       "%s declares a %llu-byte header, more than the 100 MB the format "
                       "allows: the file is corrupt", f->path, (unsigned long long)header_len);
 
@@ -310,7 +297,7 @@ static int s_parse_file(um_safetensors_t *st, const s_file_t *f, char *err, size
     json_t *header = json_loadb((const char *)bytes + 8, (size_t)header_len,
                                 JSON_REJECT_DUPLICATES, &jerr);
     if (!header)
-        return s_fail(err, errlen, UM_EFORMAT,
+        return um_fail(err, errlen, UM_EFORMAT,
                       "the JSON header of %s is invalid (%s at line %d, column %d): the file "
                       "is corrupt; download or export it again", f->path, jerr.text, jerr.line,
                       jerr.column);
@@ -319,7 +306,7 @@ static int s_parse_file(um_safetensors_t *st, const s_file_t *f, char *err, size
     s_range_t *ranges = NULL;
     size_t n_ranges = 0;
     if (!json_is_object(header)) {
-        rc = s_fail(err, errlen, UM_EFORMAT,
+        rc = um_fail(err, errlen, UM_EFORMAT,
                     "the JSON header of %s is not an object of tensors: the file is corrupt; "
                     "download or export it again", f->path);
         goto cleanup;
@@ -361,7 +348,7 @@ static int s_parse_file(um_safetensors_t *st, const s_file_t *f, char *err, size
 
 cleanup:
     if (rc == UM_ENOMEM)
-        s_fail(err, errlen, rc, "out of memory while reading the header of %s", f->path);
+        um_fail(err, errlen, rc, "out of memory while reading the header of %s", f->path);
     free(ranges);
     json_decref(header);
     return rc;
@@ -372,13 +359,13 @@ static int s_add_file(um_safetensors_t *st, const char *path, char *err, size_t 
 {
     s_file_t *grown = realloc(st->files, (st->n_files + 1) * sizeof *grown);
     if (!grown)
-        return s_fail(err, errlen, UM_ENOMEM, "out of memory while opening %s", path);
+        return um_fail(err, errlen, UM_ENOMEM, "out of memory while opening %s", path);
     st->files = grown;
     s_file_t *f = &st->files[st->n_files];
     memset(f, 0, sizeof *f);
     f->path = strdup(path);
     if (!f->path)
-        return s_fail(err, errlen, UM_ENOMEM, "out of memory while opening %s", path);
+        return um_fail(err, errlen, UM_ENOMEM, "out of memory while opening %s", path);
     /* Count the file before mapping it, so that um_safetensors_close frees it if a
      * later step fails. */
     st->n_files++;
@@ -401,7 +388,7 @@ static int s_finish(um_safetensors_t *st, char *err, size_t errlen)
     qsort(st->tensors, st->n_tensors, sizeof *st->tensors, s_name_cmp);
     for (size_t i = 1; i < st->n_tensors; i++)
         if (strcmp(st->tensors[i - 1].name, st->tensors[i].name) == 0)
-            return s_fail(err, errlen, UM_EFORMAT,
+            return um_fail(err, errlen, UM_EFORMAT,
                           "tensor %s is stored in both %s and %s: the shards overlap; export "
                           "the model again", st->tensors[i].name, st->tensors[i - 1].path,
                           st->tensors[i].path);
@@ -430,7 +417,7 @@ int um_safetensors_open_file(const char *path, um_safetensors_t **out, char *err
     *out = NULL;
     um_safetensors_t *st = s_set_new(path);
     if (!st)
-        return s_fail(err, errlen, UM_ENOMEM, "out of memory while opening %s", path);
+        return um_fail(err, errlen, UM_ENOMEM, "out of memory while opening %s", path);
     int rc = s_add_file(st, path, err, errlen);
     if (rc == 0)
         rc = s_finish(st, err, errlen);
@@ -449,14 +436,14 @@ static int s_open_index(um_safetensors_t *st, const char *dir, const char *index
     json_error_t jerr;
     json_t *index = json_load_file(index_path, JSON_REJECT_DUPLICATES, &jerr);
     if (!index)
-        return s_fail(err, errlen, UM_EFORMAT,
+        return um_fail(err, errlen, UM_EFORMAT,
                       "%s is not valid JSON (%s at line %d, column %d): fix or regenerate the "
                       "index", index_path, jerr.text, jerr.line, jerr.column);
 
     int rc = 0;
     json_t *map = json_object_get(index, "weight_map");
     if (!json_is_object(map) || json_object_size(map) == 0) {
-        rc = s_fail(err, errlen, UM_EFORMAT,
+        rc = um_fail(err, errlen, UM_EFORMAT,
                     "%s has no weight_map object naming the shard of each tensor: fix or "
                     "regenerate the index", index_path);
         goto cleanup;
@@ -468,7 +455,7 @@ static int s_open_index(um_safetensors_t *st, const char *dir, const char *index
     json_object_foreach(map, name, shard) {
         const char *file = json_string_value(shard);
         if (!file || *file == '\0' || strchr(file, '/') || strcmp(file, "..") == 0) {
-            rc = s_fail(err, errlen, UM_EFORMAT,
+            rc = um_fail(err, errlen, UM_EFORMAT,
                         "%s maps tensor %s to an invalid shard name: each value must be a "
                         "file name inside %s", index_path, name, dir);
             goto cleanup;
@@ -482,12 +469,12 @@ static int s_open_index(um_safetensors_t *st, const char *dir, const char *index
             continue;
         char path[PATH_MAX];
         if ((size_t)snprintf(path, sizeof path, "%s/%s", dir, file) >= sizeof path) {
-            rc = s_fail(err, errlen, UM_EINVAL, "shard path %s/%s is too long", dir, file);
+            rc = um_fail(err, errlen, UM_EINVAL, "shard path %s/%s is too long", dir, file);
             goto cleanup;
         }
         rc = s_add_file(st, path, err, errlen);
         if (rc == UM_ENOTFOUND)
-            s_fail(err, errlen, rc,
+            um_fail(err, errlen, rc,
                    "shard %s, listed in %s for tensor %s, was not found: download the "
                    "missing shard", path, index_path, name);
         if (rc != 0)
@@ -501,7 +488,7 @@ static int s_open_index(um_safetensors_t *st, const char *dir, const char *index
         const um_tensor_view_t *t = um_safetensors_find(st, name);
         const char *base = t ? strrchr(t->path, '/') : NULL;
         if (!t || strcmp(base ? base + 1 : t->path, json_string_value(shard)) != 0) {
-            rc = s_fail(err, errlen, UM_EFORMAT,
+            rc = um_fail(err, errlen, UM_EFORMAT,
                         "%s maps tensor %s to shard %s, but that shard does not contain it: "
                         "the index and the shards do not match; download them again",
                         index_path, name, json_string_value(shard));
@@ -522,17 +509,17 @@ int um_safetensors_open_dir(const char *dir, um_safetensors_t **out, char *err, 
                          dir) >= sizeof index_path ||
         (size_t)snprintf(single_path, sizeof single_path, "%s/model.safetensors", dir) >=
             sizeof single_path)
-        return s_fail(err, errlen, UM_EINVAL, "model folder path %s is too long", dir);
+        return um_fail(err, errlen, UM_EINVAL, "model folder path %s is too long", dir);
 
     int sharded = access(index_path, F_OK) == 0;
     if (!sharded && access(single_path, F_OK) != 0)
-        return s_fail(err, errlen, UM_ENOTFOUND,
+        return um_fail(err, errlen, UM_ENOTFOUND,
                       "%s has neither model.safetensors nor model.safetensors.index.json: "
                       "pass a Hugging Face model folder that contains the weights", dir);
 
     um_safetensors_t *st = s_set_new(sharded ? index_path : single_path);
     if (!st)
-        return s_fail(err, errlen, UM_ENOMEM, "out of memory while opening %s", dir);
+        return um_fail(err, errlen, UM_ENOMEM, "out of memory while opening %s", dir);
     int rc;
     if (sharded) {
         rc = s_open_index(st, dir, index_path, err, errlen);

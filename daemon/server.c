@@ -666,26 +666,11 @@ static void s_handle_worker(um_server_t *srv)
 /* ------------------------------------------------------------------------- */
 /* info and health                                                           */
 
-static const char *s_param_type_name(um_param_type_t t)
-{
-    switch (t) {
-    case UM_PARAM_NUMBER:
-        return "number";
-    case UM_PARAM_INTEGER:
-        return "integer";
-    case UM_PARAM_BOOL:
-        return "bool";
-    case UM_PARAM_STRING:
-        return "string";
-    }
-    return "unknown";
-}
-
 static json_t *s_param_spec_json(const um_param_spec_t *p)
 {
     json_t *o = json_object();
     json_object_set_new(o, "name", json_string(p->name));
-    json_object_set_new(o, "type", json_string(s_param_type_name(p->type)));
+    json_object_set_new(o, "type", json_string(um_param_type_name(p->type)));
     int numeric = p->type == UM_PARAM_NUMBER || p->type == UM_PARAM_INTEGER;
     if (p->type == UM_PARAM_INTEGER)
         json_object_set_new(o, "default", json_integer((json_int_t)p->default_value));
@@ -939,7 +924,7 @@ static int s_check_remask_params(const um_plugin_desc_t *plugin, json_t *params,
             in[i].string = json_string_value(v);
         } else {
             um_req_error_set(err, UM_ERR_INVALID, field, "%s must be a %s, got %s", field,
-                             s_param_type_name(want),
+                             um_param_type_name(want),
                              json_is_null(v) ? "null" : json_is_array(v) ? "an array"
                                                                          : "an object");
             goto fail;

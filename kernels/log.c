@@ -44,6 +44,17 @@ void um_log_write(int level, const char *component, const char *fmt, ...)
             s_level_names[level], component, msg);
 }
 
+int um_fail(char *err, size_t errlen, int code, const char *fmt, ...)
+{
+    if (err && errlen > 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
 void um_assert_fail(const char *expr, const char *file, int line, const char *func)
 {
     fprintf(stderr, "assertion failed: %s at %s:%d in %s()\n", expr, file, line, func);

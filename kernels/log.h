@@ -8,6 +8,8 @@
 #ifndef UM_LOG_H
 #define UM_LOG_H
 
+#include <stddef.h>
+
 #include <unmaskd/plugin.h>
 
 extern int um_log_threshold;
@@ -39,6 +41,13 @@ void um_log_write(int level, const char *component, const char *fmt, ...)
         if (!(expr))                                                             \
             um_assert_fail(#expr, __FILE__, __LINE__, __func__);                 \
     } while (0)
+
+/*
+ * Format a message into err (when err is not NULL and errlen > 0) and return code, so a
+ * failing function can end with `return um_fail(err, errlen, UM_EINVAL, "...", ...)`.
+ */
+int um_fail(char *err, size_t errlen, int code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
 _Noreturn void um_assert_fail(const char *expr, const char *file, int line, const char *func);
 
