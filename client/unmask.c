@@ -649,7 +649,7 @@ static int s_recv_reply(void *sock, double deadline, json_t **out)
             return -1;
         }
         json_error_t jerr;
-        json_t *reply = json_loadb(zmq_msg_data(&msg), zmq_msg_size(&msg), 0, &jerr);
+        json_t *reply = json_loadb(zmq_msg_data(&msg), zmq_msg_size(&msg), JSON_ALLOW_NUL, &jerr);
         zmq_msg_close(&msg);
         if (!reply || !json_is_object(reply)) {
             fprintf(stderr, "unmask: ignoring a reply that is not a JSON object: %s\n",

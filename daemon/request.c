@@ -591,6 +591,13 @@ json_t *um_reply_text(const char *s)
     return v ? v : json_null();
 }
 
+json_t *um_reply_textn(const char *s, size_t len)
+{
+    /* The tokenizer already replaced invalid UTF-8, so only a bug gets the fallback. */
+    json_t *v = json_stringn(s, len);
+    return v ? v : um_reply_text(s);
+}
+
 json_t *um_reply_error(const json_t *id, const um_req_error_t *err)
 {
     json_t *r = um_reply_new(id, UM_REPLY_ERROR);

@@ -108,6 +108,9 @@ json_t *um_reply_new(const json_t *id, const char *type);
  */
 json_t *um_reply_text(const char *s);
 
+/* A JSON string of len bytes of UTF-8 that may contain NUL (sent as \u0000). */
+json_t *um_reply_textn(const char *s, size_t len);
+
 /* An error reply {"id", "type": "error", "error": {"code", "field", "message"}}. */
 json_t *um_reply_error(const json_t *id, const um_req_error_t *err);
 

@@ -365,9 +365,10 @@ static void s_pipe_send_json(void *pipe, char kind, s_job_t *job, json_t *reply)
 static json_t *s_token_text(um_tokenizer_t *tok, int32_t id)
 {
     char *text = NULL;
-    if (um_tokenizer_decode(tok, &id, 1, 0, &text) != 0)
+    size_t len = 0;
+    if (um_tokenizer_decode(tok, &id, 1, 0, &text, &len) != 0)
         return json_string("");
-    json_t *v = um_reply_text(text);
+    json_t *v = um_reply_textn(text, len);
     free(text);
     return v;
 }
@@ -421,8 +422,9 @@ static json_t *s_done_reply(um_server_t *srv, const s_job_t *job, const int32_t 
     const int32_t *gen = canvas + job->n_prompt;
     const int32_t n_gen = job->params.gen_length;
     char *text = NULL;
+    size_t text_len = 0;
     int rc = um_tokenizer_decode(srv->tok_worker, gen, (size_t)n_gen, UM_DECODE_SKIP_SPECIAL,
-                                 &text);
+                                 &text, &text_len);
     if (rc != 0) {
         snprintf(err, errlen, "decoding the %d generated tokens failed: %s", n_gen,
                  um_strerror(rc));
@@ -441,7 +443,7 @@ static json_t *s_done_reply(um_server_t *srv, const s_job_t *job, const int32_t 
     }
     for (int32_t i = 0; i < n_gen; i++)
         json_array_append_new(tokens, json_integer(gen[i]));
-    json_object_set_new(r, "text", um_reply_text(text));
+    json_object_set_new(r, "text", um_reply_textn(text, text_len));
     free(text);
     json_object_set_new(r, "tokens", tokens);
     json_object_set_new(r, "prompt_tokens", json_integer(job->n_prompt));
@@ -813,7 +815,8 @@ static json_t *s_detokenize_reply(um_server_t *srv, const um_request_t *req,
         }
     }
     char *text = NULL;
-    int rc = um_tokenizer_decode(srv->tok, req->tokens, req->n_tokens, 0, &text);
+    size_t text_len = 0;
+    int rc = um_tokenizer_decode(srv->tok, req->tokens, req->n_tokens, 0, &text, &text_len);
     if (rc != 0) {
         um_req_error_set(err, rc == UM_ERANGE ? UM_ERR_OUT_OF_RANGE : UM_ERR_INTERNAL, "tokens",
                          "tokenizer %s failed to decode %zu tokens: %s",
@@ -821,7 +824,7 @@ static json_t *s_detokenize_reply(um_server_t *srv, const um_request_t *req,
         return NULL;
     }
     json_t *r = um_reply_new(req->id, UM_REPLY_DONE);
-    json_object_set_new(r, "text", um_reply_text(text));
+    json_object_set_new(r, "text", um_reply_textn(text, text_len));
     free(text);
     return r;
 }

@@ -86,7 +86,7 @@ int um_tokenizer_encode(um_tokenizer_t *tok, const char *text, size_t len, int32
 }
 
 int um_tokenizer_decode(um_tokenizer_t *tok, const int32_t *ids, size_t n, unsigned flags,
-                        char **text)
+                        char **text, size_t *len)
 {
     size_t cap = n * 8 + 16;
     *text = NULL;
@@ -98,6 +98,8 @@ int um_tokenizer_decode(um_tokenizer_t *tok, const int32_t *ids, size_t n, unsig
         int rc = tok->ops->decode(tok->state, ids, n, flags, buf, cap + 1, &got);
         if (rc == 0) {
             *text = buf;
+            if (len)
+                *len = got;
             return 0;
         }
         free(buf);

@@ -32,8 +32,11 @@ void um_tokenizer_close(um_tokenizer_t *tok);
 int um_tokenizer_encode(um_tokenizer_t *tok, const char *text, size_t len, int32_t **ids,
                         size_t *n);
 
-/* Decode ids into a malloc'ed NUL-terminated string the caller frees. */
+/*
+ * Decode ids into a malloc'ed NUL-terminated string the caller frees; *len (when not
+ * NULL) gets its length in bytes, which counts any NUL bytes the tokens decode to.
+ */
 int um_tokenizer_decode(um_tokenizer_t *tok, const int32_t *ids, size_t n, unsigned flags,
-                        char **text);
+                        char **text, size_t *len);
 
 #endif /* UM_TOKENIZER_H */

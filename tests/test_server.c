@@ -104,7 +104,7 @@ static json_t *s_recv(void *sock, int timeout_ms)
     ck_assert(zmq_msg_recv(&msg, sock, 0) >= 0);
     ck_assert_msg(!zmq_msg_more(&msg), "a reply must be a single frame");
     json_error_t jerr;
-    json_t *reply = json_loadb(zmq_msg_data(&msg), zmq_msg_size(&msg), 0, &jerr);
+    json_t *reply = json_loadb(zmq_msg_data(&msg), zmq_msg_size(&msg), JSON_ALLOW_NUL, &jerr);
     ck_assert_msg(reply != NULL, "reply is not JSON: %s: %.*s", jerr.text,
                   (int)zmq_msg_size(&msg), (char *)zmq_msg_data(&msg));
     zmq_msg_close(&msg);
@@ -508,6 +508,19 @@ START_TEST(test_tokenize_round_trip)
     r = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:[]}", "op", "detokenize", "id", "d2",
                                         "tokens")));
     ck_assert_str_eq(json_string_value(json_object_get(r, "text")), "");
+    json_decref(r);
+
+    /* A NUL byte survives both directions instead of cutting the text short. */
+    r = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:s#}", "op", "tokenize", "id", "t4", "text",
+                                        "a\0b", (size_t)3)));
+    tokens = json_object_get(r, "tokens");
+    ck_assert_int_eq(json_array_size(tokens), 3);
+    d = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:O}", "op", "detokenize", "id", "d3",
+                                        "tokens", tokens)));
+    json_t *nul_text = json_object_get(d, "text");
+    ck_assert_uint_eq(json_string_length(nul_text), 3);
+    ck_assert_mem_eq(json_string_value(nul_text), "a\0b", 3);
+    json_decref(d);
     json_decref(r);
 }
 END_TEST
