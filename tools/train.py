@@ -6,8 +6,8 @@ probability p = (1 - eps) * t + eps, and take cross-entropy on the masked positi
 weighted by 1 / p, summed and divided by the number of tokens in the batch.
 
 Training runs in float32: on CPUs without native bf16 arithmetic, torch 1.13's bf16
-autocast path is many times slower than float32. The run is bounded by wall-clock time: the learning rate warms up, then follows a
-cosine decay over the time budget. A checkpoint and the loss log are written every
+autocast path is many times slower than float32. The run is bounded by wall-clock
+time: the learning rate warms up, then follows a cosine decay over the time budget. A checkpoint and the loss log are written every
 --eval-every steps, so a run stopped early still leaves a usable model.
 
 Usage: train.py --tokenizer T.json --out-dir runs/x --minutes 75
@@ -167,7 +167,7 @@ def main():
     t0, c0 = time.time(), cpu_seconds()
     log = open(os.path.join(args.out_dir, "loss.csv"), "w")
     log.write("step,tokens,wall_s,cpu_s,train_loss,val_loss,unigram_val_loss,lr\n")
-    step, tokens, run_loss = 0, 0, 0.0
+    step, tokens, run_loss, run_steps = 0, 0, 0.0, 0
     while True:
         elapsed = time.time() - t0
         frac = min(1.0, elapsed / budget)
@@ -186,18 +186,19 @@ def main():
         step += 1
         tokens += ids.numel()
         run_loss += float(loss)
+        run_steps += 1
         done = elapsed >= budget
         if step % args.eval_every == 0 or done:
             model.eval()
             vl = eval_loss(model, ev, mask_id)
             model.train()
             wall, cpu = time.time() - t0, cpu_seconds() - c0
-            log.write(f"{step},{tokens},{wall:.1f},{cpu:.1f},{run_loss / args.eval_every:.4f},"
+            log.write(f"{step},{tokens},{wall:.1f},{cpu:.1f},{run_loss / run_steps:.4f},"
                       f"{vl:.4f},{unigram:.4f},{lr:.6f}\n")
             log.flush()
             print(f"step {step} tokens {tokens} wall {wall:.0f}s cpu {cpu:.0f}s "
-                  f"train {run_loss / args.eval_every:.4f} val {vl:.4f} lr {lr:.2e}", flush=True)
-            run_loss = 0.0
+                  f"train {run_loss / run_steps:.4f} val {vl:.4f} lr {lr:.2e}", flush=True)
+            run_loss, run_steps = 0.0, 0
             torch.save({"config": config, "state": model.state_dict(), "step": step,
                         "tokens": tokens, "wall_s": wall, "cpu_s": cpu,
                         "val_loss": vl, "unigram_val_loss": unigram,
