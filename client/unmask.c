@@ -98,7 +98,8 @@ static void s_usage(FILE *out)
             "  --version              show the version and exit\n"
             "\n"
             "Exit status: 0 on success, 1 on an error reply, 2 when the daemon does not\n"
-            "reply, 130 after Ctrl-C (which cancels the request first).\n",
+            "reply or the command line is invalid, 130 after Ctrl-C (which cancels the\n"
+            "request first).\n",
             UM_DEFAULT_ENDPOINT, S_DEFAULT_GEN_LENGTH);
 }
 

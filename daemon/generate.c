@@ -55,10 +55,18 @@ int um_gen_check(const um_model_config_t *cfg, int32_t n_prompt, const um_gen_pa
                  "greedy decoding", p->temperature);
         return UM_ERANGE;
     }
-    if (!isfinite(p->cfg_scale) || p->cfg_scale < 0) {
+    if (!isfinite(p->cfg_scale) || p->cfg_scale < 0 || p->cfg_scale > UM_GEN_MAX_CFG_SCALE) {
         *field = "cfg_scale";
-        snprintf(err, errlen, "cfg_scale must be a finite number >= 0, got %g: use 0 to turn "
-                 "classifier-free guidance off", p->cfg_scale);
+        snprintf(err, errlen, "cfg_scale must be a number in [0, %g], got %g: use 0 to turn "
+                 "classifier-free guidance off, or a scale such as 1 to 3",
+                 UM_GEN_MAX_CFG_SCALE, p->cfg_scale);
+        return UM_ERANGE;
+    }
+    if (n_prompt >= cfg->max_sequence_length) {
+        *field = "prompt";
+        snprintf(err, errlen, "the prompt is %d tokens, and the model has %d positions in all: "
+                 "shorten the prompt to at most %d tokens to leave room for generation",
+                 n_prompt, cfg->max_sequence_length, cfg->max_sequence_length - 1);
         return UM_ERANGE;
     }
     if (n_prompt < 0 || (int64_t)n_prompt + p->gen_length > cfg->max_sequence_length) {
@@ -234,8 +242,15 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
 
         for (int32_t i = 0; i < n_steps; i++, step++) {
             const int32_t quota = s_quota(n_masked, n_steps, i);
-            if (quota == 0)
-                continue; /* nothing to commit: LLaDA would run a pass and discard it */
+            if (quota == 0) {
+                /*
+                 * Quotas never grow again within a block, so the rest of its steps commit
+                 * nothing: LLaDA runs and discards a pass for each, unmaskd skips them all,
+                 * keeping the step numbers (and so the random streams) as if they ran.
+                 */
+                step += n_steps - i;
+                break;
+            }
             double t_step = s_now_ms();
 
             int32_t n_cand = 0;
@@ -315,6 +330,16 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
             }
             if (n_commit == 0) /* every step commits at least one token, so generation ends */
                 n_commit = host->select_top(w.prob, n_cand, 1, w.commit);
+
+            for (int32_t j = 0; j < n_cand; j++) {
+                if (w.token[j] < 0 || isnan(w.prob[j])) {
+                    snprintf(err, errlen, "the model produced non-finite logits at step %d, "
+                             "position %d: lower cfg_scale or check the weights for NaN or "
+                             "infinity", step, w.cand[j]);
+                    rc = UM_EBACKEND;
+                    goto done;
+                }
+            }
 
             memset(w.seen, 0, (size_t)L);
             for (int32_t k = 0; k < n_commit; k++) {

@@ -15,6 +15,12 @@
 
 #include "model.h"
 
+/*
+ * Largest accepted cfg_scale. Guidance multiplies logit differences by cfg_scale + 1,
+ * so past about 1e37 f32 logits overflow; useful scales are single digits.
+ */
+#define UM_GEN_MAX_CFG_SCALE 1000.0
+
 typedef struct um_gen_params {
     int32_t gen_length;   /* masked positions appended after the prompt, >= 1 */
     int32_t block_length; /* semi-autoregressive block size, >= 1 */

@@ -78,9 +78,10 @@ static void s_usage(FILE *out)
             "  --version              show the version and exit\n"
             "\n"
             "SIGINT or SIGTERM stops the daemon: every waiting or running request gets a\n"
-            "final reply, then it exits with status 0. The protocol is in docs/protocol.md.\n",
+            "final reply, then it exits with status 0. The protocol is described in\n"
+            "%s/protocol.md.\n",
             UM_MODEL_DIR, UM_DEFAULT_ENDPOINT, UM_PLUGIN_DIR, UM_SERVER_DEFAULT_MAX_QUEUE,
-            UM_SERVER_DEFAULT_MAX_REQUEST);
+            UM_SERVER_DEFAULT_MAX_REQUEST, UM_DOC_DIR);
 }
 
 /* Parse a whole decimal number in [min, max] for flag; prints the problem and returns -1. */

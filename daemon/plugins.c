@@ -212,7 +212,7 @@ static size_t s_scan_dir(um_plugin_registry_t *reg, const char *dir)
 {
     DIR *d = opendir(dir);
     if (!d) {
-        um_debug("plugins", "plugin folder %s not readable, skipped", dir);
+        um_info("plugins", "plugin folder %s not found or not readable, skipped", dir);
         return 0;
     }
     char **names = NULL;

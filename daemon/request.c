@@ -174,10 +174,17 @@ static int s_edit_distance(const char *a, const char *b)
     return d[la][lb] < 3 ? d[la][lb] : 3;
 }
 
+/* "an" before a vowel, for messages such as "in an info request". */
+static const char *s_article(const char *word)
+{
+    return strchr("aeiou", word[0]) && word[0] ? "an" : "a";
+}
+
 const char *um_request_suggest(const char *word, const char *const *candidates, size_t n)
 {
     const char *best = NULL;
-    int best_d = 3;
+    /* Two edits for long words, one for words of up to four letters ("foo" is not "op"). */
+    int best_d = strlen(word) > 4 ? 3 : 2;
     for (size_t i = 0; i < n; i++) {
         int d = s_edit_distance(word, candidates[i]);
         if (d < best_d) {
@@ -234,9 +241,16 @@ static int s_read_int(json_t *obj, const char *key, int64_t min, int64_t max, in
                              key, (long long)min, x);
             return -1;
         }
-        if (x > (double)max || (json_is_integer(v) && json_integer_value(v) > max)) {
-            um_req_error_set(err, UM_ERR_OUT_OF_RANGE, key, "%s must be at most %lld, got %.17g",
-                             key, (long long)max, x);
+        /* (double)INT64_MAX rounds up to 2^63, so a real equal to 2^63 needs its own test. */
+        if (x > (double)max || (json_is_integer(v) && json_integer_value(v) > max)
+            || (json_is_real(v) && x >= 9223372036854775808.0)) {
+            if (json_is_integer(v))
+                um_req_error_set(err, UM_ERR_OUT_OF_RANGE, key,
+                                 "%s must be at most %lld, got %" JSON_INTEGER_FORMAT, key,
+                                 (long long)max, json_integer_value(v));
+            else
+                um_req_error_set(err, UM_ERR_OUT_OF_RANGE, key,
+                                 "%s must be at most %lld, got %.17g", key, (long long)max, x);
             return -1;
         }
         *out = json_is_integer(v) ? (int64_t)json_integer_value(v) : (int64_t)x;
@@ -251,11 +265,12 @@ static int s_read_int(json_t *obj, const char *key, int64_t min, int64_t max, in
     return -1;
 }
 
-static int s_read_int32(json_t *obj, const char *key, int32_t def, int32_t *out,
+/* Read an optional positive count (gen_length, steps, block_length): 1 to INT32_MAX. */
+static int s_read_count(json_t *obj, const char *key, int32_t def, int32_t *out,
                         um_req_error_t *err)
 {
     int64_t x;
-    if (s_read_int(obj, key, INT32_MIN, INT32_MAX, def, &x, err) != 0)
+    if (s_read_int(obj, key, 1, INT32_MAX, def, &x, err) != 0)
         return -1;
     *out = (int32_t)x;
     return 0;
@@ -336,11 +351,11 @@ static int s_parse_generate(um_request_t *req, um_req_error_t *err)
     }
     if (s_read_string(o, "prompt", 1, &req->prompt, &req->prompt_len, err) != 0)
         return -1;
-    if (s_read_int32(o, "gen_length", UM_REQ_DEFAULT_GEN_LENGTH, &req->gen_length, err) != 0)
+    if (s_read_count(o, "gen_length", UM_REQ_DEFAULT_GEN_LENGTH, &req->gen_length, err) != 0)
         return -1;
-    if (s_read_int32(o, "steps", req->gen_length, &req->steps, err) != 0)
+    if (s_read_count(o, "steps", req->gen_length, &req->steps, err) != 0)
         return -1;
-    if (s_read_int32(o, "block_length", req->gen_length, &req->block_length, err) != 0)
+    if (s_read_count(o, "block_length", req->gen_length, &req->block_length, err) != 0)
         return -1;
     if (s_read_number(o, "temperature", 0.0, &req->temperature, err) != 0)
         return -1;
@@ -498,12 +513,14 @@ static int s_check_fields(um_request_t *req, um_req_error_t *err)
         const char *hint = um_request_suggest(key, allowed->names, allowed->n);
         s_clip(key, clip, sizeof clip);
         if (hint)
-            um_req_error_set(err, UM_ERR_UNKNOWN_FIELD, clip, "unknown field \"%s\" in a %s "
+            um_req_error_set(err, UM_ERR_UNKNOWN_FIELD, clip, "unknown field \"%s\" in %s %s "
                              "request: did you mean %s? valid fields are %s", clip,
-                             um_request_op_name(req->op), hint, list);
+                             s_article(um_request_op_name(req->op)), um_request_op_name(req->op),
+                             hint, list);
         else
-            um_req_error_set(err, UM_ERR_UNKNOWN_FIELD, clip, "unknown field \"%s\" in a %s "
-                             "request: valid fields are %s", clip, um_request_op_name(req->op),
+            um_req_error_set(err, UM_ERR_UNKNOWN_FIELD, clip, "unknown field \"%s\" in %s %s "
+                             "request: valid fields are %s", clip,
+                             s_article(um_request_op_name(req->op)), um_request_op_name(req->op),
                              list);
         return -1;
     }

@@ -30,6 +30,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 #ifdef _OPENMP
@@ -70,6 +73,42 @@ enum {
     S_SHUTDOWN = 2, /* the daemon is stopping */
 };
 
+/* Path of a file-backed ipc endpoint, or NULL (tcp, abstract "ipc://@name"). */
+static const char *s_ipc_path(const char *endpoint)
+{
+    if (strncmp(endpoint, "ipc://", 6) != 0 || endpoint[6] == '@' || endpoint[6] == '\0')
+        return NULL;
+    return endpoint + 6;
+}
+
+static ino_t s_ipc_inode(const char *endpoint)
+{
+    const char *path = s_ipc_path(endpoint);
+    struct stat st;
+    if (!path || stat(path, &st) != 0)
+        return 0;
+    return st.st_ino;
+}
+
+/*
+ * Whether a process accepts connections on the socket file of an ipc endpoint. ZeroMQ
+ * would replace the file without a word and leave that process unreachable.
+ */
+static int s_ipc_in_use(const char *endpoint)
+{
+    const char *path = s_ipc_path(endpoint);
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (!path || strlen(path) >= sizeof addr.sun_path)
+        return 0;
+    strcpy(addr.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (fd < 0)
+        return 0;
+    int in_use = connect(fd, (struct sockaddr *)&addr, sizeof addr) == 0;
+    close(fd);
+    return in_use;
+}
+
 /* ------------------------------------------------------------------------- */
 /* Types                                                                     */
 
@@ -102,6 +141,7 @@ struct um_server {
     um_server_config_t cfg;
     char endpoint[256];   /* as bound, with a tcp port of 0 resolved */
     int bound;            /* the ROUTER socket is bound to endpoint */
+    ino_t ipc_inode;      /* inode of the ipc socket file this daemon created, or 0 */
     char pipe_name[64];   /* inproc endpoint of the PAIR sockets */
 
     um_model_t *model;                 /* used by the worker only */
@@ -1290,12 +1330,23 @@ static int s_bind(um_server_t *srv, const char *endpoint, char *err, size_t errl
     int64_t hard = (int64_t)srv->cfg.max_request_bytes * UM_SERVER_HARD_LIMIT_FACTOR;
     zmq_setsockopt(srv->router, ZMQ_MAXMSGSIZE, &hard, sizeof hard);
 
+    if (s_ipc_in_use(endpoint)) {
+        snprintf(err, errlen, "cannot bind %s: another process is listening on that socket "
+                 "file (a running unmaskd?): stop it or choose another path with --bind",
+                 endpoint);
+        return UM_EIO;
+    }
     if (zmq_bind(srv->router, endpoint) != 0) {
-        snprintf(err, errlen, "cannot bind %s: %s: stop the process that uses it or choose "
-                 "another endpoint with --bind", endpoint, zmq_strerror(errno));
+        int e = errno;
+        snprintf(err, errlen, "cannot bind %s: %s: %s", endpoint, zmq_strerror(e),
+                 e == EADDRINUSE ? "stop the process that uses it or choose another endpoint "
+                                   "with --bind"
+                                 : "check the endpoint's address or path and choose another "
+                                   "with --bind if needed");
         return UM_EIO;
     }
     srv->bound = 1;
+    srv->ipc_inode = s_ipc_inode(endpoint);
     size_t size = sizeof srv->endpoint;
     if (zmq_getsockopt(srv->router, ZMQ_LAST_ENDPOINT, srv->endpoint, &size) != 0)
         snprintf(srv->endpoint, sizeof srv->endpoint, "%s", endpoint);
@@ -1377,8 +1428,8 @@ void um_server_destroy(um_server_t **srvp)
     }
     /* libzmq 4.3 leaves the socket file of an ipc endpoint behind ("ipc://@name" is
        an abstract socket with no file), so remove it once the socket is closed. */
-    if (srv->bound && strncmp(srv->endpoint, "ipc://", 6) == 0 && srv->endpoint[6] != '@')
-        unlink(srv->endpoint + 6);
+    if (srv->bound && srv->ipc_inode != 0 && s_ipc_inode(srv->endpoint) == srv->ipc_inode)
+        unlink(srv->endpoint + 6); /* only the file this daemon created, not a successor's */
     free(srv);
     *srvp = NULL;
 }

@@ -4,6 +4,7 @@
  */
 #include <jansson.h>
 #include <omp.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -285,6 +286,31 @@ START_TEST(check_rejects_bad_params)
     ck_assert_msg(strstr(err, "past the model's") != NULL, "message: %s", err);
     q.gen_length = cfg->max_sequence_length - 4;
     ck_assert_int_eq(um_gen_check(cfg, 4, &q, &field, err, sizeof err), 0);
+    q = p;
+    ck_assert_int_eq(um_gen_check(cfg, cfg->max_sequence_length, &q, &field, err, sizeof err),
+                     UM_ERANGE);
+    ck_assert_str_eq(field, "prompt");
+    ck_assert_msg(strstr(err, "shorten the prompt") != NULL, "message: %s", err);
+    q = p;
+    q.cfg_scale = 1e39;
+    ck_assert_int_eq(um_gen_check(cfg, 4, &q, &field, err, sizeof err), UM_ERANGE);
+    ck_assert_str_eq(field, "cfg_scale");
+    q.cfg_scale = UM_GEN_MAX_CFG_SCALE;
+    ck_assert_int_eq(um_gen_check(cfg, 4, &q, &field, err, sizeof err), 0);
+}
+END_TEST
+
+/* INT32_MAX steps for 8 tokens: 8 passes, and the empty steps are skipped, not counted. */
+START_TEST(huge_step_count_finishes)
+{
+    um_gen_params_t p = s_params("low_confidence", 8, 8, INT32_MAX, 0, 0, 0);
+    int32_t canvas[12];
+    char err[256] = "";
+    um_gen_stats_t st;
+    ck_assert_int_eq(um_generate(s_model, s_prompt, 4, &p, NULL, NULL, canvas, &st, err,
+                                 sizeof err), 0);
+    ck_assert_int_eq(st.forward_passes, 8);
+    ck_assert_int_eq(st.steps_planned, INT32_MAX);
 }
 END_TEST
 
@@ -306,6 +332,7 @@ Suite *um_generate_suite(void)
     tcase_add_test(tc, cancel_stops_within_one_step);
     tcase_add_test(tc, seed_reproducible_across_threads);
     tcase_add_test(tc, check_rejects_bad_params);
+    tcase_add_test(tc, huge_step_count_finishes);
     suite_add_tcase(s, tc);
     return s;
 }

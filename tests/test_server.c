@@ -846,6 +846,37 @@ START_TEST(test_error_ranges)
     int max = s_max_positions();
     s_expect_error(s_generate("r6", "once upon a time", max), UM_ERR_OUT_OF_RANGE, "gen_length",
                    "past the model's");
+
+    /* Guidance large enough to overflow f32 logits is rejected, not turned into masks. */
+    req = s_generate("r7", "hi", 8);
+    json_object_set_new(req, "cfg_scale", json_real(1e39));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "cfg_scale", "cfg_scale");
+
+    /* 2^63 as a JSON real is one past the largest seed. */
+    req = s_generate("r8", "hi", 8);
+    json_object_set_new(req, "seed", json_real(9223372036854775808.0));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "seed", "seed must be at most");
+
+    req = s_generate("r9", "hi", 8);
+    json_object_set_new(req, "steps", json_integer(-5));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "steps", "steps must be at least 1, got -5");
+
+    /* A prompt that fills every position names the prompt, not gen_length 0. */
+    char *long_prompt = malloc((size_t)max * 3 + 1);
+    for (int i = 0; i < max; i++)
+        memcpy(long_prompt + 3 * i, " a.", 3);
+    long_prompt[3 * max] = '\0';
+    s_expect_error(s_generate("r10", long_prompt, 1), UM_ERR_OUT_OF_RANGE, "prompt",
+                   "shorten the prompt");
+    free(long_prompt);
+
+    /* Far more steps than tokens: only the needed passes run, and the reply comes at once. */
+    req = s_generate("r11", "hi", 4);
+    json_object_set_new(req, "steps", json_integer(2147483647));
+    json_t *r = s_done(s_call(s_sock, req));
+    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(r, "stats"),
+                                                        "forward_passes")), 4);
+    json_decref(r);
 }
 END_TEST
 
@@ -1272,6 +1303,38 @@ START_TEST(test_client_errors)
 }
 END_TEST
 
+/* A second daemon on the running one's ipc path fails instead of taking it over. */
+START_TEST(test_ipc_in_use)
+{
+    const char *bin = um_test_env("UM_TEST_DAEMON");
+    const char *argv[] = {bin, "--model", um_test_env("UM_TEST_MODEL"), "--plugin-dir",
+                          um_test_env("UM_TEST_PLUGINS"), "--bind", s_daemon.endpoint, NULL};
+    char log[512];
+    const char *out = getenv("UM_TEST_OUT");
+    snprintf(log, sizeof log, "%s/server-second-%ld.log", out && *out ? out : "/tmp",
+             (long)getpid());
+    if (out && *out)
+        mkdir(out, 0777);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    pid_t pid;
+    int status;
+    ck_assert_int_eq(posix_spawn(&pid, bin, &fa, NULL, (char *const *)argv, environ), 0);
+    posix_spawn_file_actions_destroy(&fa);
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert(WIFEXITED(status));
+    ck_assert_int_ne(WEXITSTATUS(status), 0);
+    char *text = um_test_read_file(log, NULL);
+    ck_assert(text != NULL);
+    ck_assert_msg(strstr(text, "another process is listening") != NULL, "message: %s", text);
+    free(text);
+    json_t *h = s_done(s_call(s_sock, json_pack("{s:s, s:s}", "op", "health", "id", "h")));
+    ck_assert_str_eq(json_string_value(json_object_get(h, "status")), "ok");
+    json_decref(h);
+}
+END_TEST
+
 /* ------------------------------------------------------------------------- */
 
 static TCase *s_tcase(const char *name, void (*setup)(void), int timeout_s)
@@ -1324,6 +1387,7 @@ Suite *um_server_suite(void)
     tcase_add_test(tc, test_client_plain);
     tcase_add_test(tc, test_client_json);
     tcase_add_test(tc, test_client_errors);
+    tcase_add_test(tc, test_ipc_in_use);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("lifecycle");

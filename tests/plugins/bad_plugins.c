@@ -22,7 +22,7 @@ static void s_end(void *state)
 {
 }
 
-static const um_remask_ops_t s_ops = {
+static const um_remask_ops_t s_ops __attribute__((unused)) = {
     .struct_size = sizeof(um_remask_ops_t),
     .request_begin = s_begin,
     .select = s_select,
