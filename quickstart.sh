@@ -65,8 +65,10 @@ test)
     build
     cd build
     make -j"$(nproc)" check || { cat tests/check_unmaskd.log; exit 1; }
+    echo "quickstart: make distcheck (log in build/distcheck.log)"
+    make -j"$(nproc)" distcheck > distcheck.log 2>&1 || { tail -50 distcheck.log; exit 1; }
+    # The Check runner's summary, last, so a reader of the output's end sees the count.
     grep -h "Checks:" tests/check_unmaskd.log
-    make -j"$(nproc)" distcheck
     ;;
 -h | --help)
     sed -n '2,10p' "$0"
