@@ -367,7 +367,7 @@ static int s_parse_generate(um_request_t *req, um_req_error_t *err)
         req->remasking = UM_REQ_DEFAULT_REMASKING;
 
     json_t *params = json_object_get(o, "remasking_params");
-    if (params && !json_is_null(params) && !json_is_object(params)) {
+    if (params && !json_is_object(params)) {
         um_req_error_set(err, UM_ERR_INVALID, "remasking_params",
                          "remasking_params must be an object of parameter names to values, "
                          "got %s", s_json_type(params));

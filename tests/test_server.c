@@ -895,6 +895,9 @@ START_TEST(test_error_plugins)
     req = s_generate("p4", "hi", 8);
     json_object_set_new(req, "remasking_params", json_integer(5));
     s_expect_error(req, UM_ERR_INVALID, "remasking_params", "must be an object");
+    req = s_generate("p2n", "hi", 8);
+    json_object_set_new(req, "remasking_params", json_null());
+    s_expect_error(req, UM_ERR_INVALID, "remasking_params", "got null");
 
     /* An empty parameter object is fine. */
     req = s_generate("p5", "hi", 4);
