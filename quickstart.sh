@@ -55,8 +55,9 @@ run_demo() {
         fi
         sleep 1
     done
+    # The bundled model takes about 10 ms a step; --step-delay slows the view to watch it.
     build/unmask --connect "$endpoint" --gen-length 96 --steps 96 --block-length 32 \
-        --temperature 0.7 --seed 7 "$prompt"
+        --temperature 0.7 --seed 7 --step-delay 40 "$prompt"
 }
 
 install_packages

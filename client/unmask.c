@@ -64,6 +64,7 @@ typedef struct s_options {
     int json;
     int plain;
     int no_live;
+    double step_delay_ms; /* pause after each live redraw, so a fast model can be watched */
     int info;
     double timeout_s;
     const char *prompt; /* argument, or "-" for stdin */
@@ -91,6 +92,8 @@ static void s_usage(FILE *out)
             "  --json                 print the final reply as JSON\n"
             "  --plain                print the prompt and the generated text only\n"
             "  --no-live              do not redraw the canvas after every step\n"
+            "  --step-delay MS        pause this many milliseconds after each live redraw,\n"
+            "                         to watch a fast model unmask; default 0\n"
             "  --timeout SECONDS      give up when the daemon sends nothing for this long;\n"
             "                         default 300\n"
             "  --info                 print the daemon's model, plugins and versions as JSON\n"
@@ -173,6 +176,7 @@ enum {
     S_OPT_JSON,
     S_OPT_PLAIN,
     S_OPT_NO_LIVE,
+    S_OPT_STEP_DELAY,
     S_OPT_TIMEOUT,
     S_OPT_INFO,
     S_OPT_HELP,
@@ -195,6 +199,7 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         {"json", no_argument, NULL, S_OPT_JSON},
         {"plain", no_argument, NULL, S_OPT_PLAIN},
         {"no-live", no_argument, NULL, S_OPT_NO_LIVE},
+        {"step-delay", required_argument, NULL, S_OPT_STEP_DELAY},
         {"timeout", required_argument, NULL, S_OPT_TIMEOUT},
         {"info", no_argument, NULL, S_OPT_INFO},
         {"help", no_argument, NULL, S_OPT_HELP},
@@ -250,6 +255,14 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
             break;
         case S_OPT_NO_LIVE:
             opt->no_live = 1;
+            break;
+        case S_OPT_STEP_DELAY:
+            rc = s_parse_real("--step-delay", optarg, 0, &opt->step_delay_ms);
+            if (rc == 0 && opt->step_delay_ms > 10000) {
+                fprintf(stderr, "unmask: --step-delay must be at most 10000 ms, got \"%s\"\n",
+                        optarg);
+                rc = -1;
+            }
             break;
         case S_OPT_TIMEOUT:
             rc = s_parse_real("--timeout", optarg, 0, &opt->timeout_s);
@@ -819,8 +832,16 @@ static int s_run_generate(const s_options_t *opt, void *sock, const char *prompt
             continue;
         }
         if (strcmp(type, UM_REPLY_STEP) == 0) {
-            if (live)
+            if (live) {
                 s_view_step(&view, reply);
+                if (opt->step_delay_ms > 0) {
+                    /* The daemon keeps going; its steps wait in the socket's queue. */
+                    struct timespec pause = {
+                        .tv_sec = (time_t)(opt->step_delay_ms / 1000),
+                        .tv_nsec = (long)(fmod(opt->step_delay_ms, 1000) * 1e6)};
+                    nanosleep(&pause, NULL);
+                }
+            }
             json_decref(reply);
             continue;
         }

@@ -1294,6 +1294,12 @@ START_TEST(test_client_errors)
     ck_assert_msg(strstr(res.err, "--steps") != NULL, "stderr: %s", res.err);
     s_run_free(&res);
 
+    const char *delay[] = {"--connect", s_daemon.endpoint, "--step-delay", "-1", "x", NULL};
+    res = s_run_client(delay);
+    ck_assert_int_eq(res.status, 2);
+    ck_assert_msg(strstr(res.err, "--step-delay") != NULL, "stderr: %s", res.err);
+    s_run_free(&res);
+
     /* Nothing listens: exit 2 with a message that names the fix. */
     const char *none[] = {"--connect", "ipc:///tmp/unmaskd-test-nobody-listens.sock", "--plain",
                           "--timeout", "1", "x", NULL};
