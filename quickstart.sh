@@ -68,7 +68,7 @@ test)
     make -j"$(nproc)" check || { cat tests/check_unmaskd.log; exit 1; }
     echo "quickstart: make distcheck (log in build/distcheck.log)"
     make -j"$(nproc)" distcheck > distcheck.log 2>&1 || { tail -50 distcheck.log; exit 1; }
-    # The Check runner's summary, last, so a reader of the output's end sees the count.
+    # Print the Check runner's summary last, so the end of the output shows the count.
     grep -h "Checks:" tests/check_unmaskd.log
     ;;
 -h | --help)

@@ -67,8 +67,8 @@ int um_gen_check(const um_model_config_t *cfg, int32_t n_prompt, const um_gen_pa
 /*
  * Generate: canvas = prompt followed by gen_length mask tokens, denoised in place.
  * canvas must have room for n_prompt + gen_length ids. Returns 0, UM_ECANCELLED when
- * the callback asked to stop (canvas holds the partial result), or another UM_E* code
- * with a message in err.
+ * the callback requested a stop (canvas then contains the partial result), or another
+ * UM_E* code with a message in err.
  */
 int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
                 const um_gen_params_t *p, um_step_fn on_step, void *user, int32_t *canvas,

@@ -333,16 +333,6 @@ static s_slot_t *s_slots_build(um_model_t *m, size_t *n_out)
     return slots;
 }
 
-static void s_format_shape(char *buf, size_t len, const int64_t *shape, int32_t ndim)
-{
-    size_t used = (size_t)snprintf(buf, len, "[");
-    for (int32_t i = 0; i < ndim && used < len; i++)
-        used += (size_t)snprintf(buf + used, len - used, "%s%lld", i ? ", " : "",
-                                 (long long)shape[i]);
-    if (used < len)
-        snprintf(buf + used, len - used, "]");
-}
-
 /* Find each slot's tensor and check its shape; reject tensors no slot uses. */
 static int s_slots_match(const um_model_t *m, s_slot_t *slots, size_t n_slots, char *err,
                          size_t errlen)
@@ -360,8 +350,8 @@ static int s_slots_match(const um_model_t *m, s_slot_t *slots, size_t n_slots, c
             same = s->view->shape[j] == s->shape[j];
         if (!same) {
             char got[160], expected[160];
-            s_format_shape(got, sizeof got, s->view->shape, s->view->ndim);
-            s_format_shape(expected, sizeof expected, s->shape, s->ndim);
+            um_shape_format(got, sizeof got, s->view->shape, s->view->ndim);
+            um_shape_format(expected, sizeof expected, s->shape, s->ndim);
             return um_fail(err, errlen, UM_EFORMAT,
                           "tensor %s has shape %s, expected %s: the checkpoint does not match "
                           "config.json", s->name, got, expected);

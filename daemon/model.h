@@ -1,7 +1,7 @@
 /*
  * The model: configuration from config.json, weights from safetensors, and the
- * transformer forward pass. This is the engine's core; it knows nothing of
- * ZeroMQ, JSON requests or plugins, so tests and benchmarks drive it directly.
+ * transformer forward pass. This is the engine's core. It depends on no ZeroMQ,
+ * JSON request or plugin code, so tests and benchmarks drive it directly.
  *
  * Threading: a model is read-only after load except for its forward workspace, so
  * one thread at a time may call um_model_forward on a given model. The matrix

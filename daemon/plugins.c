@@ -37,14 +37,14 @@ static void s_host_log(int level, const char *plugin, const char *fmt, ...)
 
 static int32_t s_select_top(const double *score, int32_t n, int32_t k, int32_t *out)
 {
-    /* Partial selection sort: k is small next to n in practice (a step's quota). */
-    int32_t taken = 0;
+    /* Partial selection sort, O(n k): both are bounded by the canvas length. */
+    int32_t n_written = 0;
     if (k > n)
         k = n;
     unsigned char *used = calloc((size_t)(n > 0 ? n : 1), 1);
     if (!used)
         return 0;
-    while (taken < k) {
+    while (n_written < k) {
         int32_t best = -1;
         for (int32_t i = 0; i < n; i++) {
             if (used[i] || score[i] == -INFINITY || isnan(score[i]))
@@ -55,10 +55,10 @@ static int32_t s_select_top(const double *score, int32_t n, int32_t k, int32_t *
         if (best < 0)
             break;
         used[best] = 1;
-        out[taken++] = best;
+        out[n_written++] = best;
     }
     free(used);
-    return taken;
+    return n_written;
 }
 
 static const um_host_t s_host = {

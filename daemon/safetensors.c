@@ -52,7 +52,7 @@ typedef struct s_range {
 /* Helpers                                                                    */
 
 
-static void s_format_shape(char *buf, size_t len, const int64_t *shape, int32_t ndim)
+void um_shape_format(char *buf, size_t len, const int64_t *shape, int32_t ndim)
 {
     size_t used = (size_t)snprintf(buf, len, "[");
     for (int32_t i = 0; i < ndim && used < len; i++)
@@ -184,7 +184,7 @@ static int s_parse_entry(const char *path, const char *name, json_t *entry,
     t->nbytes = (size_t)t->numel * um_dtype_size(t->dtype);
     if (range->end - range->begin != t->nbytes) {
         char shape[160];
-        s_format_shape(shape, sizeof shape, t->shape, t->ndim);
+        um_shape_format(shape, sizeof shape, t->shape, t->ndim);
         return um_fail(err, errlen, UM_EFORMAT,
                       "tensor %s in %s has data_offsets [%llu, %llu] (%llu bytes), but shape "
                       "%s of %s needs %zu bytes: the header is inconsistent; export the file "

@@ -76,6 +76,9 @@ const char *um_safetensors_source(const um_safetensors_t *st);
 /* Header spelling of a dtype: "F32" or "BF16". */
 const char *um_dtype_name(um_dtype_t dtype);
 
+/* Write a shape as "[2, 3]" into buf (len bytes), for error messages; truncates to fit. */
+void um_shape_format(char *buf, size_t len, const int64_t *shape, int32_t ndim);
+
 /* Size of one element in bytes: 4 or 2. */
 size_t um_dtype_size(um_dtype_t dtype);
 

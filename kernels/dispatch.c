@@ -18,6 +18,11 @@ static const um_kernel_table_t s_scalar = {
     .logsumexp = um_k_logsumexp_ref,
 };
 
+const um_kernel_table_t *um_kernels_scalar(void)
+{
+    return &s_scalar;
+}
+
 const um_kernel_table_t *um_kernels(void)
 {
     /* NOTE: only the scalar table exists. SIMD tables (avx512, neon) go beside it,

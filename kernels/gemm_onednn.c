@@ -58,7 +58,7 @@ typedef struct s_gemm_ctx {
 #define S_SCRATCH_ALIGN 64
 
 /* NOTE: the cache has no eviction. Each distinct (M, N, K, strides) adds entries, so a
- * daemon that sees many sequence lengths keeps one set of primitives per length. */
+ * daemon that serves many sequence lengths keeps one set of primitives per length. */
 static pthread_rwlock_t s_cache_lock = PTHREAD_RWLOCK_INITIALIZER;
 static dnnl_engine_t s_engine;                 /* NULL until the first product */
 static s_gemm_entry_t *s_buckets[S_BUCKETS];   /* guarded by s_cache_lock */

@@ -18,7 +18,7 @@ void um_k_rmsnorm_ref(float *out, const float *x, const float *w, int32_t n, flo
 /*
  * NeoX rotate-half RoPE in place on one head vector of head_dim floats at position pos:
  * for i < head_dim/2, (a, b) = (x[i], x[i + half]) becomes (a cos - b sin, b cos + a sin)
- * with angle pos * inv_freq[i]. cos_sin holds (cos, sin) pairs for this position.
+ * with angle pos * inv_freq[i]. cos_sin contains (cos, sin) pairs for this position.
  */
 void um_k_rope_ref(float *x, const float *cos_sin, int32_t head_dim);
 
@@ -55,6 +55,9 @@ typedef struct um_kernel_table {
 
 /* The table chosen at startup (today always the scalar reference). */
 const um_kernel_table_t *um_kernels(void);
+
+/* The scalar reference table, which tests compare every other table with. */
+const um_kernel_table_t *um_kernels_scalar(void);
 
 /* ------------------------------------------------------------------------- */
 /* Matrix products through oneDNN                                             */

@@ -20,22 +20,10 @@
 /* ------------------------------------------------------------------------- */
 /* Helpers                                                                    */
 
-static const um_kernel_table_t s_ref_table = {
-    .isa = "ref",
-    .rmsnorm = um_k_rmsnorm_ref,
-    .rope = um_k_rope_ref,
-    .softmax = um_k_softmax_ref,
-    .silu_mul = um_k_silu_mul_ref,
-    .add = um_k_add_ref,
-    .bf16_to_f32 = um_k_bf16_to_f32_ref,
-    .argmax = um_k_argmax_ref,
-    .logsumexp = um_k_logsumexp_ref,
-};
-
 /* Loop index 0 is the scalar reference, 1 the table selected for this host. */
 static const um_kernel_table_t *s_table(int index)
 {
-    return index == 0 ? &s_ref_table : um_kernels();
+    return index == 0 ? um_kernels_scalar() : um_kernels();
 }
 
 #define S_N_TABLES 2

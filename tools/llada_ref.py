@@ -1,10 +1,10 @@
 """PyTorch reference for the LLaDA architecture and unmaskd's sampler.
 
-This file is the independent oracle for the C engine: the forward pass follows the
-released LLaDA-8B modelling code (pre-norm RMSNorm blocks, NeoX-style RoPE over the
-whole head, bidirectional attention, SwiGLU MLP with ff_proj as the gate and up_proj
-as the linear branch, untied LM head, no biases), and the sampler follows the rules
-written in docs/sampler.md. It is also the model definition used for training.
+This file is the independent oracle for the C engine. The forward pass follows the
+released LLaDA-8B modelling code: pre-norm RMSNorm blocks, NeoX-style RoPE over the
+whole head, bidirectional attention, a SwiGLU MLP with ff_proj as the gate and up_proj
+as the linear branch, an untied LM head and no biases. The sampler follows the rules in
+docs/sampler.md. It is also the model definition used for training.
 
 Numerics: everything runs in float32 (bf16 weights are widened on load), softmax
 confidences are taken in float64, and Gumbel noise is drawn in float64 from the

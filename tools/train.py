@@ -71,7 +71,7 @@ def masked_loss(logits_fn, ids, mask_id, t):
 
 
 def fixed_eval_set(stream, seq_len, n_rows, seed):
-    """Deterministic validation rows, times and masks so every evaluation sees the same data."""
+    """Return fixed validation rows, times and masks, so every evaluation uses the same data."""
     g = torch.Generator().manual_seed(seed)
     n = min(n_rows, len(stream) // seq_len)
     ids = stream[:n * seq_len].view(n, seq_len)

@@ -2,8 +2,8 @@
  * unmaskd error codes.
  *
  * Every function in unmaskd and its plugins that can fail returns 0 or one of the
- * negative codes below. The table is an X-macro so the code, its name and its text
- * come from one place; both helpers are static inline so plugins can use them
+ * negative codes below. The table is an X-macro, so the code, its name and its text
+ * come from one place. Both helpers are static inline, so plugins can use them
  * without linking against the daemon.
  */
 #ifndef UNMASKD_ERROR_H

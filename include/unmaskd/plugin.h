@@ -4,8 +4,8 @@
  * A plugin is a shared object that exports one function, um_plugin_describe(),
  * returning a pointer to a constant um_plugin_desc_t. The descriptor names the
  * plugin, its kind and the ABI it was built against, and points to the function
- * table of its kind: a remasking policy (which masked positions to commit at each
- * denoising step) or a tokenizer (text to token ids and back).
+ * table of its kind. A remasking policy chooses which masked positions to commit at
+ * each denoising step; a tokenizer turns text into token ids and back.
  *
  * Versioning: the host loads a plugin only when abi_major equals
  * UM_PLUGIN_ABI_MAJOR. Minor versions only append fields; the host reads a field
@@ -72,9 +72,9 @@ typedef struct um_host {
      */
     double (*rng_uniform)(uint64_t seed, uint64_t stream, uint64_t index);
     /*
-     * Write to out the indices of the k largest scores among n, highest first,
-     * ties broken by the lower index; entries equal to -INFINITY are never chosen.
-     * Returns how many indices were written (at most k).
+     * Write to out the indices of the k largest scores among n, highest first, with
+     * ties broken by the lower index. Entries equal to -INFINITY or NaN are never
+     * chosen, so the return value, the number of indices written, may be below k.
      */
     int32_t (*select_top)(const double *score, int32_t n, int32_t k, int32_t *out);
 } um_host_t;
@@ -89,7 +89,7 @@ typedef enum um_param_type {
     UM_PARAM_STRING = 4,
 } um_param_type_t;
 
-/* A parameter a plugin accepts: the host checks type and range before the plugin sees it. */
+/* A parameter a plugin accepts: the host checks type and range before passing it on. */
 typedef struct um_param_spec {
     const char *name;
     um_param_type_t type;
@@ -110,7 +110,7 @@ typedef struct um_param {
 /* Remasking policies                                                         */
 
 /*
- * What a policy sees at one denoising step. Candidates are the positions that may
+ * The input of a policy at one denoising step. Candidates are the positions that may
  * be committed now: still masked and left of the end of the active block, in
  * ascending position order. The host has already predicted a token for each.
  */
@@ -149,8 +149,9 @@ typedef struct um_remask_ops {
     /*
      * Choose the candidates to commit: write indices into the candidate arrays to
      * commit[] (room for n_candidates) and their count to *n_commit. The host commits
-     * nothing more; committing fewer than quota leaves masks for later steps, and the
-     * host forces at least one commit per step so every generation terminates.
+     * exactly these. Committing fewer than quota leaves masks for later steps. If a
+     * policy commits none, the host commits the most probable candidate, so every
+     * generation terminates.
      */
     int (*select)(void *state, const um_host_t *host, const um_remask_step_t *step,
                   int32_t *commit, int32_t *n_commit);
