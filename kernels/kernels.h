@@ -12,8 +12,18 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* ------------------------------------------------------------------------- */
+/* Element-wise and row kernels (scalar reference versions)                   */
+
 /* RMSNorm of one row: out = x / sqrt(mean(x^2) + eps) * w, accumulated in f32. */
 void um_k_rmsnorm_ref(float *out, const float *x, const float *w, int32_t n, float eps);
+
+/*
+ * LayerNorm of one row (BERT family): out = (x - mean) / sqrt(var + eps) * w + b, with the
+ * biased variance mean((x - mean)^2), both accumulated in f32. b may be NULL (no bias).
+ */
+void um_k_layernorm_ref(float *out, const float *x, const float *w, const float *b, int32_t n,
+                        float eps);
 
 /*
  * NeoX rotate-half RoPE in place on one head vector of head_dim floats at position pos:
@@ -25,14 +35,26 @@ void um_k_rope_ref(float *x, const float *cos_sin, int32_t head_dim);
 /* Numerically stable softmax of one row in place (subtracts the max, f32). */
 void um_k_softmax_ref(float *x, int32_t n);
 
-/* SwiGLU: out[i] = silu(gate[i]) * up[i]. */
+/* SwiGLU: out[i] = silu(gate[i]) * up[i]. out may alias gate or up. */
 void um_k_silu_mul_ref(float *out, const float *gate, const float *up, int32_t n);
+
+/* GELU, erf form: out[i] = x/2 * (1 + erf(x / sqrt(2))). out may alias x. */
+void um_k_gelu_erf_ref(float *out, const float *x, int32_t n);
+
+/* GELU, tanh form: out[i] = x/2 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). */
+void um_k_gelu_tanh_ref(float *out, const float *x, int32_t n);
 
 /* out[i] += x[i]. */
 void um_k_add_ref(float *out, const float *x, int32_t n);
 
-/* Widen n bf16 values (upper halves of f32) to f32. */
+/* Widen n bf16 values (upper halves of f32) to f32; exact. */
 void um_k_bf16_to_f32_ref(float *out, const uint16_t *in, size_t n);
+
+/* Narrow n f32 values to bf16, rounding to nearest even; NaN stays a quiet NaN. */
+void um_k_f32_to_bf16_ref(uint16_t *out, const float *in, size_t n);
+
+/* ------------------------------------------------------------------------- */
+/* Vocabulary reductions: one pass over a row of logits                       */
 
 /* Index of the maximum of a row; ties go to the lowest index. */
 int32_t um_k_argmax_ref(const float *x, int32_t n);
@@ -40,24 +62,107 @@ int32_t um_k_argmax_ref(const float *x, int32_t n);
 /* log(sum(exp(x))) of a row, accumulated in float64. */
 double um_k_logsumexp_ref(const float *x, int32_t n);
 
-/* Table of the kernels selected for this host. */
+/*
+ * What the remasking policies read from one position's distribution p = softmax(scale * x).
+ * Entries of x may be -inf (banned tokens: they get probability 0). For a row of only
+ * -inf values: argmax 0, max and lse -inf, and p_max, margin and entropy 0.
+ */
+typedef struct um_vocab_stats {
+    float max;      /* largest value of scale * x */
+    int32_t argmax; /* its index; ties go to the lowest index */
+    float second;   /* second largest value of scale * x (equal to max on a tie) */
+    double lse;     /* log(sum(exp(scale * x))) */
+    double p_max;   /* probability of argmax: exp(max - lse) */
+    double margin;  /* top-2 margin: p_max - exp(second - lse) */
+    double entropy; /* -sum p log p in nats */
+} um_vocab_stats_t;
+
+/*
+ * All of um_vocab_stats_t in one pass over n > 0 values with scale > 0 (1 / temperature).
+ * The reference accumulates in float64; SIMD versions may accumulate in f32 lanes and
+ * combine the lanes in float64.
+ */
+void um_k_vocab_stats_ref(const float *x, int32_t n, float scale, um_vocab_stats_t *out);
+
+/*
+ * Gumbel-max sampling in float64: the index i maximising x[i] / temperature - log(-log u_i),
+ * which draws from softmax(x / temperature), with u_i = um_rng_uniform_key(key, base + i)
+ * (rng.h), so the noise is a pure function of (key, base + i). temperature > 0; -inf
+ * entries are never chosen unless the whole row is -inf (then 0). Ties go to the lowest
+ * index. This picks the same token as LLaDA's exp(x) / (-log u)^T without overflowing exp.
+ */
+int32_t um_k_gumbel_argmax_ref(const float *x, int32_t n, double temperature, uint64_t key,
+                               uint64_t base);
+
+/* ------------------------------------------------------------------------- */
+/* The kernel table and ISA dispatch                                          */
+
+/* Instruction sets, ordered so that a larger value needs more of an x86 host. */
+typedef enum um_isa {
+    UM_ISA_SCALAR = 0,
+    UM_ISA_AVX2,   /* x86-64 AVX2 + FMA */
+    UM_ISA_AVX512, /* x86-64 AVX-512 F, BW, DQ, VL */
+    UM_ISA_AMX,    /* AVX-512 kernels, bf16 matrix products on AMX tiles */
+    UM_ISA_NEON,   /* aarch64 Advanced SIMD */
+    UM_ISA_COUNT
+} um_isa_t;
+
+/* Table of the kernels for one ISA. */
 typedef struct um_kernel_table {
-    const char *isa; /* "scalar", later "avx512", "neon", ... */
+    const char *isa; /* "scalar", "avx2", "avx512", "neon" (the AMX ISA uses "avx512") */
     void (*rmsnorm)(float *, const float *, const float *, int32_t, float);
+    void (*layernorm)(float *, const float *, const float *, const float *, int32_t, float);
     void (*rope)(float *, const float *, int32_t);
     void (*softmax)(float *, int32_t);
     void (*silu_mul)(float *, const float *, const float *, int32_t);
+    void (*gelu_erf)(float *, const float *, int32_t);
+    void (*gelu_tanh)(float *, const float *, int32_t);
     void (*add)(float *, const float *, int32_t);
     void (*bf16_to_f32)(float *, const uint16_t *, size_t);
+    void (*f32_to_bf16)(uint16_t *, const float *, size_t);
     int32_t (*argmax)(const float *, int32_t);
     double (*logsumexp)(const float *, int32_t);
+    void (*vocab_stats)(const float *, int32_t, float, um_vocab_stats_t *);
+    int32_t (*gumbel_argmax)(const float *, int32_t, double, uint64_t, uint64_t);
 } um_kernel_table_t;
 
-/* The table chosen at startup (today always the scalar reference). */
+/* "scalar", "avx2", "avx512", "amx", "neon"; NULL for a value outside um_isa_t. */
+const char *um_isa_name(um_isa_t isa);
+
+/* Parse an ISA name as above; returns 0 and sets *out, or UM_EINVAL. */
+int um_isa_parse(const char *name, um_isa_t *out);
+
+/*
+ * Whether this host can run isa: the CPU reports the instructions (cpuid on x86,
+ * getauxval(AT_HWCAP) on aarch64), the OS enables their register state (XCR0, and the
+ * AMX permission request on Linux), and this build contains the kernels. When it
+ * cannot, why (if not NULL) receives a sentence saying what is missing.
+ */
+int um_isa_supported(um_isa_t isa, char *why, size_t whylen);
+
+/*
+ * Select the kernels once, at startup, before any forward pass. cap is the highest ISA
+ * allowed (NULL: the environment variable UNMASKD_ISA, else no cap); the best ISA the
+ * host supports up to cap is chosen. Returns 0, or UM_EINVAL for an unknown name or a
+ * cap this host cannot run, with a message in err naming the value and the fix. The
+ * choice and its reason are logged at info and kept for um_kernels_reason().
+ */
+int um_kernels_select(const char *cap, char *err, size_t errlen);
+
+/* The selected ISA (the best supported one when um_kernels_select was never called). */
+um_isa_t um_kernels_isa(void);
+
+/* One sentence saying why the selected ISA was chosen, e.g. "best ISA of this host". */
+const char *um_kernels_reason(void);
+
+/* The table chosen at startup. */
 const um_kernel_table_t *um_kernels(void);
 
 /* The scalar reference table, which tests compare every other table with. */
 const um_kernel_table_t *um_kernels_scalar(void);
+
+/* The table for isa, or NULL when the host cannot run it; tests loop over these. */
+const um_kernel_table_t *um_kernels_for(um_isa_t isa);
 
 /* ------------------------------------------------------------------------- */
 /* Matrix products through oneDNN                                             */

@@ -10,6 +10,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "rng.h"
+
 void um_k_rmsnorm_ref(float *out, const float *x, const float *w, int32_t n, float eps)
 {
     float sum_sq = 0.0f;
@@ -20,6 +22,27 @@ void um_k_rmsnorm_ref(float *out, const float *x, const float *w, int32_t n, flo
     float inv_rms = 1.0f / sqrtf(sum_sq / (float)n + eps);
     for (int32_t i = 0; i < n; i++)
         out[i] = (x[i] * inv_rms) * w[i];
+}
+
+void um_k_layernorm_ref(float *out, const float *x, const float *w, const float *b, int32_t n,
+                        float eps)
+{
+    /* Two passes, as PyTorch's layer_norm: the mean first, then the centred squares, so
+     * a large common offset does not cancel away the variance. */
+    float sum = 0.0f;
+    for (int32_t i = 0; i < n; i++)
+        sum += x[i];
+    float mean = sum / (float)n;
+    float sum_sq = 0.0f;
+    for (int32_t i = 0; i < n; i++) {
+        float c = x[i] - mean;
+        sum_sq += c * c;
+    }
+    float inv_std = 1.0f / sqrtf(sum_sq / (float)n + eps);
+    for (int32_t i = 0; i < n; i++) {
+        float y = (x[i] - mean) * inv_std * w[i];
+        out[i] = b ? y + b[i] : y;
+    }
 }
 
 void um_k_rope_ref(float *x, const float *cos_sin, int32_t head_dim)
@@ -63,6 +86,23 @@ void um_k_silu_mul_ref(float *out, const float *gate, const float *up, int32_t n
     }
 }
 
+void um_k_gelu_erf_ref(float *out, const float *x, int32_t n)
+{
+    for (int32_t i = 0; i < n; i++) {
+        float v = x[i];
+        out[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    }
+}
+
+void um_k_gelu_tanh_ref(float *out, const float *x, int32_t n)
+{
+    const float k = 0.79788456080286536f; /* sqrt(2 / pi) */
+    for (int32_t i = 0; i < n; i++) {
+        float v = x[i];
+        out[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+    }
+}
+
 void um_k_add_ref(float *out, const float *x, int32_t n)
 {
     for (int32_t i = 0; i < n; i++)
@@ -74,6 +114,22 @@ void um_k_bf16_to_f32_ref(float *out, const uint16_t *in, size_t n)
     for (size_t i = 0; i < n; i++) {
         uint32_t bits = (uint32_t)in[i] << 16;
         memcpy(&out[i], &bits, sizeof bits);
+    }
+}
+
+void um_k_f32_to_bf16_ref(uint16_t *out, const float *in, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, &in[i], sizeof bits);
+        if ((bits & 0x7fffffffu) > 0x7f800000u) {
+            /* NaN: keep the sign and force a quiet NaN, which rounding could turn to inf. */
+            out[i] = (uint16_t)((bits >> 16) | 0x40);
+            continue;
+        }
+        /* Round to nearest, ties to even: add 0x7fff plus the lowest kept bit. */
+        bits += 0x7fffu + ((bits >> 16) & 1u);
+        out[i] = (uint16_t)(bits >> 16);
     }
 }
 
@@ -102,4 +158,63 @@ double um_k_logsumexp_ref(const float *x, int32_t n)
     for (int32_t i = 0; i < n; i++)
         sum += exp((double)x[i] - max);
     return max + log(sum);
+}
+
+void um_k_vocab_stats_ref(const float *x, int32_t n, float scale, um_vocab_stats_t *out)
+{
+    /* Pass one: the top two values and the index of the first maximum. */
+    float max = -INFINITY, second = -INFINITY;
+    int32_t arg = 0;
+    for (int32_t i = 0; i < n; i++) {
+        float v = scale * x[i];
+        if (v > max) {
+            second = max;
+            max = v;
+            arg = i;
+        } else if (v > second) {
+            second = v;
+        }
+    }
+    out->max = max;
+    out->argmax = arg;
+    out->second = second;
+    if (max == -INFINITY) {
+        out->lse = -INFINITY;
+        out->p_max = out->margin = out->entropy = 0.0;
+        return;
+    }
+
+    /* Pass two, in float64: s = sum e^(v - max), t = sum e^(v - max) (v - max). Then
+     * lse = max + log s and entropy = log s - t / s, both without cancellation. */
+    double s = 0.0, t = 0.0;
+    for (int32_t i = 0; i < n; i++) {
+        double v = (double)(scale * x[i]) - max;
+        if (v == -INFINITY)
+            continue;
+        double e = exp(v);
+        s += e;
+        t += e * v;
+    }
+    out->lse = max + log(s);
+    out->p_max = 1.0 / s;
+    out->margin = out->p_max - exp((double)second - max) / s;
+    out->entropy = log(s) - t / s;
+}
+
+int32_t um_k_gumbel_argmax_ref(const float *x, int32_t n, double temperature, uint64_t key,
+                               uint64_t base)
+{
+    int32_t best = 0;
+    double best_score = -INFINITY;
+    for (int32_t i = 0; i < n; i++) {
+        if (x[i] == -INFINITY)
+            continue;
+        double u = um_rng_uniform_key(key, base + (uint64_t)i);
+        double score = (double)x[i] / temperature - log(-log(u));
+        if (score > best_score) {
+            best_score = score;
+            best = i;
+        }
+    }
+    return best;
 }
