@@ -1,19 +1,20 @@
 /*
  * The LLaDA transformer forward pass in f32: embedding, pre-norm blocks with
  * bidirectional multi-head attention and a SwiGLU MLP, final RMSNorm, untied LM head.
- * Matrix products go through the um_gemm_* wrappers, everything else through the
- * kernel table, so a SIMD table or another GEMM backend changes no line here.
+ * Weight products go through prepared um_gemm_weight_t matrices (f32 or bf16),
+ * attention through the fused um_attention kernel, everything else through the kernel
+ * table, so a SIMD table or another GEMM backend changes no line here.
  *
  * Owns nothing: the buffers are carved from the model's workspace on each call.
- * Threading: one forward pass at a time per model. Row loops run under OpenMP, and
- * attention runs one (sequence, head) pair per thread with that thread's own
- * [seq_len, seq_len] score matrix.
+ * Threading: one forward pass at a time per model. Row loops run under OpenMP; the
+ * weight products use oneDNN's OpenMP threads; attention runs one task per thread.
  */
 #include "model.h"
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -33,13 +34,11 @@ static int s_max_threads(void)
 #endif
 }
 
-static int s_thread_index(void)
+static double s_now_ms(void)
 {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
 /* Buffers of one call, all views into the model's workspace. */
@@ -51,7 +50,7 @@ typedef struct s_buffers {
     float *v;      /* (T, n_kv_heads * head_dim) */
     float *gate;   /* (T, mlp_hidden_size), then silu(gate) * up */
     float *up;     /* (T, mlp_hidden_size) */
-    float *scores; /* (n_threads, seq_len, seq_len), one score matrix per thread */
+    float *scores; /* um_attention's scratch: one score tile per thread */
     float *rows;   /* (n_rows, d_model) final-normed rows for the LM head */
 } s_buffers_t;
 
@@ -61,15 +60,15 @@ static size_t s_round16(size_t n)
     return (n + 15) / 16 * 16;
 }
 
-static int s_buffers_get(um_model_t *m, size_t T, int32_t seq_len, size_t n_rows,
-                         int n_threads, s_buffers_t *b)
+static int s_buffers_get(um_model_t *m, size_t T, const um_attention_shape_t *att,
+                         size_t n_rows, int n_threads, s_buffers_t *b)
 {
     const um_model_config_t *c = um_model_config(m);
     size_t d = c->d_model, q_dim = (size_t)c->n_heads * c->head_dim;
     size_t kv_dim = (size_t)c->n_kv_heads * c->head_dim, mlp = c->mlp_hidden_size;
     size_t sizes[9] = {
         T * d, T * d, T * q_dim, T * kv_dim, T * kv_dim, T * mlp, T * mlp,
-        (size_t)n_threads * seq_len * seq_len, n_rows * d,
+        um_attention_scratch_floats(att, n_threads), n_rows * d,
     };
     size_t total = 0;
     for (size_t i = 0; i < 9; i++)
@@ -94,11 +93,17 @@ static int s_buffers_get(um_model_t *m, size_t T, int32_t seq_len, size_t n_rows
 /* ------------------------------------------------------------------------- */
 /* Row-wise steps                                                             */
 
-static void s_embed(const float *wte, const int32_t *ids, size_t T, int32_t d, float *x)
+static void s_embed(const um_kernel_table_t *k, const um_model_weights_t *w,
+                    const int32_t *ids, size_t T, int32_t d, float *x)
 {
 #pragma omp parallel for schedule(static) if (T > 1)
-    for (size_t t = 0; t < T; t++)
-        memcpy(x + t * d, wte + (size_t)ids[t] * d, (size_t)d * sizeof *x);
+    for (size_t t = 0; t < T; t++) {
+        size_t row = (size_t)ids[t] * d;
+        if (w->wte_bf16)
+            k->bf16_to_f32(x + t * d, (const uint16_t *)w->wte + row, (size_t)d);
+        else
+            memcpy(x + t * d, (const float *)w->wte + row, (size_t)d * sizeof *x);
+    }
 }
 
 static void s_rmsnorm_rows(const um_kernel_table_t *k, float *out, const float *x,
@@ -142,76 +147,63 @@ static void s_silu_mul_rows(const um_kernel_table_t *k, float *gate, const float
 }
 
 /* ------------------------------------------------------------------------- */
-/* Attention                                                                  */
+/* Blocks and the whole pass                                                  */
 
-/*
- * Bidirectional attention for every sequence and head, with no mask. Query head h reads
- * key/value head h / (n_heads / n_kv_heads). The output of a (sequence, head) pair has
- * the same rows and columns as its queries and only that pair reads them, so it is
- * written over them in q once the scores are computed.
- */
-static int s_attention(const um_kernel_table_t *k, const um_model_config_t *c, float *q,
-                       const float *kk, const float *v, float *scores, int32_t n_seq,
-                       int32_t seq_len)
+/* Time the statement into the profile's field when profiling is on. */
+#define S_TIMED(prof, field, stmt)                          \
+    do {                                                    \
+        double t0_ = (prof) ? s_now_ms() : 0.0;             \
+        stmt;                                               \
+        if (prof)                                           \
+            (prof)->field += s_now_ms() - t0_;              \
+    } while (0)
+
+/* Apply up to three weights to the same input rows x (the third may be NULL). */
+static int s_apply3(const um_gemm_weight_t *w1, float *y1, int32_t ld1,
+                    const um_gemm_weight_t *w2, float *y2, int32_t ld2,
+                    const um_gemm_weight_t *w3, float *y3, int32_t ld3, int32_t T,
+                    const float *x, int32_t ldx)
 {
-    int32_t hd = c->head_dim, group = c->n_heads / c->n_kv_heads;
-    int32_t q_dim = c->n_heads * hd, kv_dim = c->n_kv_heads * hd;
-    int64_t n_pairs = (int64_t)n_seq * c->n_heads;
-    size_t L = (size_t)seq_len;
-    int rc = 0;
-
-#pragma omp parallel for schedule(dynamic, 1) if (n_pairs > 1)
-    for (int64_t pair = 0; pair < n_pairs; pair++) {
-        int32_t s = (int32_t)(pair / c->n_heads), h = (int32_t)(pair % c->n_heads);
-        float *S = scores + (size_t)s_thread_index() * L * L;
-        float *q_head = q + (size_t)s * L * q_dim + (size_t)h * hd;
-        size_t kv_offset = (size_t)s * L * kv_dim + (size_t)(h / group) * hd;
-
-        /* S = (q / sqrt(hd)) K^T, then a softmax over each row. */
-        int r = um_gemm_f32_nt(seq_len, seq_len, hd, q_head, q_dim, kk + kv_offset, kv_dim, S,
-                               seq_len, 0);
-        if (r == 0) {
-            for (size_t i = 0; i < L; i++)
-                k->softmax(S + i * L, seq_len);
-            r = um_gemm_f32_nn(seq_len, hd, seq_len, 1.0f, S, seq_len, v + kv_offset, kv_dim,
-                               q_head, q_dim);
-        }
-        if (r != 0) {
-#pragma omp atomic write
-            rc = r;
-        }
-    }
+    int rc = um_gemm_weight_apply(w1, T, x, ldx, y1, ld1, 0);
+    if (rc == 0)
+        rc = um_gemm_weight_apply(w2, T, x, ldx, y2, ld2, 0);
+    if (rc == 0 && w3)
+        rc = um_gemm_weight_apply(w3, T, x, ldx, y3, ld3, 0);
     return rc;
 }
-
-/* ------------------------------------------------------------------------- */
-/* Blocks and the whole pass                                                  */
 
 /* One pre-norm block: x += attention(attn_norm(x)); x += mlp(ff_norm(x)). */
 static int s_block(const um_kernel_table_t *k, const um_model_config_t *c,
                    const um_block_weights_t *w, const float *rope, const s_buffers_t *b,
-                   int32_t n_seq, int32_t seq_len)
+                   const um_attention_shape_t *att, um_forward_profile_t *prof)
 {
-    int32_t T = n_seq * seq_len, d = c->d_model, mlp = c->mlp_hidden_size;
+    int32_t T = att->n_seq * att->seq_len, d = c->d_model, mlp = c->mlp_hidden_size;
     int32_t q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
-    int rc;
+    int rc = 0;
 
-    s_rmsnorm_rows(k, b->h, b->x, w->attn_norm, T, d, c->rms_norm_eps);
-    if ((rc = um_gemm_f32_nt(T, q_dim, d, b->h, d, w->q_proj, d, b->q, q_dim, 0)) ||
-        (rc = um_gemm_f32_nt(T, kv_dim, d, b->h, d, w->k_proj, d, b->k, kv_dim, 0)) ||
-        (rc = um_gemm_f32_nt(T, kv_dim, d, b->h, d, w->v_proj, d, b->v, kv_dim, 0)))
+    S_TIMED(prof, norm_ms, s_rmsnorm_rows(k, b->h, b->x, w->attn_norm, T, d, c->rms_norm_eps));
+    S_TIMED(prof, gemm_ms,
+            rc = s_apply3(w->q_proj, b->q, q_dim, w->k_proj, b->k, kv_dim, w->v_proj, b->v,
+                          kv_dim, T, b->h, d));
+    if (rc)
         return rc;
-    s_rope_rows(k, c, rope, b->q, b->k, T, seq_len);
-    if ((rc = s_attention(k, c, b->q, b->k, b->v, b->scores, n_seq, seq_len)) ||
-        (rc = um_gemm_f32_nt(T, d, q_dim, b->q, q_dim, w->attn_out, q_dim, b->x, d, 1)))
+    S_TIMED(prof, rope_ms, s_rope_rows(k, c, rope, b->q, b->k, T, att->seq_len));
+    S_TIMED(prof, attention_ms, rc = um_attention(k, att, b->q, b->k, b->v, b->scores));
+    if (rc)
+        return rc;
+    S_TIMED(prof, gemm_ms, rc = um_gemm_weight_apply(w->attn_out, T, b->q, q_dim, b->x, d, 1));
+    if (rc)
         return rc;
 
-    s_rmsnorm_rows(k, b->h, b->x, w->ff_norm, T, d, c->rms_norm_eps);
-    if ((rc = um_gemm_f32_nt(T, mlp, d, b->h, d, w->ff_proj, d, b->gate, mlp, 0)) ||
-        (rc = um_gemm_f32_nt(T, mlp, d, b->h, d, w->up_proj, d, b->up, mlp, 0)))
+    S_TIMED(prof, norm_ms, s_rmsnorm_rows(k, b->h, b->x, w->ff_norm, T, d, c->rms_norm_eps));
+    S_TIMED(prof, gemm_ms,
+            rc = s_apply3(w->ff_proj, b->gate, mlp, w->up_proj, b->up, mlp, NULL, NULL, 0, T,
+                          b->h, d));
+    if (rc)
         return rc;
-    s_silu_mul_rows(k, b->gate, b->up, T, mlp);
-    return um_gemm_f32_nt(T, d, mlp, b->gate, mlp, w->ff_out, mlp, b->x, d, 1);
+    S_TIMED(prof, activation_ms, s_silu_mul_rows(k, b->gate, b->up, T, mlp));
+    S_TIMED(prof, gemm_ms, rc = um_gemm_weight_apply(w->ff_out, T, b->gate, mlp, b->x, d, 1));
+    return rc;
 }
 
 /*
@@ -261,18 +253,25 @@ static int s_forward(um_model_t *m, const int32_t *ids, int32_t n_seq, int32_t s
     const um_model_config_t *c = um_model_config(m);
     const um_model_weights_t *w = um_model_weights(m);
     const um_kernel_table_t *k = um_kernels();
-    int32_t T = n_seq * seq_len, d = c->d_model, V = c->embedding_size;
+    um_forward_profile_t *prof = um_model_profile(m);
+    int32_t T = n_seq * seq_len, d = c->d_model;
     int32_t n_out = rows ? n_rows : T;
     int n_threads = s_max_threads();
+    double start = prof ? s_now_ms() : 0.0;
+    const um_attention_shape_t att = {
+        .n_seq = n_seq, .seq_len = seq_len, .n_heads = c->n_heads,
+        .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
+        .q_stride = c->n_heads * c->head_dim, .kv_stride = c->n_kv_heads * c->head_dim,
+    };
 
     s_buffers_t b;
-    int rc = s_buffers_get(m, (size_t)T, seq_len, rows ? (size_t)n_rows : 0, n_threads, &b);
+    int rc = s_buffers_get(m, (size_t)T, &att, rows ? (size_t)n_rows : 0, n_threads, &b);
     if (rc != 0)
         return rc;
 
-    s_embed(w->wte, ids, (size_t)T, d, b.x);
+    S_TIMED(prof, other_ms, s_embed(k, w, ids, (size_t)T, d, b.x));
     for (int32_t l = 0; l < c->n_layers; l++) {
-        rc = s_block(k, c, &w->blocks[l], um_model_rope_table(m), &b, n_seq, seq_len);
+        rc = s_block(k, c, &w->blocks[l], um_model_rope_table(m), &b, &att, prof);
         if (rc != 0) {
             um_error("forward", "block %d of %d failed: %s", l, c->n_layers, um_strerror(rc));
             return rc;
@@ -281,6 +280,7 @@ static int s_forward(um_model_t *m, const int32_t *ids, int32_t n_seq, int32_t s
 
     /* Only the rows whose logits are wanted go through the final norm and the head. */
     float *final = b.h;
+    double t0 = prof ? s_now_ms() : 0.0;
     if (rows) {
         final = b.rows;
 #pragma omp parallel for schedule(static) if (n_rows > 1)
@@ -290,9 +290,16 @@ static int s_forward(um_model_t *m, const int32_t *ids, int32_t n_seq, int32_t s
     } else {
         s_rmsnorm_rows(k, final, b.x, w->ln_f, (size_t)T, d, c->rms_norm_eps);
     }
-    rc = um_gemm_f32_nt(n_out, V, d, final, d, w->lm_head, d, logits, V, 0);
+    if (prof)
+        prof->norm_ms += s_now_ms() - t0;
+    S_TIMED(prof, lm_head_ms,
+            rc = um_gemm_weight_apply(w->lm_head, n_out, final, d, logits, c->embedding_size, 0));
     if (rc != 0)
         um_error("forward", "LM head product for %d rows failed: %s", n_out, um_strerror(rc));
+    if (prof) {
+        prof->total_ms += s_now_ms() - start;
+        prof->passes++;
+    }
     return rc;
 }
 

@@ -42,6 +42,8 @@ typedef struct s_options {
     size_t n_plugin_dirs;
     const char *tokenizer;    /* NULL: the plugin whose probe scores highest */
     int threads;              /* 0: OpenMP's default */
+    const char *isa;          /* --isa cap; NULL: UNMASKD_ISA or none */
+    um_wdtype_t weight_dtype; /* 0: auto */
     int log_level;
     size_t max_queue;
     size_t max_request_bytes;
@@ -69,6 +71,12 @@ static void s_usage(FILE *out)
             "                         model folder best\n"
             "  --threads N            OpenMP threads for the forward pass; default: OpenMP's\n"
             "                         choice (OMP_NUM_THREADS or all cores)\n"
+            "  --isa NAME             highest instruction set the kernels may use: scalar,\n"
+            "                         avx2, avx512, amx or neon; default: the best this CPU\n"
+            "                         runs (UNMASKD_ISA sets the same cap)\n"
+            "  --weight-dtype TYPE    dtype of the matrix products: f32, bf16 or auto; auto\n"
+            "                         picks bf16 where the CPU computes it natively\n"
+            "                         (AVX512-BF16 or AMX), else f32; default auto\n"
             "  --log-level LEVEL      debug, info, notice, warn or error; default info\n"
             "  --max-queue N          generate requests that may wait behind the running one;\n"
             "                         more get a \"busy\" error; default %d\n"
@@ -109,6 +117,8 @@ enum {
     S_OPT_LOG_LEVEL,
     S_OPT_MAX_QUEUE,
     S_OPT_MAX_REQUEST,
+    S_OPT_ISA,
+    S_OPT_WEIGHT_DTYPE,
     S_OPT_HELP,
     S_OPT_VERSION,
 };
@@ -122,6 +132,8 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         {"plugin-dir", required_argument, NULL, S_OPT_PLUGIN_DIR},
         {"tokenizer", required_argument, NULL, S_OPT_TOKENIZER},
         {"threads", required_argument, NULL, S_OPT_THREADS},
+        {"isa", required_argument, NULL, S_OPT_ISA},
+        {"weight-dtype", required_argument, NULL, S_OPT_WEIGHT_DTYPE},
         {"log-level", required_argument, NULL, S_OPT_LOG_LEVEL},
         {"max-queue", required_argument, NULL, S_OPT_MAX_QUEUE},
         {"max-request-size", required_argument, NULL, S_OPT_MAX_REQUEST},
@@ -163,6 +175,22 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
             if (s_parse_count("--threads", optarg, 1, 4096, &x) != 0)
                 return -1;
             opt->threads = (int)x;
+            break;
+        case S_OPT_ISA:
+            opt->isa = optarg;
+            break;
+        case S_OPT_WEIGHT_DTYPE:
+            if (strcmp(optarg, "f32") == 0) {
+                opt->weight_dtype = UM_WDTYPE_F32;
+            } else if (strcmp(optarg, "bf16") == 0) {
+                opt->weight_dtype = UM_WDTYPE_BF16;
+            } else if (strcmp(optarg, "auto") == 0) {
+                opt->weight_dtype = 0;
+            } else {
+                fprintf(stderr, "unmaskd: --weight-dtype must be f32, bf16 or auto, got "
+                        "\"%s\"\n", optarg);
+                return -1;
+            }
             break;
         case S_OPT_LOG_LEVEL:
             opt->log_level = um_log_parse_level(optarg);
@@ -250,8 +278,12 @@ static void s_log_model(const um_model_t *model)
             um_model_dir(model), c->model_type, c->d_model, c->n_layers, c->n_heads,
             c->n_kv_heads, c->head_dim, c->mlp_hidden_size, c->vocab_size, c->embedding_size,
             c->max_sequence_length, c->mask_token_id, c->eos_token_id);
-    um_info("main", "weights %s, GEMM backend %s, kernel ISA %s", um_model_dtype(model),
-            um_model_backend(model), um_kernels()->isa);
+    um_info("main", "weights %s on disk, GEMM backend %s, kernel ISA %s (%s)",
+            um_model_dtype(model), um_model_backend(model), um_isa_name(um_kernels_isa()),
+            um_kernels_reason());
+    if (um_model_weight_dtype(model) == UM_WDTYPE_BF16 && !um_gemm_bf16_native())
+        um_warn("main", "bf16 matrix products run on oneDNN's slow reference path on this "
+                "CPU (no AVX512-BF16 or AMX): use --weight-dtype f32 for speed");
 }
 
 /* Require a remasking plugin; warn when the default one is missing. */
@@ -332,7 +364,13 @@ int main(int argc, char **argv)
                 opt.threads);
 #endif
 
-    rc = um_model_load(opt.model_dir, &model, err, sizeof err);
+    rc = um_kernels_select(opt.isa, err, sizeof err);
+    if (rc != 0) {
+        um_error("main", "%s", err);
+        goto done;
+    }
+    um_model_options_t load_opts = {.weight_dtype = opt.weight_dtype};
+    rc = um_model_load_opts(opt.model_dir, &load_opts, &model, err, sizeof err);
     if (rc != 0) {
         um_error("main", "cannot load the model from %s: %s", opt.model_dir, err);
         goto done;

@@ -35,7 +35,11 @@ struct um_model {
     char dtype[8];               /* "f32", "bf16" or "mixed" */
     char backend[64];
     um_safetensors_t *weights_file; /* kept open only while F32 tensors point into it */
-    float *arena;                /* f32 copies of BF16 and misaligned tensors */
+    void *arena;                 /* f32 copies of BF16 vectors, aligned copies of
+                                  * misaligned tensors */
+    um_wdtype_t weight_dtype;    /* dtype of the prepared weight matrices */
+    size_t weight_bytes;         /* bytes of prepared weights not borrowed from the file */
+    um_forward_profile_t *profile; /* attached by benchmarks, NULL otherwise */
     um_block_weights_t *blocks;  /* (n_layers) */
     um_model_weights_t weights;
     float *rope;                 /* (max_sequence_length, head_dim / 2, 2) */
@@ -272,24 +276,29 @@ cleanup:
 /* ------------------------------------------------------------------------- */
 /* Weights                                                                    */
 
-/* One tensor the model expects: its name, shape and where its f32 pointer goes. */
+/*
+ * One tensor the model expects: its name, shape and where it is bound. Exactly one of
+ * vec (an f32 vector), mat (a prepared weight matrix) and raw (the embedding table,
+ * read row by row in its stored dtype) is set.
+ */
 typedef struct s_slot {
     char name[96];
     int32_t ndim;
     int64_t shape[2];
-    const float **dst;
+    const float **vec;
+    um_gemm_weight_t **mat;
+    const void **raw;
     const um_tensor_view_t *view;
 } s_slot_t;
 
-static void s_slot_set(s_slot_t *slot, const char *name, int64_t rows, int64_t cols,
-                       const float **dst)
+static s_slot_t *s_slot_set(s_slot_t *slot, const char *name, int64_t rows, int64_t cols)
 {
     snprintf(slot->name, sizeof slot->name, "%s", name);
     slot->ndim = cols ? 2 : 1;
     slot->shape[0] = rows;
     slot->shape[1] = cols;
-    slot->dst = dst;
     slot->view = NULL;
+    return slot;
 }
 
 /* List every tensor of a LLaDA model with the shape config.json implies. */
@@ -304,31 +313,34 @@ static s_slot_t *s_slots_build(um_model_t *m, size_t *n_out)
     int64_t d = c->d_model, q_dim = (int64_t)c->n_heads * c->head_dim;
     int64_t kv_dim = (int64_t)c->n_kv_heads * c->head_dim, mlp = c->mlp_hidden_size;
     size_t k = 0;
-    s_slot_set(&slots[k++], "model.transformer.wte.weight", c->embedding_size, d,
-               &m->weights.wte);
+    s_slot_set(&slots[k++], "model.transformer.wte.weight", c->embedding_size, d)->raw =
+        &m->weights.wte;
     for (int32_t l = 0; l < c->n_layers; l++) {
         um_block_weights_t *b = &m->blocks[l];
         const struct {
             const char *part;
             int64_t rows, cols;
-            const float **dst;
+            const float **vec;
+            um_gemm_weight_t **mat;
         } parts[] = {
-            {"attn_norm", d, 0, &b->attn_norm}, {"q_proj", q_dim, d, &b->q_proj},
-            {"k_proj", kv_dim, d, &b->k_proj},  {"v_proj", kv_dim, d, &b->v_proj},
-            {"attn_out", d, q_dim, &b->attn_out}, {"ff_norm", d, 0, &b->ff_norm},
-            {"ff_proj", mlp, d, &b->ff_proj},   {"up_proj", mlp, d, &b->up_proj},
-            {"ff_out", d, mlp, &b->ff_out},
+            {"attn_norm", d, 0, &b->attn_norm, NULL}, {"q_proj", q_dim, d, NULL, &b->q_proj},
+            {"k_proj", kv_dim, d, NULL, &b->k_proj},  {"v_proj", kv_dim, d, NULL, &b->v_proj},
+            {"attn_out", d, q_dim, NULL, &b->attn_out}, {"ff_norm", d, 0, &b->ff_norm, NULL},
+            {"ff_proj", mlp, d, NULL, &b->ff_proj},   {"up_proj", mlp, d, NULL, &b->up_proj},
+            {"ff_out", d, mlp, NULL, &b->ff_out},
         };
         for (size_t p = 0; p < 9; p++) {
             char name[96];
             snprintf(name, sizeof name, "model.transformer.blocks.%d.%s.weight", l,
                      parts[p].part);
-            s_slot_set(&slots[k++], name, parts[p].rows, parts[p].cols, parts[p].dst);
+            s_slot_t *slot = s_slot_set(&slots[k++], name, parts[p].rows, parts[p].cols);
+            slot->vec = parts[p].vec;
+            slot->mat = parts[p].mat;
         }
     }
-    s_slot_set(&slots[k++], "model.transformer.ln_f.weight", d, 0, &m->weights.ln_f);
-    s_slot_set(&slots[k++], "model.transformer.ff_out.weight", c->embedding_size, d,
-               &m->weights.lm_head);
+    s_slot_set(&slots[k++], "model.transformer.ln_f.weight", d, 0)->vec = &m->weights.ln_f;
+    s_slot_set(&slots[k++], "model.transformer.ff_out.weight", c->embedding_size, d)->mat =
+        &m->weights.lm_head;
     *n_out = k;
     return slots;
 }
@@ -376,35 +388,74 @@ static int s_slots_match(const um_model_t *m, s_slot_t *slots, size_t n_slots, c
     return 0;
 }
 
-/* An F32 tensor can be used in place only when its data is float-aligned. */
-static int s_in_place(const um_tensor_view_t *t)
+/* Whether t's data can be read in place: its address is aligned for its element type. */
+static int s_aligned(const um_tensor_view_t *t)
 {
-    return t->dtype == UM_DTYPE_F32 && (uintptr_t)t->data % sizeof(float) == 0;
+    size_t align = t->dtype == UM_DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
+    return (uintptr_t)t->data % align == 0;
+}
+
+/* Bytes a slot needs in the arena: f32 copies of vectors not usable in place, and
+ * aligned copies of misaligned matrices and embeddings. */
+static size_t s_slot_arena_bytes(const s_slot_t *slot)
+{
+    const um_tensor_view_t *t = slot->view;
+    size_t bytes = 0;
+    if (slot->vec && (t->dtype != UM_DTYPE_F32 || !s_aligned(t)))
+        bytes = (size_t)t->numel * sizeof(float);
+    else if (!slot->vec && !s_aligned(t))
+        bytes = t->nbytes;
+    return (bytes + S_ALIGN - 1) / S_ALIGN * S_ALIGN;
+}
+
+/* Choose the dtype of the matrix products: bf16 where oneDNN runs it natively. */
+static um_wdtype_t s_weight_dtype(const um_model_options_t *opts)
+{
+    if (opts && opts->weight_dtype)
+        return opts->weight_dtype;
+    return um_gemm_bf16_native() ? UM_WDTYPE_BF16 : UM_WDTYPE_F32;
+}
+
+/* Bind one slot; data is the tensor's bytes (in the mapping or an aligned copy). */
+static int s_slot_bind(um_model_t *m, const s_slot_t *slot, const void *data, char *err,
+                       size_t errlen)
+{
+    const um_tensor_view_t *t = slot->view;
+    int bf16 = t->dtype == UM_DTYPE_BF16;
+    if (slot->raw) {
+        *slot->raw = data;
+        m->weights.wte_bf16 = bf16;
+        return 0;
+    }
+    if (slot->vec) {
+        *slot->vec = data;
+        return 0;
+    }
+    int rc = um_gemm_weight_new((int32_t)t->shape[0], (int32_t)t->shape[1], data, bf16,
+                                m->weight_dtype, slot->mat);
+    if (rc != 0)
+        return um_fail(err, errlen, rc, "preparing tensor %s (%s) for the %s matrix products "
+                       "failed: %s", slot->name, bf16 ? "bf16" : "f32",
+                       m->weight_dtype == UM_WDTYPE_BF16 ? "bf16" : "f32", um_strerror(rc));
+    m->weight_bytes += um_gemm_weight_bytes(*slot->mat);
+    return 0;
 }
 
 /*
- * Widen a BF16 tensor into dst. The data may sit at an odd address inside the mapping;
- * the kernel's uint16_t loads are unaligned there, which x86-64 and arm64 allow.
+ * Bind every slot: vectors to f32 data, matrices to weights prepared for the matrix
+ * products, the embedding table to its stored rows. The mapping stays open while any
+ * binding points into it.
  */
-static void s_widen(float *dst, const um_tensor_view_t *t)
-{
-    um_kernels()->bf16_to_f32(dst, (const uint16_t *)t->data, (size_t)t->numel);
-}
-
-/* Point every slot at f32 data: in the mapping, or in the arena for converted copies. */
 static int s_slots_bind(um_model_t *m, s_slot_t *slots, size_t n_slots, char *err,
                         size_t errlen)
 {
-    size_t arena_floats = 0, n_bf16 = 0, n_f32 = 0;
+    size_t arena_bytes = 0, n_bf16 = 0, n_f32 = 0;
     for (size_t i = 0; i < n_slots; i++) {
-        const um_tensor_view_t *t = slots[i].view;
-        if (t->dtype == UM_DTYPE_BF16)
+        if (slots[i].view->dtype == UM_DTYPE_BF16)
             n_bf16++;
         else
             n_f32++;
-        /* Round each copy up to 16 floats so every copy starts 64-byte aligned. */
-        if (!s_in_place(t))
-            arena_floats += ((size_t)t->numel + 15) / 16 * 16;
+        arena_bytes += s_slot_arena_bytes(&slots[i]);
     }
     const char *dtype = "mixed";
     if (n_bf16 == 0)
@@ -413,38 +464,43 @@ static int s_slots_bind(um_model_t *m, s_slot_t *slots, size_t n_slots, char *er
         dtype = "bf16";
     snprintf(m->dtype, sizeof m->dtype, "%s", dtype);
 
-    if (arena_floats > 0) {
-        /* NOTE: BF16 checkpoints are widened to f32 copies, which doubles their memory.
-         * Keeping bf16 weights for the matrix products comes with the AMX/bf16 GEMM. */
-        m->arena = s_alloc_aligned(arena_floats * sizeof(float));
+    if (arena_bytes > 0) {
+        m->arena = s_alloc_aligned(arena_bytes);
         if (!m->arena)
             return um_fail(err, errlen, UM_ENOMEM,
-                          "out of memory allocating %.1f MB for the f32 copies of the weights "
-                          "of %s", arena_floats * 4.0 / 1e6, m->dir);
+                          "out of memory allocating %.1f MB for aligned copies of weights "
+                          "of %s", arena_bytes / 1e6, m->dir);
     }
 
     size_t offset = 0, n_mapped = 0;
     for (size_t i = 0; i < n_slots; i++) {
-        const um_tensor_view_t *t = slots[i].view;
-        if (s_in_place(t)) {
-            *slots[i].dst = t->data;
-            n_mapped++;
-            continue;
+        const s_slot_t *slot = &slots[i];
+        const um_tensor_view_t *t = slot->view;
+        size_t copy = s_slot_arena_bytes(slot);
+        const void *data = t->data;
+        if (copy > 0) {
+            void *dst = (char *)m->arena + offset;
+            if (slot->vec && t->dtype == UM_DTYPE_BF16)
+                um_kernels()->bf16_to_f32(dst, (const uint16_t *)t->data, (size_t)t->numel);
+            else
+                memcpy(dst, t->data, t->nbytes);
+            data = dst;
+            offset += copy;
         }
-        float *dst = m->arena + offset;
-        if (t->dtype == UM_DTYPE_BF16)
-            s_widen(dst, t);
-        else
-            memcpy(dst, t->data, t->nbytes);
-        *slots[i].dst = dst;
-        offset += ((size_t)t->numel + 15) / 16 * 16;
+        int rc = s_slot_bind(m, slot, data, err, errlen);
+        if (rc != 0)
+            return rc;
+        if (copy == 0 && (!slot->mat || um_gemm_weight_borrows(*slot->mat)))
+            n_mapped++;
     }
 
-    /* With every tensor copied, the mapping is no longer needed. */
+    /* With nothing pointing into it, the mapping is no longer needed. */
     if (n_mapped == 0)
         um_safetensors_close(&m->weights_file);
-    um_debug("model", "bound %zu tensors: %zu used in place, %zu copied to f32 (%.1f MB)",
-             n_slots, n_mapped, n_slots - n_mapped, arena_floats * 4.0 / 1e6);
+    um_info("model", "bound %zu tensors for %s matrix products: %zu read in place, "
+            "%.1f MB copied, %.1f MB of prepared weights", n_slots,
+            m->weight_dtype == UM_WDTYPE_BF16 ? "bf16" : "f32", n_mapped, arena_bytes / 1e6,
+            m->weight_bytes / 1e6);
     return 0;
 }
 
@@ -500,6 +556,12 @@ static int s_rope_build(um_model_t *m, char *err, size_t errlen)
 
 int um_model_load(const char *dir, um_model_t **out, char *err, size_t errlen)
 {
+    return um_model_load_opts(dir, NULL, out, err, errlen);
+}
+
+int um_model_load_opts(const char *dir, const um_model_options_t *opts, um_model_t **out,
+                       char *err, size_t errlen)
+{
     *out = NULL;
     if (err && errlen > 0)
         err[0] = '\0';
@@ -513,13 +575,15 @@ int um_model_load(const char *dir, um_model_t **out, char *err, size_t errlen)
     rc = s_config_load(dir, &m->config, err, errlen);
     if (rc != 0)
         goto cleanup;
+    m->weight_dtype = s_weight_dtype(opts);
     rc = s_weights_load(m, err, errlen);
     if (rc != 0)
         goto cleanup;
     rc = s_rope_build(m, err, errlen);
     if (rc != 0)
         goto cleanup;
-    snprintf(m->backend, sizeof m->backend, "%s (f32)", um_gemm_backend());
+    snprintf(m->backend, sizeof m->backend, "%s (%s)", um_gemm_backend(),
+             m->weight_dtype == UM_WDTYPE_BF16 ? "bf16" : "f32");
 
     const um_model_config_t *c = &m->config;
     um_debug("model",
@@ -545,6 +609,14 @@ void um_model_destroy(um_model_t **model)
     um_model_t *m = *model;
     free(m->workspace);
     free(m->rope);
+    for (int32_t l = 0; m->blocks && l < m->config.n_layers; l++) {
+        um_block_weights_t *b = &m->blocks[l];
+        um_gemm_weight_t **mats[] = {&b->q_proj, &b->k_proj, &b->v_proj, &b->attn_out,
+                                     &b->ff_proj, &b->up_proj, &b->ff_out};
+        for (size_t i = 0; i < sizeof mats / sizeof mats[0]; i++)
+            um_gemm_weight_destroy(mats[i]);
+    }
+    um_gemm_weight_destroy(&m->weights.lm_head);
     free(m->arena);
     free(m->blocks);
     um_safetensors_close(&m->weights_file);
@@ -571,6 +643,21 @@ const char *um_model_dtype(const um_model_t *model)
 const char *um_model_backend(const um_model_t *model)
 {
     return model->backend;
+}
+
+void um_model_set_profile(um_model_t *model, um_forward_profile_t *profile)
+{
+    model->profile = profile;
+}
+
+um_forward_profile_t *um_model_profile(const um_model_t *model)
+{
+    return model->profile;
+}
+
+um_wdtype_t um_model_weight_dtype(const um_model_t *model)
+{
+    return model->weight_dtype;
 }
 
 const um_model_weights_t *um_model_weights(const um_model_t *model)

@@ -13,6 +13,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels.h"
+
 typedef enum um_arch {
     UM_ARCH_LLADA = 1,
 } um_arch_t;
@@ -36,28 +38,43 @@ typedef struct um_model_config {
     int32_t eos_token_id;     /* -1 when config.json has none */
 } um_model_config_t;
 
-/* Weights of one transformer block, f32, PyTorch nn.Linear layout [out, in] row-major. */
+/*
+ * Weights of one transformer block: f32 norm vectors, and matrices of PyTorch nn.Linear
+ * shape [out, in] prepared for the matrix products (layout and dtype are the GEMM's).
+ */
 typedef struct um_block_weights {
-    const float *attn_norm; /* (d_model) */
-    const float *q_proj;    /* (n_heads * head_dim, d_model) */
-    const float *k_proj;    /* (n_kv_heads * head_dim, d_model) */
-    const float *v_proj;    /* (n_kv_heads * head_dim, d_model) */
-    const float *attn_out;  /* (d_model, n_heads * head_dim) */
-    const float *ff_norm;   /* (d_model) */
-    const float *ff_proj;   /* (mlp_hidden_size, d_model), the SwiGLU gate */
-    const float *up_proj;   /* (mlp_hidden_size, d_model), the linear branch */
-    const float *ff_out;    /* (d_model, mlp_hidden_size), the down projection */
+    const float *attn_norm;     /* (d_model) */
+    um_gemm_weight_t *q_proj;   /* (n_heads * head_dim, d_model) */
+    um_gemm_weight_t *k_proj;   /* (n_kv_heads * head_dim, d_model) */
+    um_gemm_weight_t *v_proj;   /* (n_kv_heads * head_dim, d_model) */
+    um_gemm_weight_t *attn_out; /* (d_model, n_heads * head_dim) */
+    const float *ff_norm;       /* (d_model) */
+    um_gemm_weight_t *ff_proj;  /* (mlp_hidden_size, d_model), the SwiGLU gate */
+    um_gemm_weight_t *up_proj;  /* (mlp_hidden_size, d_model), the linear branch */
+    um_gemm_weight_t *ff_out;   /* (d_model, mlp_hidden_size), the down projection */
 } um_block_weights_t;
+
+/* Load-time choices. Zero-initialised options mean the defaults. */
+typedef struct um_model_options {
+    /* Dtype of the matrix products; 0 (auto): bf16 where oneDNN runs bf16 natively
+     * (AVX512-BF16 or AMX), else f32. */
+    um_wdtype_t weight_dtype;
+} um_model_options_t;
 
 typedef struct um_model um_model_t;
 
 /*
  * Load a Hugging Face model folder: config.json, then model.safetensors or the shards
  * listed in model.safetensors.index.json. Tensors may be F32 or BF16 and are mapped
- * read-only; BF16 tensors are widened to f32 copies at load.
+ * read-only. Weight matrices are prepared once for the matrix products in the dtype of
+ * opts (NULL: defaults); norm vectors are read as f32, the embedding table in place.
  * Returns 0 and sets *out, or a negative UM_E* code with a message in err that names
  * the file, the tensor or field, and the fix.
  */
+int um_model_load_opts(const char *dir, const um_model_options_t *opts, um_model_t **out,
+                       char *err, size_t errlen);
+
+/* um_model_load_opts with the default options. */
 int um_model_load(const char *dir, um_model_t **out, char *err, size_t errlen);
 
 /* Free the model and set *model to NULL; a NULL *model is ignored. */
@@ -90,18 +107,41 @@ int um_model_forward_rows(um_model_t *model, const int32_t *ids, int32_t n_seq,
                           int32_t seq_len, const int32_t *rows, int32_t n_rows,
                           float *logits);
 
-/* Name of the matrix-product backend in use, e.g. "onednn 2.6.3 (f32)". */
+/*
+ * Where a forward pass spends its time, summed over the passes run while the profile
+ * is attached. gemm_ms covers the weight products of the blocks; attention_ms the fused
+ * attention (its own score and value products included); lm_head_ms the LM head
+ * product; other_ms the embedding lookup and, implicitly, total_ms minus the rest.
+ */
+typedef struct um_forward_profile {
+    double total_ms, gemm_ms, attention_ms, lm_head_ms;
+    double norm_ms, rope_ms, activation_ms, other_ms;
+    int64_t passes;
+} um_forward_profile_t;
+
+/* Attach a profile that every later forward pass adds to (NULL detaches). */
+void um_model_set_profile(um_model_t *model, um_forward_profile_t *profile);
+
+/* The attached profile, or NULL. */
+um_forward_profile_t *um_model_profile(const um_model_t *model);
+
+/* Dtype of the prepared weight matrices. */
+um_wdtype_t um_model_weight_dtype(const um_model_t *model);
+
+/* Name of the matrix-product backend in use, e.g. "onednn 2.6.3 (bf16)". */
 const char *um_model_backend(const um_model_t *model);
 
 /* ------------------------------------------------------------------------- */
 /* For the forward pass (forward.c), tests and benchmarks                     */
 
-/* The f32 weights bound at load; every pointer is valid until um_model_destroy. */
+/* The weights bound at load; every pointer is valid until um_model_destroy. */
 typedef struct um_model_weights {
-    const float *wte;                 /* (embedding_size, d_model) token embeddings */
+    const void *wte;                  /* (embedding_size, d_model) token embeddings,
+                                       * f32 or bf16 as stored (wte_bf16) */
+    int wte_bf16;
     const um_block_weights_t *blocks; /* (n_layers) */
     const float *ln_f;                /* (d_model) final RMSNorm weight */
-    const float *lm_head;             /* (embedding_size, d_model), untied from wte */
+    um_gemm_weight_t *lm_head;        /* (embedding_size, d_model), untied from wte */
 } um_model_weights_t;
 
 const um_model_weights_t *um_model_weights(const um_model_t *model);

@@ -777,7 +777,11 @@ static json_t *s_info_reply(um_server_t *srv, const json_t *id)
     json_object_set_new(m, "dtype", json_string(um_model_dtype(srv->model)));
     json_object_set_new(r, "model", m);
     json_object_set_new(r, "backend", um_reply_text(um_model_backend(srv->model)));
-    json_object_set_new(r, "isa", json_string(um_kernels()->isa));
+    json_object_set_new(r, "isa", json_string(um_isa_name(um_kernels_isa())));
+    json_object_set_new(r, "isa_reason", um_reply_text(um_kernels_reason()));
+    json_object_set_new(r, "weight_dtype",
+                        json_string(um_model_weight_dtype(srv->model) == UM_WDTYPE_BF16
+                                        ? "bf16" : "f32"));
     json_object_set_new(r, "tokenizer", json_string(srv->tok->plugin->desc->name));
 
     json_t *remask = json_array(), *tokenizer = json_array();

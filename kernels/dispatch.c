@@ -283,6 +283,8 @@ int um_kernels_select(const char *cap, char *err, size_t errlen)
         s_selected = want;
         snprintf(s_reason, sizeof s_reason, "capped by %s=%s (host best: %s)", source, cap,
                  s_isa_names[best_all]);
+        /* oneDNN's own kernels obey the same cap, so a capped run measures that ISA. */
+        um_gemm_set_max_isa(want);
     }
     s_selected_set = 1;
     um_info("kernels", "ISA %s: %s", s_isa_names[s_selected], s_reason);

@@ -20,6 +20,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <oneapi/dnnl/dnnl.h>
 #include <oneapi/dnnl/dnnl_debug.h>
 #include <unmaskd/error.h>
@@ -30,7 +34,11 @@
 /* ------------------------------------------------------------------------- */
 /* Cache of primitives                                                        */
 
+/* What B is: a plain f32 matrix with strides, or a prepared weight of either dtype. */
+enum { S_KIND_PLAIN = 0, S_KIND_WEIGHT_F32 = 1, S_KIND_WEIGHT_BF16 = 2 };
+
 typedef struct s_gemm_key {
+    int kind;    /* S_KIND_*; for weights ldb is 0 and B's layout is the weight's */
     int trans_b; /* 1: B stored [N, K] (nt), 0: B stored [K, N] (nn) */
     int32_t m, n, k;
     int32_t lda, ldb, ldc;
@@ -51,6 +59,8 @@ typedef struct s_gemm_ctx {
     dnnl_stream_t stream;
     void *scratch;
     size_t scratch_cap;
+    uint16_t *a_bf16; /* A rounded to bf16 for products with bf16 weights */
+    size_t a_bf16_cap; /* elements */
     struct s_gemm_ctx *next;
 } s_gemm_ctx_t;
 
@@ -76,10 +86,12 @@ static s_gemm_ctx_t *s_pool; /* idle contexts, guarded by s_pool_lock */
         dnnl_status_t st_ = (call);                                                     \
         if (st_ != dnnl_success) {                                                      \
             um_error("gemm",                                                            \
-                     "%s returned %s for the f32 product %s M=%d N=%d K=%d "            \
+                     "%s returned %s for the %s product %s M=%d N=%d K=%d "             \
                      "(lda %d, ldb %d, ldc %d): rerun with ONEDNN_VERBOSE=1 for "       \
                      "oneDNN's reason",                                                 \
-                     #call, dnnl_status2str(st_), (key)->trans_b ? "A*B^T" : "A*B",     \
+                     #call, dnnl_status2str(st_),                                       \
+                     (key)->kind == S_KIND_WEIGHT_BF16 ? "bf16" : "f32",                \
+                     (key)->trans_b ? "A*B^T" : "A*B",                                  \
                      (key)->m, (key)->n, (key)->k, (key)->lda, (key)->ldb, (key)->ldc); \
             rc = UM_EBACKEND;                                                           \
             goto cleanup;                                                               \
@@ -89,13 +101,13 @@ static s_gemm_ctx_t *s_pool; /* idle contexts, guarded by s_pool_lock */
 static uint32_t s_key_hash(const s_gemm_key_t *key)
 {
     /* FNV-1a over the fields, which are all 32-bit. */
-    const uint32_t words[9] = {
-        (uint32_t)key->trans_b, (uint32_t)key->m, (uint32_t)key->n,
+    const uint32_t words[10] = {
+        (uint32_t)key->kind, (uint32_t)key->trans_b, (uint32_t)key->m, (uint32_t)key->n,
         (uint32_t)key->k, (uint32_t)key->lda, (uint32_t)key->ldb,
         (uint32_t)key->ldc, (uint32_t)key->accumulate, key->alpha_bits,
     };
     uint32_t h = 2166136261u;
-    for (size_t i = 0; i < 9; i++) {
+    for (size_t i = 0; i < 10; i++) {
         h ^= words[i];
         h *= 16777619u;
     }
@@ -104,7 +116,7 @@ static uint32_t s_key_hash(const s_gemm_key_t *key)
 
 static int s_key_equal(const s_gemm_key_t *a, const s_gemm_key_t *b)
 {
-    return a->trans_b == b->trans_b && a->m == b->m && a->n == b->n && a->k == b->k &&
+    return a->kind == b->kind && a->trans_b == b->trans_b && a->m == b->m && a->n == b->n && a->k == b->k &&
            a->lda == b->lda && a->ldb == b->ldb && a->ldc == b->ldc &&
            a->accumulate == b->accumulate && a->alpha_bits == b->alpha_bits;
 }
@@ -117,8 +129,12 @@ static s_gemm_entry_t *s_cache_find(const s_gemm_key_t *key)
     return NULL;
 }
 
-/* Create the primitive for key. Called with the write lock held and s_engine set. */
-static int s_entry_create(const s_gemm_key_t *key, float alpha, s_gemm_entry_t **out)
+/*
+ * Create the primitive for key; weights_md is B's layout for a weight product, NULL for
+ * a plain one. Called with the write lock held and s_engine set.
+ */
+static int s_entry_create(const s_gemm_key_t *key, float alpha,
+                          const dnnl_memory_desc_t *weights_md, s_gemm_entry_t **out)
 {
     int rc = 0;
     dnnl_primitive_attr_t attr = NULL;
@@ -137,8 +153,13 @@ static int s_entry_create(const s_gemm_key_t *key, float alpha, s_gemm_entry_t *
     dnnl_dims_t b_dims = {key->k, key->n};
     dnnl_dims_t b_strides = {key->trans_b ? 1 : key->ldb, key->trans_b ? key->ldb : 1};
 
-    UM_DNNL_CHECK(dnnl_memory_desc_init_by_strides(&e->a_md, 2, a_dims, dnnl_f32, a_strides), key);
-    UM_DNNL_CHECK(dnnl_memory_desc_init_by_strides(&e->b_md, 2, b_dims, dnnl_f32, b_strides), key);
+    dnnl_data_type_t a_type = key->kind == S_KIND_WEIGHT_BF16 ? dnnl_bf16 : dnnl_f32;
+    UM_DNNL_CHECK(dnnl_memory_desc_init_by_strides(&e->a_md, 2, a_dims, a_type, a_strides), key);
+    if (weights_md)
+        e->b_md = *weights_md;
+    else
+        UM_DNNL_CHECK(dnnl_memory_desc_init_by_strides(&e->b_md, 2, b_dims, dnnl_f32, b_strides),
+                      key);
     UM_DNNL_CHECK(dnnl_memory_desc_init_by_strides(&e->c_md, 2, c_dims, dnnl_f32, c_strides), key);
 
     UM_DNNL_CHECK(dnnl_primitive_attr_create(&attr), key);
@@ -192,7 +213,10 @@ cleanup:
 }
 
 /* Find or create the cached primitive for key. */
-static int s_cache_get(const s_gemm_key_t *key, float alpha, const s_gemm_entry_t **out)
+static int s_engine_get_locked(void);
+
+static int s_cache_get(const s_gemm_key_t *key, float alpha, const dnnl_memory_desc_t *weights_md,
+                       const s_gemm_entry_t **out)
 {
     pthread_rwlock_rdlock(&s_cache_lock);
     s_gemm_entry_t *e = s_engine ? s_cache_find(key) : NULL;
@@ -202,23 +226,14 @@ static int s_cache_get(const s_gemm_key_t *key, float alpha, const s_gemm_entry_
         return 0;
     }
 
-    int rc = 0;
     pthread_rwlock_wrlock(&s_cache_lock);
-    if (!s_engine) {
-        dnnl_status_t st = dnnl_engine_create(&s_engine, dnnl_cpu, 0);
-        if (st != dnnl_success) {
-            um_error("gemm", "dnnl_engine_create(dnnl_cpu, 0) returned %s: oneDNN cannot run "
-                     "on this host; rerun with ONEDNN_VERBOSE=1 for its reason",
-                     dnnl_status2str(st));
-            s_engine = NULL;
-            rc = UM_EBACKEND;
-            goto unlock;
-        }
-    }
+    int rc = s_engine_get_locked();
+    if (rc != 0)
+        goto unlock;
     /* Another thread may have created the entry between the two locks. */
     e = s_cache_find(key);
     if (!e) {
-        rc = s_entry_create(key, alpha, &e);
+        rc = s_entry_create(key, alpha, weights_md, &e);
         if (rc != 0)
             goto unlock;
         uint32_t h = s_key_hash(key);
@@ -230,6 +245,22 @@ static int s_cache_get(const s_gemm_key_t *key, float alpha, const s_gemm_entry_
 unlock:
     pthread_rwlock_unlock(&s_cache_lock);
     return rc;
+}
+
+/* Create the engine on first use. Called with the write lock held. */
+static int s_engine_get_locked(void)
+{
+    if (s_engine)
+        return 0;
+    dnnl_status_t st = dnnl_engine_create(&s_engine, dnnl_cpu, 0);
+    if (st != dnnl_success) {
+        um_error("gemm", "dnnl_engine_create(dnnl_cpu, 0) returned %s: oneDNN cannot run "
+                 "on this host; rerun with ONEDNN_VERBOSE=1 for its reason",
+                 dnnl_status2str(st));
+        s_engine = NULL;
+        return UM_EBACKEND;
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------------------- */
@@ -289,16 +320,13 @@ static void s_ctx_give(s_gemm_ctx_t *ctx)
 /* ------------------------------------------------------------------------- */
 /* Products                                                                   */
 
-static int s_execute(const s_gemm_entry_t *e, const float *A, const float *B, float *C)
+/* Run e on the caller's matrices with ctx's stream and scratchpad. */
+static int s_execute(const s_gemm_entry_t *e, s_gemm_ctx_t *ctx, const void *A, const void *B,
+                     float *C)
 {
     int rc = 0;
     const s_gemm_key_t *key = &e->key;
     dnnl_memory_t a_mem = NULL, b_mem = NULL, c_mem = NULL, scratch_mem = NULL;
-    s_gemm_ctx_t *ctx = NULL;
-
-    rc = s_ctx_take(e->scratch_bytes, &ctx);
-    if (rc != 0)
-        return rc;
 
     /* oneDNN takes non-const handles but only reads the sources. */
     UM_DNNL_CHECK(dnnl_memory_create(&a_mem, &e->a_md, s_engine, (void *)A), key);
@@ -328,7 +356,6 @@ cleanup:
         dnnl_memory_destroy(b_mem);
     if (a_mem)
         dnnl_memory_destroy(a_mem);
-    s_ctx_give(ctx);
     return rc;
 }
 
@@ -374,10 +401,16 @@ static int s_gemm(s_gemm_key_t *key, float alpha, const float *A, const float *B
         return rc;
 
     const s_gemm_entry_t *e;
-    rc = s_cache_get(key, alpha, &e);
+    rc = s_cache_get(key, alpha, NULL, &e);
     if (rc != 0)
         return rc;
-    return s_execute(e, A, B, C);
+    s_gemm_ctx_t *ctx;
+    rc = s_ctx_take(e->scratch_bytes, &ctx);
+    if (rc != 0)
+        return rc;
+    rc = s_execute(e, ctx, A, B, C);
+    s_ctx_give(ctx);
+    return rc;
 }
 
 int um_gemm_f32_nt(int32_t M, int32_t N, int32_t K, const float *A, int32_t lda,
@@ -398,6 +431,354 @@ int um_gemm_f32_nn(int32_t M, int32_t N, int32_t K, float alpha, const float *A,
         .accumulate = 0,
     };
     return s_gemm(&key, alpha, A, B, C);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Prepared weights                                                           */
+
+struct um_gemm_weight {
+    int32_t n, k;
+    um_wdtype_t dtype;
+    /* bf16 weights on a CPU without native bf16 products stay plain [N, K] bf16 and are
+     * widened to f32 panel by panel inside each product (widen is then 1, md unused). */
+    int widen;
+    dnnl_memory_desc_t md; /* B as the K x N operand, in the primitive's layout */
+    void *data;            /* own copy (owned) or the caller's src */
+    int owned;
+    size_t bytes;
+};
+
+/* Rows of A a representative product has when the preferred layout is queried. */
+#define S_LAYOUT_QUERY_M 256
+
+/* Ask a matmul primitive for M = S_LAYOUT_QUERY_M which layout it wants for W. */
+static int s_weight_layout(int32_t N, int32_t K, dnnl_data_type_t type, dnnl_memory_desc_t *md)
+{
+    int rc = 0;
+    s_gemm_key_t key = {.kind = type == dnnl_bf16 ? S_KIND_WEIGHT_BF16 : S_KIND_WEIGHT_F32,
+                        .trans_b = 1, .m = S_LAYOUT_QUERY_M, .n = N, .k = K};
+    dnnl_memory_desc_t a_md, b_md, c_md;
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_dims_t a_dims = {S_LAYOUT_QUERY_M, K}, b_dims = {K, N}, c_dims = {S_LAYOUT_QUERY_M, N};
+
+    UM_DNNL_CHECK(dnnl_memory_desc_init_by_tag(&a_md, 2, a_dims, type, dnnl_ab), &key);
+    UM_DNNL_CHECK(dnnl_memory_desc_init_by_tag(&b_md, 2, b_dims, type, dnnl_format_tag_any),
+                  &key);
+    UM_DNNL_CHECK(dnnl_memory_desc_init_by_tag(&c_md, 2, c_dims, dnnl_f32, dnnl_ab), &key);
+    dnnl_matmul_desc_t desc;
+    UM_DNNL_CHECK(dnnl_matmul_desc_init(&desc, &a_md, &b_md, NULL, &c_md), &key);
+    UM_DNNL_CHECK(dnnl_primitive_desc_create(&pd, &desc, NULL, s_engine, NULL), &key);
+    *md = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+
+cleanup:
+    if (pd)
+        dnnl_primitive_desc_destroy(pd);
+    return rc;
+}
+
+/* Reorder src (described by src_md) into dst (described by dst_md) with oneDNN. */
+static int s_reorder(const dnnl_memory_desc_t *src_md, const void *src,
+                     const dnnl_memory_desc_t *dst_md, void *dst, const s_gemm_key_t *key)
+{
+    int rc = 0;
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_primitive_t prim = NULL;
+    dnnl_memory_t src_mem = NULL, dst_mem = NULL;
+    dnnl_stream_t stream = NULL;
+
+    UM_DNNL_CHECK(dnnl_reorder_primitive_desc_create(&pd, src_md, s_engine, dst_md, s_engine,
+                                                     NULL), key);
+    UM_DNNL_CHECK(dnnl_primitive_create(&prim, pd), key);
+    UM_DNNL_CHECK(dnnl_memory_create(&src_mem, src_md, s_engine, (void *)src), key);
+    UM_DNNL_CHECK(dnnl_memory_create(&dst_mem, dst_md, s_engine, dst), key);
+    UM_DNNL_CHECK(dnnl_stream_create(&stream, s_engine, dnnl_stream_default_flags), key);
+    dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, src_mem}, {DNNL_ARG_TO, dst_mem}};
+    UM_DNNL_CHECK(dnnl_primitive_execute(prim, stream, 2, args), key);
+    UM_DNNL_CHECK(dnnl_stream_wait(stream), key);
+
+cleanup:
+    if (stream)
+        dnnl_stream_destroy(stream);
+    if (dst_mem)
+        dnnl_memory_destroy(dst_mem);
+    if (src_mem)
+        dnnl_memory_destroy(src_mem);
+    if (prim)
+        dnnl_primitive_destroy(prim);
+    if (pd)
+        dnnl_primitive_desc_destroy(pd);
+    return rc;
+}
+
+/* Rows of W one widened panel holds: 64 rows of K = 4096 are 1 MiB of f32. */
+#define S_WIDEN_PANEL 64
+
+/*
+ * Keep a bf16 weight plain for the widening product: borrow a bf16 src, or round an f32
+ * src to a bf16 copy. Takes ownership of w on success and on failure.
+ */
+static int s_weight_new_widened(um_gemm_weight_t *w, const void *src, int src_bf16,
+                                um_gemm_weight_t **out)
+{
+    w->widen = 1;
+    if (src_bf16) {
+        w->data = (void *)src;
+        w->owned = 0;
+        *out = w;
+        return 0;
+    }
+    size_t n = (size_t)w->n * (size_t)w->k;
+    w->bytes = n * sizeof(uint16_t);
+    size_t cap = (w->bytes + S_SCRATCH_ALIGN - 1) / S_SCRATCH_ALIGN * S_SCRATCH_ALIGN;
+    w->data = aligned_alloc(S_SCRATCH_ALIGN, cap);
+    if (!w->data) {
+        um_error("gemm", "out of memory allocating %.1f MB for a %d x %d bf16 weight",
+                 cap / 1e6, w->n, w->k);
+        free(w);
+        return UM_ENOMEM;
+    }
+    w->owned = 1;
+    um_kernels()->f32_to_bf16(w->data, src, n);
+    *out = w;
+    return 0;
+}
+
+/*
+ * C = A W^T for a widened bf16 weight: each thread widens one panel of S_WIDEN_PANEL
+ * rows of W to f32 in its own buffer, then multiplies A by that panel into its columns
+ * of C. The panel stays in cache between the widening and the product.
+ */
+static int s_apply_widened(const um_gemm_weight_t *w, int32_t M, const float *A, int32_t lda,
+                           float *C, int32_t ldc, int accumulate)
+{
+    int32_t n_panels = (w->n + S_WIDEN_PANEL - 1) / S_WIDEN_PANEL;
+    void (*widen)(float *, const uint16_t *, size_t) = um_kernels()->bf16_to_f32;
+    int rc = 0;
+
+#pragma omp parallel if (n_panels > 1 && !omp_in_parallel())
+    {
+        float *panel = aligned_alloc(S_SCRATCH_ALIGN, (size_t)S_WIDEN_PANEL * w->k *
+                                                          sizeof(float));
+        if (!panel) {
+#pragma omp atomic write
+            rc = UM_ENOMEM;
+        }
+#pragma omp for schedule(static)
+        for (int32_t p = 0; p < n_panels; p++) {
+            if (!panel)
+                continue;
+            int32_t n0 = p * S_WIDEN_PANEL;
+            int32_t rows = w->n - n0 < S_WIDEN_PANEL ? w->n - n0 : S_WIDEN_PANEL;
+            widen(panel, (const uint16_t *)w->data + (size_t)n0 * w->k, (size_t)rows * w->k);
+            int r = um_gemm_f32_nt(M, rows, w->k, A, lda, panel, w->k, C + n0, ldc, accumulate);
+            if (r != 0) {
+#pragma omp atomic write
+                rc = r;
+            }
+        }
+        free(panel);
+    }
+    return rc;
+}
+
+int um_gemm_weight_new(int32_t N, int32_t K, const void *src, int src_bf16, um_wdtype_t dtype,
+                       um_gemm_weight_t **out)
+{
+    *out = NULL;
+    if (N < 1 || K < 1 || !src || (dtype != UM_WDTYPE_F32 && dtype != UM_WDTYPE_BF16)) {
+        um_error("gemm", "invalid weight N=%d K=%d dtype %d%s: sizes must be >= 1 and the "
+                 "dtype f32 or bf16", N, K, (int)dtype, src ? "" : " with NULL data");
+        return UM_EINVAL;
+    }
+    um_gemm_weight_t *w = calloc(1, sizeof *w);
+    if (!w)
+        return UM_ENOMEM;
+    w->n = N;
+    w->k = K;
+    w->dtype = dtype;
+    dnnl_data_type_t type = dtype == UM_WDTYPE_BF16 ? dnnl_bf16 : dnnl_f32;
+
+    pthread_rwlock_wrlock(&s_cache_lock);
+    int rc = s_engine_get_locked();
+    pthread_rwlock_unlock(&s_cache_lock);
+    if (rc != 0)
+        goto fail;
+    if (dtype == UM_WDTYPE_BF16 && !um_gemm_bf16_native())
+        return s_weight_new_widened(w, src, src_bf16, out);
+    rc = s_weight_layout(N, K, type, &w->md);
+    if (rc != 0)
+        goto fail;
+
+    /* The source as the K x N operand: element (k, n) sits at n * K + k. */
+    s_gemm_key_t key = {.kind = type == dnnl_bf16 ? S_KIND_WEIGHT_BF16 : S_KIND_WEIGHT_F32,
+                        .trans_b = 1, .n = N, .k = K, .ldb = K};
+    dnnl_memory_desc_t src_md;
+    dnnl_dims_t dims = {K, N}, strides = {1, K};
+    UM_DNNL_CHECK(dnnl_memory_desc_init_by_strides(&src_md, 2, dims,
+                                                   src_bf16 ? dnnl_bf16 : dnnl_f32, strides),
+                  &key);
+    if (dnnl_memory_desc_equal(&src_md, &w->md)) {
+        w->data = (void *)src;
+        w->owned = 0;
+        *out = w;
+        return 0;
+    }
+
+    w->bytes = dnnl_memory_desc_get_size(&w->md);
+    size_t cap = (w->bytes + S_SCRATCH_ALIGN - 1) / S_SCRATCH_ALIGN * S_SCRATCH_ALIGN;
+    w->data = aligned_alloc(S_SCRATCH_ALIGN, cap);
+    if (!w->data) {
+        um_error("gemm", "out of memory allocating %.1f MB for a %d x %d %s weight", cap / 1e6,
+                 N, K, dtype == UM_WDTYPE_BF16 ? "bf16" : "f32");
+        rc = UM_ENOMEM;
+        goto fail;
+    }
+    w->owned = 1;
+    rc = s_reorder(&src_md, src, &w->md, w->data, &key);
+    if (rc != 0)
+        goto fail;
+    *out = w;
+    return 0;
+
+cleanup:
+fail:
+    if (w->owned)
+        free(w->data);
+    free(w);
+    return rc;
+}
+
+void um_gemm_weight_destroy(um_gemm_weight_t **w)
+{
+    if (!w || !*w)
+        return;
+    if ((*w)->owned)
+        free((*w)->data);
+    free(*w);
+    *w = NULL;
+}
+
+int um_gemm_weight_borrows(const um_gemm_weight_t *w)
+{
+    return !w->owned;
+}
+
+size_t um_gemm_weight_bytes(const um_gemm_weight_t *w)
+{
+    return w->owned ? w->bytes : 0;
+}
+
+/* Round rows of A to bf16 into ctx->a_bf16, packed with row stride K. */
+static int s_round_rows_bf16(s_gemm_ctx_t *ctx, int32_t M, int32_t K, const float *A,
+                             int32_t lda)
+{
+    size_t need = (size_t)M * (size_t)K;
+    if (ctx->a_bf16_cap < need) {
+        size_t bytes = (need * sizeof(uint16_t) + S_SCRATCH_ALIGN - 1) / S_SCRATCH_ALIGN *
+                       S_SCRATCH_ALIGN;
+        uint16_t *buf = aligned_alloc(S_SCRATCH_ALIGN, bytes);
+        if (!buf)
+            return UM_ENOMEM;
+        free(ctx->a_bf16);
+        ctx->a_bf16 = buf;
+        ctx->a_bf16_cap = need;
+    }
+    void (*narrow)(uint16_t *, const float *, size_t) = um_kernels()->f32_to_bf16;
+    uint16_t *dst = ctx->a_bf16;
+#pragma omp parallel for schedule(static) if (M > 16 && !omp_in_parallel())
+    for (int32_t i = 0; i < M; i++)
+        narrow(dst + (size_t)i * K, A + (size_t)i * lda, (size_t)K);
+    return 0;
+}
+
+int um_gemm_weight_apply(const um_gemm_weight_t *w, int32_t M, const float *A, int32_t lda,
+                         float *C, int32_t ldc, int accumulate)
+{
+    if (!w) {
+        um_error("gemm", "weight product got a NULL weight");
+        return UM_EINVAL;
+    }
+    int bf16 = w->dtype == UM_WDTYPE_BF16;
+    s_gemm_key_t key = {
+        .kind = bf16 ? S_KIND_WEIGHT_BF16 : S_KIND_WEIGHT_F32,
+        .trans_b = 1, .m = M, .n = w->n, .k = w->k,
+        /* bf16 activations are repacked with row stride K before the product. */
+        .lda = bf16 ? w->k : lda, .ldb = w->k, .ldc = ldc,
+        .accumulate = accumulate ? 1 : 0,
+    };
+    float one = 1.0f;
+    memcpy(&key.alpha_bits, &one, sizeof one);
+    int empty;
+    s_gemm_key_t check = key;
+    check.lda = lda;
+    int rc = s_check_args(&check, A, w->data, C, &empty);
+    if (rc != 0 || empty)
+        return rc;
+    if (w->widen)
+        return s_apply_widened(w, M, A, lda, C, ldc, accumulate);
+
+    const s_gemm_entry_t *e;
+    rc = s_cache_get(&key, 1.0f, &w->md, &e);
+    if (rc != 0)
+        return rc;
+    if (!dnnl_memory_desc_equal(&e->b_md, &w->md)) {
+        /* Weights of one (dtype, N, K) all get the same layout, so this is a bug. */
+        um_error("gemm", "cached product M=%d N=%d K=%d expects another weight layout than "
+                 "the weight passed", M, w->n, w->k);
+        return UM_EBACKEND;
+    }
+    s_gemm_ctx_t *ctx;
+    rc = s_ctx_take(e->scratch_bytes, &ctx);
+    if (rc != 0)
+        return rc;
+    const void *a = A;
+    if (bf16) {
+        rc = s_round_rows_bf16(ctx, M, w->k, A, lda);
+        a = ctx->a_bf16;
+    }
+    if (rc == 0)
+        rc = s_execute(e, ctx, a, w->data, C);
+    s_ctx_give(ctx);
+    return rc;
+}
+
+int um_gemm_bf16_native(void)
+{
+    /* avx512_core_bf16 and avx512_core_amx both contain the bf16 feature bits. */
+    unsigned isa = (unsigned)dnnl_get_effective_cpu_isa();
+    return (isa & (unsigned)dnnl_cpu_isa_avx512_core_bf16) ==
+           (unsigned)dnnl_cpu_isa_avx512_core_bf16;
+}
+
+int um_gemm_set_max_isa(um_isa_t isa)
+{
+    dnnl_cpu_isa_t cap;
+    switch (isa) {
+    case UM_ISA_SCALAR:
+        /* oneDNN has no scalar path; SSE4.1 is its smallest x86 ISA. */
+        cap = dnnl_cpu_isa_sse41;
+        break;
+    case UM_ISA_AVX2:
+        cap = dnnl_cpu_isa_avx2;
+        break;
+    case UM_ISA_AVX512:
+        cap = dnnl_cpu_isa_avx512_core_bf16;
+        break;
+    default:
+        cap = dnnl_cpu_isa_all;
+        break;
+    }
+#if !defined(__x86_64__)
+    cap = dnnl_cpu_isa_all;
+#endif
+    dnnl_status_t st = dnnl_set_max_cpu_isa(cap);
+    if (st != dnnl_success) {
+        /* The cap is fixed once a primitive has been created. */
+        um_warn("gemm", "dnnl_set_max_cpu_isa returned %s: the oneDNN ISA stays as it was",
+                dnnl_status2str(st));
+        return UM_EBACKEND;
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------------------- */
@@ -427,6 +808,7 @@ void um_gemm_shutdown(void)
         s_pool = ctx->next;
         dnnl_stream_destroy(ctx->stream);
         free(ctx->scratch);
+        free(ctx->a_bf16);
         free(ctx);
     }
     pthread_mutex_unlock(&s_pool_lock);

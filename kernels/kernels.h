@@ -184,8 +184,93 @@ int um_gemm_f32_nt(int32_t M, int32_t N, int32_t K, const float *A, int32_t lda,
 int um_gemm_f32_nn(int32_t M, int32_t N, int32_t K, float alpha, const float *A, int32_t lda,
                    const float *B, int32_t ldb, float *C, int32_t ldc);
 
+/* ------------------------------------------------------------------------- */
+/* Weight products: y = x W^T with W prepared once at load                    */
+
+/* Storage type of a prepared weight matrix; activations are always f32 at the API. */
+typedef enum um_wdtype {
+    UM_WDTYPE_F32 = 1,
+    UM_WDTYPE_BF16 = 2, /* bf16 weights and activations, f32 accumulation and output */
+} um_wdtype_t;
+
+/*
+ * A weight matrix W [N, K] (nn.Linear layout) in the layout the matmul primitive
+ * prefers on this host (possibly blocked), in f32 or bf16.
+ */
+typedef struct um_gemm_weight um_gemm_weight_t;
+
+/*
+ * Prepare W from src, N rows of K contiguous values, f32 (src_bf16 == 0) or bf16
+ * (src_bf16 != 0). The data is reordered once into the primitive's preferred layout
+ * and dtype; when that layout and dtype are those of src, the weight borrows src, which
+ * must then outlive it (um_gemm_weight_borrows says which). Returns 0 and sets *out,
+ * UM_EINVAL for a bad size or NULL src, UM_ENOMEM, or UM_EBACKEND.
+ */
+int um_gemm_weight_new(int32_t N, int32_t K, const void *src, int src_bf16, um_wdtype_t dtype,
+                       um_gemm_weight_t **out);
+
+/* Free the weight (not a borrowed source) and set *w to NULL; NULL is ignored. */
+void um_gemm_weight_destroy(um_gemm_weight_t **w);
+
+/* Whether the weight points into the caller's src instead of its own copy. */
+int um_gemm_weight_borrows(const um_gemm_weight_t *w);
+
+/* Bytes of the weight's own copy (0 when it borrows). */
+size_t um_gemm_weight_bytes(const um_gemm_weight_t *w);
+
+/*
+ * C[M, N] = A[M, K] W^T (+ C when accumulate). A and C are f32 row-major with row
+ * strides lda and ldc. For a bf16 weight A is rounded to bf16 (nearest even) first and
+ * the products are accumulated in f32. Primitives are cached per (dtype, M, N, K,
+ * strides, accumulate). Thread-safe. Returns 0, UM_EINVAL, UM_ENOMEM or UM_EBACKEND.
+ */
+int um_gemm_weight_apply(const um_gemm_weight_t *w, int32_t M, const float *A, int32_t lda,
+                         float *C, int32_t ldc, int accumulate);
+
+/*
+ * Whether oneDNN runs bf16 products natively on this host (AVX512-BF16 or AMX, within
+ * the ISA cap); without it bf16 weights save memory but run on a slow reference path.
+ */
+int um_gemm_bf16_native(void);
+
+/*
+ * Cap the instruction set oneDNN may use, to match the kernel ISA selection. Must run
+ * before the first product; um_kernels_select calls it. Returns 0 or UM_EBACKEND.
+ */
+int um_gemm_set_max_isa(um_isa_t isa);
+
 /* "onednn X.Y.Z" */
 const char *um_gemm_backend(void);
+
+/* ------------------------------------------------------------------------- */
+/* Attention                                                                  */
+
+/* Query rows one attention task covers; a task's score tile is this many rows of L. */
+#define UM_ATTENTION_TILE 64
+
+/* Shapes of a bidirectional multi-head attention over n_seq sequences of seq_len. */
+typedef struct um_attention_shape {
+    int32_t n_seq, seq_len;
+    int32_t n_heads, n_kv_heads, head_dim; /* n_heads a multiple of n_kv_heads */
+    int32_t q_stride;  /* floats between rows of q (and of the output) */
+    int32_t kv_stride; /* floats between rows of k and of v */
+} um_attention_shape_t;
+
+/* Floats of score buffer um_attention needs for n_threads threads. */
+size_t um_attention_scratch_floats(const um_attention_shape_t *shape, int n_threads);
+
+/*
+ * Bidirectional attention without a mask, fused per (sequence, head, tile of
+ * UM_ATTENTION_TILE query rows): scores = q k^T, a stable softmax per row, then
+ * scores v, written over that tile's query rows in q. q must already carry the
+ * 1/sqrt(head_dim) scale. Query head h reads key/value head h / (n_heads / n_kv_heads).
+ * Tasks run under OpenMP, each thread with its own tile of scratch (at least
+ * um_attention_scratch_floats floats for omp_get_max_threads() threads), so no
+ * thread holds more than one tile of one head's score matrix. Returns 0, UM_EINVAL
+ * or UM_EBACKEND.
+ */
+int um_attention(const um_kernel_table_t *k, const um_attention_shape_t *shape, float *q,
+                 const float *kk, const float *v, float *scratch);
 
 /* Release cached primitives (at exit; tests check for leaks). */
 void um_gemm_shutdown(void);

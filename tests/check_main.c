@@ -16,6 +16,7 @@
 int main(void)
 {
     SRunner *sr = srunner_create(um_kernels_suite());
+    srunner_add_suite(sr, um_gemm_suite());
     srunner_add_suite(sr, um_safetensors_suite());
     srunner_add_suite(sr, um_model_suite());
     srunner_add_suite(sr, um_generate_suite());

@@ -495,7 +495,7 @@ END_TEST
 
 /* Tensors for the small f32 model files written by the GQA test. */
 typedef struct s_out_tensor {
-    char name[96];
+    const char *name;
     int64_t rows, cols; /* cols 0 for a vector */
     float *data;
 } s_out_tensor_t;
@@ -541,13 +541,42 @@ static void s_write_f32_safetensors(const char *path, const s_out_tensor_t *t, s
  * it is the equivalent multi-head model in which query head h reads a duplicate of
  * key/value head h / kv_group.
  */
+/* Tensor name of the bundled model as f32 (widened from bf16 when stored so); caller frees. */
+static float *s_tensor_f32(const um_safetensors_t *st, const char *name)
+{
+    const um_tensor_view_t *t = um_safetensors_find(st, name);
+    ck_assert_msg(t != NULL, "tensor %s missing from the bundled model", name);
+    float *out = malloc((size_t)t->numel * sizeof *out);
+    ck_assert_ptr_nonnull(out);
+    if (t->dtype == UM_DTYPE_BF16)
+        um_k_bf16_to_f32_ref(out, (const uint16_t *)t->data, (size_t)t->numel);
+    else
+        memcpy(out, t->data, (size_t)t->numel * sizeof *out);
+    return out;
+}
+
 static void s_write_one_layer_model(const char *dir, int group, int kv_group)
 {
     const um_model_config_t *c = um_model_config(s_model);
-    const um_model_weights_t *w = um_model_weights(s_model);
-    const um_block_weights_t *b = &w->blocks[0];
     int64_t d = c->d_model, hd = c->head_dim, n_kv = c->n_heads / group;
     int64_t mlp = c->mlp_hidden_size, V = c->embedding_size;
+
+    char err[1024] = "";
+    um_safetensors_t *st = NULL;
+    ck_assert_msg(um_safetensors_open_dir(um_test_env("UM_TEST_MODEL"), &st, err, sizeof err) == 0,
+                  "%s", err);
+    static const char *const names[] = {
+        "model.transformer.wte.weight", "model.transformer.blocks.0.attn_norm.weight",
+        "model.transformer.blocks.0.q_proj.weight", "model.transformer.blocks.0.k_proj.weight",
+        "model.transformer.blocks.0.v_proj.weight", "model.transformer.blocks.0.attn_out.weight",
+        "model.transformer.blocks.0.ff_norm.weight", "model.transformer.blocks.0.ff_proj.weight",
+        "model.transformer.blocks.0.up_proj.weight", "model.transformer.blocks.0.ff_out.weight",
+        "model.transformer.ln_f.weight", "model.transformer.ff_out.weight",
+    };
+    float *src[12];
+    for (size_t i = 0; i < 12; i++)
+        src[i] = s_tensor_f32(st, names[i]);
+    um_safetensors_close(&st);
 
     /* Key/value head j of the written model is head j of the GQA model, whose heads
      * are the first n_heads / kv_group heads of the bundled model. */
@@ -555,28 +584,22 @@ static void s_write_one_layer_model(const char *dir, int group, int kv_group)
     float *v = malloc((size_t)(n_kv * hd * d) * sizeof *v);
     for (int64_t j = 0; j < n_kv; j++) {
         int64_t source = group > 1 ? j : j / kv_group;
-        memcpy(k + j * hd * d, b->k_proj + source * hd * d, (size_t)(hd * d) * sizeof *k);
-        memcpy(v + j * hd * d, b->v_proj + source * hd * d, (size_t)(hd * d) * sizeof *v);
+        memcpy(k + j * hd * d, src[3] + source * hd * d, (size_t)(hd * d) * sizeof *k);
+        memcpy(v + j * hd * d, src[4] + source * hd * d, (size_t)(hd * d) * sizeof *v);
     }
     s_out_tensor_t t[] = {
-        {"model.transformer.wte.weight", V, d, (float *)w->wte},
-        {"model.transformer.blocks.0.attn_norm.weight", d, 0, (float *)b->attn_norm},
-        {"model.transformer.blocks.0.q_proj.weight", d, d, (float *)b->q_proj},
-        {"model.transformer.blocks.0.k_proj.weight", n_kv * hd, d, k},
-        {"model.transformer.blocks.0.v_proj.weight", n_kv * hd, d, v},
-        {"model.transformer.blocks.0.attn_out.weight", d, d, (float *)b->attn_out},
-        {"model.transformer.blocks.0.ff_norm.weight", d, 0, (float *)b->ff_norm},
-        {"model.transformer.blocks.0.ff_proj.weight", mlp, d, (float *)b->ff_proj},
-        {"model.transformer.blocks.0.up_proj.weight", mlp, d, (float *)b->up_proj},
-        {"model.transformer.blocks.0.ff_out.weight", d, mlp, (float *)b->ff_out},
-        {"model.transformer.ln_f.weight", d, 0, (float *)w->ln_f},
-        {"model.transformer.ff_out.weight", V, d, (float *)w->lm_head},
+        {names[0], V, d, src[0]},     {names[1], d, 0, src[1]},  {names[2], d, d, src[2]},
+        {names[3], n_kv * hd, d, k},  {names[4], n_kv * hd, d, v}, {names[5], d, d, src[5]},
+        {names[6], d, 0, src[6]},     {names[7], mlp, d, src[7]}, {names[8], mlp, d, src[8]},
+        {names[9], d, mlp, src[9]},   {names[10], d, 0, src[10]}, {names[11], V, d, src[11]},
     };
     char path[8192];
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     s_write_f32_safetensors(path, t, sizeof t / sizeof t[0]);
     free(k);
     free(v);
+    for (size_t i = 0; i < 12; i++)
+        free(src[i]);
 
     json_t *config = s_config_read();
     json_object_set_new(config, "n_layers", json_integer(1));

@@ -21,6 +21,7 @@ char *um_test_read_file(const char *path, size_t *len);
 
 /* Suites, one per unit; check_main.c runs them all. */
 Suite *um_kernels_suite(void);
+Suite *um_gemm_suite(void);
 Suite *um_safetensors_suite(void);
 Suite *um_model_suite(void);
 Suite *um_generate_suite(void);
