@@ -74,9 +74,11 @@ static void s_usage(FILE *out)
             "  --isa NAME             highest instruction set the kernels may use: scalar,\n"
             "                         avx2, avx512, amx or neon; default: the best this CPU\n"
             "                         runs (UNMASKD_ISA sets the same cap)\n"
-            "  --weight-dtype TYPE    dtype of the matrix products: f32, bf16 or auto; auto\n"
-            "                         picks bf16 where the CPU computes it natively\n"
-            "                         (AVX512-BF16 or AMX), else f32; default auto\n"
+            "  --weight-dtype TYPE    dtype of the stored weight matrices: f32, bf16 or auto;\n"
+            "                         auto picks bf16 where the CPU computes in bf16\n"
+            "                         (AVX512-BF16 or AMX) or the checkpoint is all bf16\n"
+            "                         (then widened to f32 inside each product), else f32;\n"
+            "                         default auto\n"
             "  --log-level LEVEL      debug, info, notice, warn or error; default info\n"
             "  --max-queue N          generate requests that may wait behind the running one;\n"
             "                         more get a \"busy\" error; default %d\n"
@@ -278,12 +280,12 @@ static void s_log_model(const um_model_t *model)
             um_model_dir(model), c->model_type, c->d_model, c->n_layers, c->n_heads,
             c->n_kv_heads, c->head_dim, c->mlp_hidden_size, c->vocab_size, c->embedding_size,
             c->max_sequence_length, c->mask_token_id, c->eos_token_id);
-    um_info("main", "weights %s on disk, GEMM backend %s, kernel ISA %s (%s)",
+    um_info("main", "weights %s on disk, GEMM backend %s, kernel ISA %s: %s",
             um_model_dtype(model), um_model_backend(model), um_isa_name(um_kernels_isa()),
             um_kernels_reason());
     if (um_model_weight_dtype(model) == UM_WDTYPE_BF16 && !um_gemm_bf16_native())
-        um_warn("main", "bf16 matrix products run on oneDNN's slow reference path on this "
-                "CPU (no AVX512-BF16 or AMX): use --weight-dtype f32 for speed");
+        um_info("main", "this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX): bf16 "
+                "weights are widened to f32 inside each product");
 }
 
 /* Require a remasking plugin; warn when the default one is missing. */

@@ -408,12 +408,17 @@ static size_t s_slot_arena_bytes(const s_slot_t *slot)
     return (bytes + S_ALIGN - 1) / S_ALIGN * S_ALIGN;
 }
 
-/* Choose the dtype of the matrix products: bf16 where oneDNN runs it natively. */
-static um_wdtype_t s_weight_dtype(const um_model_options_t *opts)
+/*
+ * Choose the dtype of the matrix products when the options leave it to us: bf16 where
+ * oneDNN runs it natively; elsewhere bf16 for an all-bf16 checkpoint, whose weights are
+ * then widened to f32 inside each product (the same numbers in half the memory, and on
+ * AVX2 no slower), and f32 otherwise.
+ */
+static um_wdtype_t s_weight_dtype(um_wdtype_t requested, int all_bf16)
 {
-    if (opts && opts->weight_dtype)
-        return opts->weight_dtype;
-    return um_gemm_bf16_native() ? UM_WDTYPE_BF16 : UM_WDTYPE_F32;
+    if (requested)
+        return requested;
+    return um_gemm_bf16_native() || all_bf16 ? UM_WDTYPE_BF16 : UM_WDTYPE_F32;
 }
 
 /* Bind one slot; data is the tensor's bytes (in the mapping or an aligned copy). */
@@ -463,6 +468,7 @@ static int s_slots_bind(um_model_t *m, s_slot_t *slots, size_t n_slots, char *er
     else if (n_f32 == 0)
         dtype = "bf16";
     snprintf(m->dtype, sizeof m->dtype, "%s", dtype);
+    m->weight_dtype = s_weight_dtype(m->weight_dtype, n_f32 == 0);
 
     if (arena_bytes > 0) {
         m->arena = s_alloc_aligned(arena_bytes);
@@ -575,7 +581,7 @@ int um_model_load_opts(const char *dir, const um_model_options_t *opts, um_model
     rc = s_config_load(dir, &m->config, err, errlen);
     if (rc != 0)
         goto cleanup;
-    m->weight_dtype = s_weight_dtype(opts);
+    m->weight_dtype = opts ? opts->weight_dtype : 0; /* 0: chosen when the dtypes are known */
     rc = s_weights_load(m, err, errlen);
     if (rc != 0)
         goto cleanup;

@@ -57,7 +57,8 @@ typedef struct um_block_weights {
 /* Load-time choices. Zero-initialised options mean the defaults. */
 typedef struct um_model_options {
     /* Dtype of the matrix products; 0 (auto): bf16 where oneDNN runs bf16 natively
-     * (AVX512-BF16 or AMX), else f32. */
+     * (AVX512-BF16 or AMX) or where every tensor of the checkpoint is bf16 (the weights
+     * are then widened to f32 inside each product), else f32. */
     um_wdtype_t weight_dtype;
 } um_model_options_t;
 

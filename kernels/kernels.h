@@ -190,7 +190,9 @@ int um_gemm_f32_nn(int32_t M, int32_t N, int32_t K, float alpha, const float *A,
 /* Storage type of a prepared weight matrix; activations are always f32 at the API. */
 typedef enum um_wdtype {
     UM_WDTYPE_F32 = 1,
-    UM_WDTYPE_BF16 = 2, /* bf16 weights and activations, f32 accumulation and output */
+    /* bf16 weights; with native bf16, activations are rounded to bf16 too and products
+     * accumulate in f32; without, the weights are widened and the product is f32. */
+    UM_WDTYPE_BF16 = 2,
 } um_wdtype_t;
 
 /*
@@ -229,7 +231,8 @@ int um_gemm_weight_apply(const um_gemm_weight_t *w, int32_t M, const float *A, i
 
 /*
  * Whether oneDNN runs bf16 products natively on this host (AVX512-BF16 or AMX, within
- * the ISA cap); without it bf16 weights save memory but run on a slow reference path.
+ * the ISA cap). Without it a bf16 weight is widened to f32 panel by panel inside each
+ * product: half the memory of f32, the same arithmetic as f32 on the widened values.
  */
 int um_gemm_bf16_native(void);
 
