@@ -74,6 +74,8 @@ static void s_usage(FILE *out)
             "  --isa NAME             highest instruction set the kernels may use: scalar,\n"
             "                         avx2, avx512, amx or neon; default: the best this CPU\n"
             "                         runs (UNMASKD_ISA sets the same cap)\n"
+            "  --list-isas            show which instruction sets this CPU and build can run,\n"
+            "                         and why not, then exit\n"
             "  --weight-dtype TYPE    dtype of the stored weight matrices: f32, bf16 or auto;\n"
             "                         auto picks bf16 where the CPU computes in bf16\n"
             "                         (AVX512-BF16 or AMX) or the checkpoint is all bf16\n"
@@ -120,10 +122,23 @@ enum {
     S_OPT_MAX_QUEUE,
     S_OPT_MAX_REQUEST,
     S_OPT_ISA,
+    S_OPT_LIST_ISAS,
     S_OPT_WEIGHT_DTYPE,
     S_OPT_HELP,
     S_OPT_VERSION,
 };
+
+/* Print one line per ISA: "NAME yes" or "NAME no: reason". */
+static void s_list_isas(void)
+{
+    for (int i = 0; i < UM_ISA_COUNT; i++) {
+        char why[160];
+        if (um_isa_supported((um_isa_t)i, why, sizeof why))
+            printf("%-7s yes\n", um_isa_name((um_isa_t)i));
+        else
+            printf("%-7s no: %s\n", um_isa_name((um_isa_t)i), why);
+    }
+}
 
 /* Parse argv into opt. Returns 0 to run, 1 when --help or --version was served, -1 on error. */
 static int s_parse_options(int argc, char **argv, s_options_t *opt)
@@ -135,6 +150,7 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         {"tokenizer", required_argument, NULL, S_OPT_TOKENIZER},
         {"threads", required_argument, NULL, S_OPT_THREADS},
         {"isa", required_argument, NULL, S_OPT_ISA},
+        {"list-isas", no_argument, NULL, S_OPT_LIST_ISAS},
         {"weight-dtype", required_argument, NULL, S_OPT_WEIGHT_DTYPE},
         {"log-level", required_argument, NULL, S_OPT_LOG_LEVEL},
         {"max-queue", required_argument, NULL, S_OPT_MAX_QUEUE},
@@ -181,6 +197,9 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         case S_OPT_ISA:
             opt->isa = optarg;
             break;
+        case S_OPT_LIST_ISAS:
+            s_list_isas();
+            return 1;
         case S_OPT_WEIGHT_DTYPE:
             if (strcmp(optarg, "f32") == 0) {
                 opt->weight_dtype = UM_WDTYPE_F32;
