@@ -72,5 +72,5 @@ for isa in $("$UM_TEST_DAEMON" --list-isas | awk '$2 == "yes" && $1 != "scalar" 
     echo "isa_parity: $isa matches scalar token for token on 3 prompts"
     compared=$((compared + 1))
 done
-"$UM_TEST_DAEMON" --list-isas | awk '$2 == "no" {print "isa_parity: skipping " $0}'
+"$UM_TEST_DAEMON" --list-isas | awk '$2 == "no:" {print "isa_parity: skipping " $0}'
 echo "isa_parity: compared $compared SIMD ISA(s) with scalar"
