@@ -45,6 +45,7 @@ static void s_usage(FILE *out)
             "  --threads N          OpenMP threads (default: OpenMP's choice)\n"
             "  --isa NAME           kernel ISA cap: scalar, avx2, avx512, amx, neon\n"
             "  --weight-dtype TYPE  f32, bf16 or auto (default auto)\n"
+            "  --attention NAME     attention products: onednn (default) or libxsmm\n"
             "  --json FILE          also write the figures as JSON to FILE\n");
 }
 
@@ -97,13 +98,15 @@ static int s_time_bare_products(s_shape_t *shapes, int n_shapes, int32_t M, um_w
 int main(int argc, char **argv)
 {
     const char *model_dir = "models/tinystories", *isa = NULL, *json_path = NULL;
+    const char *attention = NULL;
     int tokens = 160, repeat = 5, threads = 0;
     um_model_options_t opts = {0};
     static const struct option longopts[] = {
         {"model", required_argument, 0, 'm'},  {"tokens", required_argument, 0, 'n'},
         {"repeat", required_argument, 0, 'r'}, {"threads", required_argument, 0, 't'},
         {"isa", required_argument, 0, 'i'},    {"weight-dtype", required_argument, 0, 'w'},
-        {"json", required_argument, 0, 'j'},   {"help", no_argument, 0, 'h'},
+        {"json", required_argument, 0, 'j'},   {"attention", required_argument, 0, 'a'},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -114,6 +117,7 @@ int main(int argc, char **argv)
         case 't': threads = atoi(optarg); break;
         case 'i': isa = optarg; break;
         case 'j': json_path = optarg; break;
+        case 'a': attention = optarg; break;
         case 'w':
             if (strcmp(optarg, "f32") == 0)
                 opts.weight_dtype = UM_WDTYPE_F32;
@@ -138,7 +142,8 @@ int main(int argc, char **argv)
     um_log_set_level(UM_LOG_WARN);
 
     char err[1024] = "";
-    if (um_kernels_select(isa, err, sizeof err) != 0) {
+    if (um_kernels_select(isa, err, sizeof err) != 0 ||
+        um_attention_select(attention, err, sizeof err) != 0) {
         fprintf(stderr, "forward-bench: %s\n", err);
         return 2;
     }
@@ -213,9 +218,9 @@ int main(int argc, char **argv)
 
     printf("model %s: d_model %d, %d layers, %d heads, mlp %d, vocab %d\n", model_dir, d,
            cfg->n_layers, cfg->n_heads, mlp, V);
-    printf("%d tokens per pass, %s products (%s), kernels %s, %d threads, %d runs\n", L, wdtype,
-           um_model_backend(model), um_isa_name(um_kernels_isa()), omp_get_max_threads(),
-           repeat);
+    printf("%d tokens per pass, %s products (%s), attention %s, kernels %s, %d threads, "
+           "%d runs\n", L, wdtype, um_model_backend(model), um_attention_backend_name(),
+           um_isa_name(um_kernels_isa()), omp_get_max_threads(), repeat);
     printf("%-34s %10s %8s\n", "forward pass, by op", "ms/pass", "share");
     const struct {
         const char *name;
@@ -250,14 +255,15 @@ int main(int argc, char **argv)
         }
         fprintf(f, "{\"model\":\"%s\",\"d_model\":%d,\"n_layers\":%d,\"n_heads\":%d,"
                 "\"mlp_hidden_size\":%d,\"vocab\":%d,\"tokens\":%d,\"weight_dtype\":\"%s\","
-                "\"backend\":\"%s\",\"isa\":\"%s\",\"isa_reason\":\"%s\",\"threads\":%d,"
+                "\"backend\":\"%s\",\"attention\":\"%s\",\"isa\":\"%s\",\"isa_reason\":\"%s\",\"threads\":%d,"
                 "\"repeat\":%d,\"forward_ms_median\":%.3f,\"forward_ms_min\":%.3f,"
                 "\"ops_ms\":{\"gemm\":%.3f,\"lm_head\":%.3f,\"attention\":%.3f,\"norm\":%.3f,"
                 "\"rope\":%.3f,\"activation\":%.3f,\"embedding\":%.3f,\"total\":%.3f},"
                 "\"matrix_share\":%.4f,\"bare_matmul_ms\":%.3f,\"bare_matmul_gflops\":%.2f,"
                 "\"forward_gflops\":%.2f,\"fraction_of_bare_rate\":%.4f}\n",
                 model_dir, d, cfg->n_layers, cfg->n_heads, mlp, V, L, wdtype,
-                um_model_backend(model), um_isa_name(um_kernels_isa()), um_kernels_reason(),
+                um_model_backend(model), um_attention_backend_name(),
+                um_isa_name(um_kernels_isa()), um_kernels_reason(),
                 omp_get_max_threads(), repeat, step_ms, fwd[0], prof.gemm_ms / n,
                 prof.lm_head_ms / n, prof.attention_ms / n, prof.norm_ms / n, prof.rope_ms / n,
                 prof.activation_ms / n, prof.other_ms / n, prof.total_ms / n,

@@ -43,6 +43,7 @@ typedef struct s_options {
     const char *tokenizer;    /* NULL: the plugin whose probe scores highest */
     int threads;              /* 0: OpenMP's default */
     const char *isa;          /* --isa cap; NULL: UNMASKD_ISA or none */
+    const char *attention;    /* --attention backend; NULL: UNMASKD_ATTENTION or onednn */
     um_wdtype_t weight_dtype; /* 0: auto */
     int log_level;
     size_t max_queue;
@@ -74,6 +75,9 @@ static void s_usage(FILE *out)
             "  --isa NAME             highest instruction set the kernels may use: scalar,\n"
             "                         avx2, avx512, amx or neon; default: the best this CPU\n"
             "                         runs (UNMASKD_ISA sets the same cap)\n"
+            "  --attention NAME       backend of the attention products: onednn or libxsmm\n"
+            "                         (x86 builds with libxsmm-dev); default onednn\n"
+            "                         (UNMASKD_ATTENTION sets the same)\n"
             "  --list-isas            show which instruction sets this CPU and build can run,\n"
             "                         and why not, then exit\n"
             "  --weight-dtype TYPE    dtype of the stored weight matrices: f32, bf16 or auto;\n"
@@ -123,6 +127,7 @@ enum {
     S_OPT_MAX_REQUEST,
     S_OPT_ISA,
     S_OPT_LIST_ISAS,
+    S_OPT_ATTENTION,
     S_OPT_WEIGHT_DTYPE,
     S_OPT_HELP,
     S_OPT_VERSION,
@@ -151,6 +156,7 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         {"threads", required_argument, NULL, S_OPT_THREADS},
         {"isa", required_argument, NULL, S_OPT_ISA},
         {"list-isas", no_argument, NULL, S_OPT_LIST_ISAS},
+        {"attention", required_argument, NULL, S_OPT_ATTENTION},
         {"weight-dtype", required_argument, NULL, S_OPT_WEIGHT_DTYPE},
         {"log-level", required_argument, NULL, S_OPT_LOG_LEVEL},
         {"max-queue", required_argument, NULL, S_OPT_MAX_QUEUE},
@@ -196,6 +202,9 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
             break;
         case S_OPT_ISA:
             opt->isa = optarg;
+            break;
+        case S_OPT_ATTENTION:
+            opt->attention = optarg;
             break;
         case S_OPT_LIST_ISAS:
             s_list_isas();
@@ -299,9 +308,9 @@ static void s_log_model(const um_model_t *model)
             um_model_dir(model), c->model_type, c->d_model, c->n_layers, c->n_heads,
             c->n_kv_heads, c->head_dim, c->mlp_hidden_size, c->vocab_size, c->embedding_size,
             c->max_sequence_length, c->mask_token_id, c->eos_token_id);
-    um_info("main", "weights %s on disk, GEMM backend %s, kernel ISA %s: %s",
-            um_model_dtype(model), um_model_backend(model), um_isa_name(um_kernels_isa()),
-            um_kernels_reason());
+    um_info("main", "weights %s on disk, GEMM backend %s, attention %s, kernel ISA %s: %s",
+            um_model_dtype(model), um_model_backend(model), um_attention_backend_name(),
+            um_isa_name(um_kernels_isa()), um_kernels_reason());
     if (um_model_weight_dtype(model) == UM_WDTYPE_BF16 && !um_gemm_bf16_native())
         um_info("main", "this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX): bf16 "
                 "weights are widened to f32 inside each product");
@@ -386,6 +395,8 @@ int main(int argc, char **argv)
 #endif
 
     rc = um_kernels_select(opt.isa, err, sizeof err);
+    if (rc == 0)
+        rc = um_attention_select(opt.attention, err, sizeof err);
     if (rc != 0) {
         um_error("main", "%s", err);
         goto done;

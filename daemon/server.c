@@ -779,6 +779,7 @@ static json_t *s_info_reply(um_server_t *srv, const json_t *id)
     json_object_set_new(r, "backend", um_reply_text(um_model_backend(srv->model)));
     json_object_set_new(r, "isa", json_string(um_isa_name(um_kernels_isa())));
     json_object_set_new(r, "isa_reason", um_reply_text(um_kernels_reason()));
+    json_object_set_new(r, "attention", um_reply_text(um_attention_backend_name()));
     json_object_set_new(r, "weight_dtype",
                         json_string(um_model_weight_dtype(srv->model) == UM_WDTYPE_BF16
                                         ? "bf16" : "f32"));

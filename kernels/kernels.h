@@ -245,6 +245,16 @@ int um_gemm_set_max_isa(um_isa_t isa);
 /* "onednn X.Y.Z" */
 const char *um_gemm_backend(void);
 
+/*
+ * libxsmm, where the build has it (UM_HAVE_LIBXSMM): a column-major product
+ * C[m, n] = A[m, k] B[k, n] with leading dimensions lda, ldb, ldc, JIT-compiled once per
+ * shape. Returns NULL when libxsmm has no kernel for the shape.
+ */
+typedef void (*um_xsmm_kernel_t)(const float *a, const float *b, float *c);
+um_xsmm_kernel_t um_xsmm_dispatch(int32_t m, int32_t n, int32_t k, int32_t lda, int32_t ldb,
+                                  int32_t ldc);
+const char *um_xsmm_version(void);
+
 /* ------------------------------------------------------------------------- */
 /* Attention                                                                  */
 
@@ -258,6 +268,22 @@ typedef struct um_attention_shape {
     int32_t q_stride;  /* floats between rows of q (and of the output) */
     int32_t kv_stride; /* floats between rows of k and of v */
 } um_attention_shape_t;
+
+/* Backends for the attention's score and value products. */
+typedef enum um_attention_backend {
+    UM_ATTENTION_ONEDNN = 0, /* oneDNN matmul primitives, cached per shape */
+    UM_ATTENTION_LIBXSMM,    /* libxsmm JIT kernels (x86 builds with libxsmm only) */
+} um_attention_backend_t;
+
+/*
+ * Choose the backend of um_attention at startup, by name ("onednn" or "libxsmm"; NULL:
+ * the environment variable UNMASKD_ATTENTION, else onednn). Returns 0, or UM_EINVAL
+ * with a message in err for an unknown name or libxsmm in a build without it.
+ */
+int um_attention_select(const char *name, char *err, size_t errlen);
+
+/* The selected backend's name: "onednn" or "libxsmm X.Y". */
+const char *um_attention_backend_name(void);
 
 /* Floats of score buffer um_attention needs for n_threads threads. */
 size_t um_attention_scratch_floats(const um_attention_shape_t *shape, int n_threads);

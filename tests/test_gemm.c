@@ -253,35 +253,15 @@ static const s_attention_case_t s_attention_cases[] = {
 };
 #define S_N_ATTENTION_CASES (int)(sizeof s_attention_cases / sizeof s_attention_cases[0])
 
-START_TEST(attention_matches_double)
+/* Compare q, the attention output, with a naive attention in double. */
+static void s_check_attention(const s_attention_case_t *ac, const um_attention_shape_t *sh,
+                              const float *q, const float *q0, const float *kk, const float *v,
+                              double *p, const char *isa, const char *backend)
 {
-    const s_attention_case_t *ac = &s_attention_cases[_i % S_N_ATTENTION_CASES];
-    const um_kernel_table_t *k = um_kernels_for((um_isa_t)(_i / S_N_ATTENTION_CASES));
-    if (!k)
-        return; /* this host cannot run that ISA; the kernel suite reports which */
-
     int32_t L = ac->seq_len, hd = ac->head_dim, H = ac->n_heads, G = H / ac->n_kv_heads;
-    um_attention_shape_t shape = {
-        .n_seq = ac->n_seq, .seq_len = L, .n_heads = H, .n_kv_heads = ac->n_kv_heads,
-        .head_dim = hd, .q_stride = H * hd + ac->q_pad,
-        .kv_stride = ac->n_kv_heads * hd + ac->kv_pad,
-    };
+    um_attention_shape_t shape = *sh;
     size_t T = (size_t)ac->n_seq * L;
-    float *q = malloc(T * shape.q_stride * sizeof *q);
-    float *q0 = malloc(T * shape.q_stride * sizeof *q0);
-    float *kk = malloc(T * shape.kv_stride * sizeof *kk);
-    float *v = malloc(T * shape.kv_stride * sizeof *v);
-    s_fill(q0, T * shape.q_stride, 21, -1.5f, 1.5f);
-    s_fill(kk, T * shape.kv_stride, 22, -1.5f, 1.5f);
-    s_fill(v, T * shape.kv_stride, 23, -1.0f, 1.0f);
-    memcpy(q, q0, T * shape.q_stride * sizeof *q);
 
-    int threads = 8;
-    float *scratch = malloc(um_attention_scratch_floats(&shape, threads) * sizeof *scratch);
-    int rc = um_attention(k, &shape, q, kk, v, scratch);
-    ck_assert_msg(rc == 0, "um_attention returned %s", um_error_name(rc));
-
-    double *p = malloc((size_t)L * sizeof *p);
     for (int32_t s = 0; s < ac->n_seq; s++) {
         for (int32_t h = 0; h < H; h++) {
             for (int32_t i = 0; i < L; i++) {
@@ -310,9 +290,8 @@ START_TEST(attention_matches_double)
                      * softmax and the weighted sum of values below 1 add a few ulp: 1e-4
                      * absolute is well above that and far below a wrong key or head. */
                     ck_assert_msg(fabs(got - out) <= 1e-4,
-                                  "%s case %d seq %d head %d row %d col %d: got %.7g, "
-                                  "expected %.7g", k->isa, _i % S_N_ATTENTION_CASES, s, h, i,
-                                  c, got, out);
+                                  "%s/%s seq %d head %d row %d col %d: got %.7g, expected "
+                                  "%.7g", isa, backend, s, h, i, c, got, out);
                 }
             }
         }
@@ -321,12 +300,61 @@ START_TEST(attention_matches_double)
             for (int32_t c = H * hd; c < shape.q_stride; c++)
                 ck_assert_float_eq(q[t * shape.q_stride + c], q0[t * shape.q_stride + c]);
     }
+}
+
+START_TEST(attention_matches_double)
+{
+    const s_attention_case_t *ac = &s_attention_cases[_i % S_N_ATTENTION_CASES];
+    const um_kernel_table_t *k = um_kernels_for((um_isa_t)(_i / S_N_ATTENTION_CASES));
+    if (!k)
+        return; /* this host cannot run that ISA; the kernel suite reports which */
+
+    int32_t L = ac->seq_len, hd = ac->head_dim, H = ac->n_heads, G = H / ac->n_kv_heads;
+    um_attention_shape_t shape = {
+        .n_seq = ac->n_seq, .seq_len = L, .n_heads = H, .n_kv_heads = ac->n_kv_heads,
+        .head_dim = hd, .q_stride = H * hd + ac->q_pad,
+        .kv_stride = ac->n_kv_heads * hd + ac->kv_pad,
+    };
+    size_t T = (size_t)ac->n_seq * L;
+    float *q = malloc(T * shape.q_stride * sizeof *q);
+    float *q0 = malloc(T * shape.q_stride * sizeof *q0);
+    float *kk = malloc(T * shape.kv_stride * sizeof *kk);
+    float *v = malloc(T * shape.kv_stride * sizeof *v);
+    s_fill(q0, T * shape.q_stride, 21, -1.5f, 1.5f);
+    s_fill(kk, T * shape.kv_stride, 22, -1.5f, 1.5f);
+    s_fill(v, T * shape.kv_stride, 23, -1.0f, 1.0f);
+    memcpy(q, q0, T * shape.q_stride * sizeof *q);
+
+    int threads = 8;
+    float *scratch = malloc(um_attention_scratch_floats(&shape, threads) * sizeof *scratch);
+    double *p = malloc((size_t)L * sizeof *p);
+    char err[256];
+    static const char *const backends[] = {"onednn", "libxsmm"};
+    for (int b = 0; b < 2; b++) {
+        if (um_attention_select(backends[b], err, sizeof err) != 0)
+            continue; /* libxsmm is not in every build */
+        memcpy(q, q0, T * shape.q_stride * sizeof *q);
+        int rc = um_attention(k, &shape, q, kk, v, scratch);
+        ck_assert_msg(rc == 0, "%s: um_attention returned %s", backends[b], um_error_name(rc));
+        s_check_attention(ac, &shape, q, q0, kk, v, p, k->isa, backends[b]);
+    }
+    ck_assert_int_eq(um_attention_select("onednn", err, sizeof err), 0);
     free(p);
     free(scratch);
     free(q);
     free(q0);
     free(kk);
     free(v);
+}
+END_TEST
+
+START_TEST(attention_select_rejects_unknown)
+{
+    char err[256] = "";
+    ck_assert_int_eq(um_attention_select("cublas", err, sizeof err), UM_EINVAL);
+    ck_assert_msg(strstr(err, "'cublas'") && strstr(err, "onednn"),
+                  "message \"%s\" names neither the value nor the choices", err);
+    ck_assert_str_eq(um_attention_backend_name(), "onednn");
 }
 END_TEST
 
@@ -359,6 +387,7 @@ Suite *um_gemm_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_loop_test(tc, attention_matches_double, 0, UM_ISA_COUNT * S_N_ATTENTION_CASES);
     tcase_add_test(tc, attention_rejects_bad_shape);
+    tcase_add_test(tc, attention_select_rejects_unknown);
     suite_add_tcase(s, tc);
     return s;
 }
