@@ -1,6 +1,10 @@
 /*
- * The LLaDA transformer forward pass in f32: embedding, pre-norm blocks with
- * bidirectional multi-head attention and a SwiGLU MLP, final RMSNorm, untied LM head.
+ * The transformer forward pass of every supported family, in f32 activations:
+ * LLaDA and Dream (embedding, pre-norm RMSNorm blocks with RoPE attention and a SwiGLU
+ * MLP, final RMSNorm, LM head; Dream adds q/k/v biases and shifts its logits by one
+ * position) and the BERT family (embeddings plus learned positions and a LayerNorm,
+ * post-LayerNorm blocks with a GELU MLP, the MLM head tied to the embeddings). All
+ * attention is bidirectional.
  * Weight products go through prepared um_gemm_weight_t matrices (f32 or bf16),
  * attention through the fused um_attention kernel, everything else through the kernel
  * table, so a SIMD table or another GEMM backend changes no line here.
@@ -34,6 +38,15 @@ static int s_max_threads(void)
 #endif
 }
 
+static int s_thread_index(void)
+{
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 static double s_now_ms(void)
 {
     struct timespec ts;
@@ -51,7 +64,8 @@ typedef struct s_buffers {
     float *gate;   /* (T, mlp_hidden_size), then silu(gate) * up */
     float *up;     /* (T, mlp_hidden_size) */
     float *scores; /* um_attention's scratch: one score tile per thread */
-    float *rows;   /* (n_rows, d_model) final-normed rows for the LM head */
+    float *rows;   /* (2, n_out, d_model): the LM head's input rows and one scratch set */
+    float *tmp;    /* (n_threads, d_model) one row per thread */
 } s_buffers_t;
 
 /* Round a float count up to 16 floats, so every buffer starts 64-byte aligned. */
@@ -66,12 +80,12 @@ static int s_buffers_get(um_model_t *m, size_t T, const um_attention_shape_t *at
     const um_model_config_t *c = um_model_config(m);
     size_t d = c->d_model, q_dim = (size_t)c->n_heads * c->head_dim;
     size_t kv_dim = (size_t)c->n_kv_heads * c->head_dim, mlp = c->mlp_hidden_size;
-    size_t sizes[9] = {
+    size_t sizes[10] = {
         T * d, T * d, T * q_dim, T * kv_dim, T * kv_dim, T * mlp, T * mlp,
-        um_attention_scratch_floats(att, n_threads), n_rows * d,
+        um_attention_scratch_floats(att, n_threads), 2 * n_rows * d, (size_t)n_threads * d,
     };
     size_t total = 0;
-    for (size_t i = 0; i < 9; i++)
+    for (size_t i = 0; i < 10; i++)
         total += s_round16(sizes[i]);
 
     float *ws;
@@ -81,9 +95,9 @@ static int s_buffers_get(um_model_t *m, size_t T, const um_attention_shape_t *at
                  total * 4.0 / 1e6, T);
         return rc;
     }
-    float **views[9] = {&b->x, &b->h, &b->q, &b->k, &b->v, &b->gate, &b->up, &b->scores,
-                        &b->rows};
-    for (size_t i = 0; i < 9; i++) {
+    float **views[10] = {&b->x, &b->h, &b->q, &b->k, &b->v, &b->gate, &b->up, &b->scores,
+                         &b->rows, &b->tmp};
+    for (size_t i = 0; i < 10; i++) {
         *views[i] = ws;
         ws += s_round16(sizes[i]);
     }
@@ -93,31 +107,72 @@ static int s_buffers_get(um_model_t *m, size_t T, const um_attention_shape_t *at
 /* ------------------------------------------------------------------------- */
 /* Row-wise steps                                                             */
 
-static void s_embed(const um_kernel_table_t *k, const um_model_weights_t *w,
-                    const int32_t *ids, size_t T, int32_t d, float *x)
+/* Add row `row` of an embedding table to out (or copy it when add is 0). */
+static void s_embed_row(const um_kernel_table_t *k, const um_embedding_t *e, size_t row,
+                        int32_t d, float *out, float *tmp, int add)
 {
-#pragma omp parallel for schedule(static) if (T > 1)
-    for (size_t t = 0; t < T; t++) {
-        size_t row = (size_t)ids[t] * d;
-        if (w->wte_bf16)
-            k->bf16_to_f32(x + t * d, (const uint16_t *)w->wte + row, (size_t)d);
-        else
-            memcpy(x + t * d, (const float *)w->wte + row, (size_t)d * sizeof *x);
-    }
-}
-
-static void s_rmsnorm_rows(const um_kernel_table_t *k, float *out, const float *x,
-                           const float *w, size_t T, int32_t d, float eps)
-{
-#pragma omp parallel for schedule(static) if (T > 1)
-    for (size_t t = 0; t < T; t++)
-        k->rmsnorm(out + t * d, x + t * d, w, d, eps);
+    float *dst = add ? tmp : out;
+    if (e->bf16)
+        k->bf16_to_f32(dst, (const uint16_t *)e->data + row * d, (size_t)d);
+    else
+        memcpy(dst, (const float *)e->data + row * d, (size_t)d * sizeof *dst);
+    if (add)
+        k->add(out, tmp, d);
 }
 
 /*
- * Rotate q and k by their position within the sequence, and fold the attention scale
- * 1/sqrt(head_dim) into q so that the score product needs no scaling of its own. The
- * scale is applied after the rotation, so it changes no result beyond f32 rounding.
+ * Token embeddings, plus, for the BERT family, learned positions and token type 0
+ * followed by the embedding LayerNorm. tmp has one row of d floats per thread.
+ */
+static void s_embed(const um_kernel_table_t *k, const um_model_config_t *c,
+                    const um_model_weights_t *w, const int32_t *ids, size_t T, int32_t seq_len,
+                    float *x, float *tmp)
+{
+    int32_t d = c->d_model;
+#pragma omp parallel for schedule(static) if (T > 1)
+    for (size_t t = 0; t < T; t++) {
+        float *row = x + t * d, *scratch = tmp + (size_t)s_thread_index() * d;
+        s_embed_row(k, &w->wte, (size_t)ids[t], d, row, scratch, 0);
+        if (c->rope)
+            continue;
+        s_embed_row(k, &w->wpe, t % (size_t)seq_len, d, row, scratch, 1);
+        if (w->wtte.data)
+            s_embed_row(k, &w->wtte, 0, d, row, scratch, 1);
+        k->layernorm(scratch, row, w->emb_norm, w->emb_norm_bias, d, c->rms_norm_eps);
+        memcpy(row, scratch, (size_t)d * sizeof *row);
+    }
+}
+
+/* The family's norm over T rows of d: RMSNorm, or LayerNorm with its bias. */
+static void s_norm_rows(const um_kernel_table_t *k, const um_model_config_t *c, float *out,
+                        const float *x, const float *w, const float *bias, size_t T)
+{
+    int32_t d = c->d_model;
+#pragma omp parallel for schedule(static) if (T > 1)
+    for (size_t t = 0; t < T; t++) {
+        if (c->layer_norm)
+            k->layernorm(out + t * d, x + t * d, w, bias, d, c->rms_norm_eps);
+        else
+            k->rmsnorm(out + t * d, x + t * d, w, d, c->rms_norm_eps);
+    }
+}
+
+/* y[t] += bias for T rows of n with row stride ld; a NULL bias adds nothing. */
+static void s_bias_rows(const um_kernel_table_t *k, float *y, const float *bias, size_t T,
+                        int32_t n, int32_t ld)
+{
+    if (!bias)
+        return;
+#pragma omp parallel for schedule(static) if (T > 1)
+    for (size_t t = 0; t < T; t++)
+        k->add(y + t * ld, bias, n);
+}
+
+/*
+ * Rotate q and k by their position within the sequence (RoPE families only), and fold
+ * the attention scale 1/sqrt(head_dim) into q so that the score product needs no
+ * scaling of its own. The scale is applied after the rotation, so it changes no result
+ * beyond f32 rounding.
  */
 static void s_rope_rows(const um_kernel_table_t *k, const um_model_config_t *c,
                         const float *rope, float *q, float *kk, size_t T, int32_t seq_len)
@@ -127,23 +182,32 @@ static void s_rope_rows(const um_kernel_table_t *k, const um_model_config_t *c,
     float scale = (float)(1.0 / sqrt((double)hd));
 #pragma omp parallel for schedule(static) if (T > 1)
     for (size_t t = 0; t < T; t++) {
-        const float *cos_sin = rope + (size_t)(t % (size_t)seq_len) * hd;
         float *q_row = q + t * q_dim, *k_row = kk + t * kv_dim;
-        for (int32_t h = 0; h < c->n_heads; h++)
-            k->rope(q_row + (size_t)h * hd, cos_sin, hd);
-        for (int32_t h = 0; h < c->n_kv_heads; h++)
-            k->rope(k_row + (size_t)h * hd, cos_sin, hd);
+        if (c->rope) {
+            const float *cos_sin = rope + (size_t)(t % (size_t)seq_len) * hd;
+            for (int32_t h = 0; h < c->n_heads; h++)
+                k->rope(q_row + (size_t)h * hd, cos_sin, hd);
+            for (int32_t h = 0; h < c->n_kv_heads; h++)
+                k->rope(k_row + (size_t)h * hd, cos_sin, hd);
+        }
         for (size_t i = 0; i < q_dim; i++)
             q_row[i] *= scale;
     }
 }
 
-static void s_silu_mul_rows(const um_kernel_table_t *k, float *gate, const float *up, size_t T,
-                            int32_t n)
+/* The MLP's activation in place on gate: silu(gate) * up, or GELU(gate). */
+static void s_activation_rows(const um_kernel_table_t *k, const um_model_config_t *c,
+                              float *gate, const float *up, size_t T, int32_t n)
 {
 #pragma omp parallel for schedule(static) if (T > 1)
-    for (size_t t = 0; t < T; t++)
-        k->silu_mul(gate + t * n, gate + t * n, up + t * n, n);
+    for (size_t t = 0; t < T; t++) {
+        if (c->activation == UM_ACT_SWIGLU)
+            k->silu_mul(gate + t * n, gate + t * n, up + t * n, n);
+        else if (c->activation == UM_ACT_GELU_TANH)
+            k->gelu_tanh(gate + t * n, gate + t * n, n);
+        else
+            k->gelu_erf(gate + t * n, gate + t * n, n);
+    }
 }
 
 /* ------------------------------------------------------------------------- */
@@ -158,52 +222,104 @@ static void s_silu_mul_rows(const um_kernel_table_t *k, float *gate, const float
             (prof)->field += s_now_ms() - t0_;              \
     } while (0)
 
-/* Apply up to three weights to the same input rows x (the third may be NULL). */
+/* Apply up to three weights to the same input rows x (the second and third may be NULL). */
 static int s_apply3(const um_gemm_weight_t *w1, float *y1, int32_t ld1,
                     const um_gemm_weight_t *w2, float *y2, int32_t ld2,
                     const um_gemm_weight_t *w3, float *y3, int32_t ld3, int32_t T,
                     const float *x, int32_t ldx)
 {
     int rc = um_gemm_weight_apply(w1, T, x, ldx, y1, ld1, 0);
-    if (rc == 0)
+    if (rc == 0 && w2)
         rc = um_gemm_weight_apply(w2, T, x, ldx, y2, ld2, 0);
     if (rc == 0 && w3)
         rc = um_gemm_weight_apply(w3, T, x, ldx, y3, ld3, 0);
     return rc;
 }
 
-/* One pre-norm block: x += attention(attn_norm(x)); x += mlp(ff_norm(x)). */
-static int s_block(const um_kernel_table_t *k, const um_model_config_t *c,
-                   const um_block_weights_t *w, const float *rope, const s_buffers_t *b,
-                   const um_attention_shape_t *att, um_forward_profile_t *prof)
+/*
+ * Attention sub-layer on input rows `in`: q, k, v (with biases where the family has
+ * them), RoPE and scale, the fused attention, and the output projection added into x
+ * (plus its bias).
+ */
+static int s_attention_sublayer(const um_kernel_table_t *k, const um_model_config_t *c,
+                                const um_block_weights_t *w, const float *rope,
+                                const s_buffers_t *b, const float *in,
+                                const um_attention_shape_t *att, um_forward_profile_t *prof)
 {
-    int32_t T = att->n_seq * att->seq_len, d = c->d_model, mlp = c->mlp_hidden_size;
+    int32_t T = att->n_seq * att->seq_len, d = c->d_model;
     int32_t q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
     int rc = 0;
 
-    S_TIMED(prof, norm_ms, s_rmsnorm_rows(k, b->h, b->x, w->attn_norm, T, d, c->rms_norm_eps));
     S_TIMED(prof, gemm_ms,
             rc = s_apply3(w->q_proj, b->q, q_dim, w->k_proj, b->k, kv_dim, w->v_proj, b->v,
-                          kv_dim, T, b->h, d));
+                          kv_dim, T, in, d));
     if (rc)
         return rc;
+    S_TIMED(prof, other_ms, {
+        s_bias_rows(k, b->q, w->q_bias, T, q_dim, q_dim);
+        s_bias_rows(k, b->k, w->k_bias, T, kv_dim, kv_dim);
+        s_bias_rows(k, b->v, w->v_bias, T, kv_dim, kv_dim);
+    });
     S_TIMED(prof, rope_ms, s_rope_rows(k, c, rope, b->q, b->k, T, att->seq_len));
     S_TIMED(prof, attention_ms, rc = um_attention(k, att, b->q, b->k, b->v, b->scores));
     if (rc)
         return rc;
     S_TIMED(prof, gemm_ms, rc = um_gemm_weight_apply(w->attn_out, T, b->q, q_dim, b->x, d, 1));
-    if (rc)
-        return rc;
+    S_TIMED(prof, other_ms, s_bias_rows(k, b->x, w->attn_out_bias, T, d, d));
+    return rc;
+}
 
-    S_TIMED(prof, norm_ms, s_rmsnorm_rows(k, b->h, b->x, w->ff_norm, T, d, c->rms_norm_eps));
+/* MLP sub-layer on input rows `in`, its output added into x (plus the output bias). */
+static int s_mlp_sublayer(const um_kernel_table_t *k, const um_model_config_t *c,
+                          const um_block_weights_t *w, const s_buffers_t *b, const float *in,
+                          int32_t T, um_forward_profile_t *prof)
+{
+    int32_t d = c->d_model, mlp = c->mlp_hidden_size;
+    int rc = 0;
     S_TIMED(prof, gemm_ms,
             rc = s_apply3(w->ff_proj, b->gate, mlp, w->up_proj, b->up, mlp, NULL, NULL, 0, T,
-                          b->h, d));
+                          in, d));
     if (rc)
         return rc;
-    S_TIMED(prof, activation_ms, s_silu_mul_rows(k, b->gate, b->up, T, mlp));
+    S_TIMED(prof, other_ms, s_bias_rows(k, b->gate, w->ff_proj_bias, T, mlp, mlp));
+    S_TIMED(prof, activation_ms, s_activation_rows(k, c, b->gate, b->up, T, mlp));
     S_TIMED(prof, gemm_ms, rc = um_gemm_weight_apply(w->ff_out, T, b->gate, mlp, b->x, d, 1));
+    S_TIMED(prof, other_ms, s_bias_rows(k, b->x, w->ff_out_bias, T, d, d));
     return rc;
+}
+
+/*
+ * One block. Pre-norm (LLaDA, Dream): x += attention(norm(x)); x += mlp(norm(x)).
+ * Post-norm (BERT): x = norm(x + attention(x)); x = norm(x + mlp(x)). The post-norm
+ * writes into h and copies back, since the sub-layers read x as their input.
+ */
+static int s_block(const um_kernel_table_t *k, const um_model_config_t *c,
+                   const um_block_weights_t *w, const float *rope, const s_buffers_t *b,
+                   const um_attention_shape_t *att, um_forward_profile_t *prof)
+{
+    int32_t T = att->n_seq * att->seq_len, d = c->d_model;
+    size_t bytes = (size_t)T * d * sizeof(float);
+    int rc;
+
+    if (!c->post_norm) {
+        S_TIMED(prof, norm_ms, s_norm_rows(k, c, b->h, b->x, w->attn_norm, NULL, T));
+        if ((rc = s_attention_sublayer(k, c, w, rope, b, b->h, att, prof)))
+            return rc;
+        S_TIMED(prof, norm_ms, s_norm_rows(k, c, b->h, b->x, w->ff_norm, NULL, T));
+        return s_mlp_sublayer(k, c, w, b, b->h, T, prof);
+    }
+
+    /* The sub-layers add into x, so they read a copy of x from h. */
+    memcpy(b->h, b->x, bytes);
+    if ((rc = s_attention_sublayer(k, c, w, rope, b, b->h, att, prof)))
+        return rc;
+    S_TIMED(prof, norm_ms, s_norm_rows(k, c, b->h, b->x, w->attn_norm, w->attn_norm_bias, T));
+    memcpy(b->x, b->h, bytes);
+    if ((rc = s_mlp_sublayer(k, c, w, b, b->h, T, prof)))
+        return rc;
+    S_TIMED(prof, norm_ms, s_norm_rows(k, c, b->h, b->x, w->ff_norm, w->ff_norm_bias, T));
+    memcpy(b->x, b->h, bytes);
+    return 0;
 }
 
 /*
@@ -246,6 +362,52 @@ static int s_check_args(const um_model_t *m, const int32_t *ids, int32_t n_seq,
     return 0;
 }
 
+/*
+ * The LM head for n_out rows: row i reads the hidden state of position rows[i] (i when
+ * rows is NULL), or of the position before it within its sequence for families that
+ * shift their logits (Dream). Pre-norm families apply the final norm; the BERT family
+ * its MLM transform (dense, GELU, LayerNorm). Then the head product and its bias.
+ */
+static int s_head(const um_kernel_table_t *k, const um_model_config_t *c,
+                  const um_model_weights_t *w, const s_buffers_t *b, const int32_t *rows,
+                  int32_t n_out, int32_t seq_len, float *logits, um_forward_profile_t *prof)
+{
+    int32_t d = c->d_model, V = c->embedding_size;
+    float *in = b->rows, *scratch = b->rows + (size_t)n_out * d;
+    int rc = 0;
+
+    double t0 = prof ? s_now_ms() : 0.0;
+#pragma omp parallel for schedule(static) if (n_out > 1)
+    for (int32_t i = 0; i < n_out; i++) {
+        int32_t r = rows ? rows[i] : i;
+        if (c->logits_shift && r % seq_len != 0)
+            r--;
+        const float *x = b->x + (size_t)r * d;
+        if (c->mlm_head)
+            memcpy(scratch + (size_t)i * d, x, (size_t)d * sizeof *x);
+        else
+            k->rmsnorm(in + (size_t)i * d, x, w->ln_f, d, c->rms_norm_eps);
+    }
+    if (prof)
+        prof->norm_ms += s_now_ms() - t0;
+
+    if (c->mlm_head) {
+        S_TIMED(prof, gemm_ms,
+                rc = um_gemm_weight_apply(w->head_dense, n_out, scratch, d, in, d, 0));
+        if (rc)
+            return rc;
+        S_TIMED(prof, other_ms, s_bias_rows(k, in, w->head_dense_bias, n_out, d, d));
+        S_TIMED(prof, activation_ms, s_activation_rows(k, c, in, NULL, n_out, d));
+        S_TIMED(prof, norm_ms,
+                s_norm_rows(k, c, scratch, in, w->head_norm, w->head_norm_bias, n_out));
+        in = scratch;
+    }
+    S_TIMED(prof, lm_head_ms, rc = um_gemm_weight_apply(w->lm_head, n_out, in, d, logits, V, 0));
+    if (rc == 0)
+        S_TIMED(prof, other_ms, s_bias_rows(k, logits, w->lm_head_bias, n_out, V, V));
+    return rc;
+}
+
 /* The forward pass; rows == NULL computes logits for every position. */
 static int s_forward(um_model_t *m, const int32_t *ids, int32_t n_seq, int32_t seq_len,
                      const int32_t *rows, int32_t n_rows, float *logits)
@@ -254,7 +416,7 @@ static int s_forward(um_model_t *m, const int32_t *ids, int32_t n_seq, int32_t s
     const um_model_weights_t *w = um_model_weights(m);
     const um_kernel_table_t *k = um_kernels();
     um_forward_profile_t *prof = um_model_profile(m);
-    int32_t T = n_seq * seq_len, d = c->d_model;
+    int32_t T = n_seq * seq_len;
     int32_t n_out = rows ? n_rows : T;
     int n_threads = s_max_threads();
     double start = prof ? s_now_ms() : 0.0;
@@ -265,11 +427,11 @@ static int s_forward(um_model_t *m, const int32_t *ids, int32_t n_seq, int32_t s
     };
 
     s_buffers_t b;
-    int rc = s_buffers_get(m, (size_t)T, &att, rows ? (size_t)n_rows : 0, n_threads, &b);
+    int rc = s_buffers_get(m, (size_t)T, &att, (size_t)n_out, n_threads, &b);
     if (rc != 0)
         return rc;
 
-    S_TIMED(prof, other_ms, s_embed(k, w, ids, (size_t)T, d, b.x));
+    S_TIMED(prof, other_ms, s_embed(k, c, w, ids, (size_t)T, seq_len, b.x, b.tmp));
     for (int32_t l = 0; l < c->n_layers; l++) {
         rc = s_block(k, c, &w->blocks[l], um_model_rope_table(m), &b, &att, prof);
         if (rc != 0) {
@@ -277,25 +439,9 @@ static int s_forward(um_model_t *m, const int32_t *ids, int32_t n_seq, int32_t s
             return rc;
         }
     }
-
-    /* Only the rows whose logits are wanted go through the final norm and the head. */
-    float *final = b.h;
-    double t0 = prof ? s_now_ms() : 0.0;
-    if (rows) {
-        final = b.rows;
-#pragma omp parallel for schedule(static) if (n_rows > 1)
-        for (int32_t i = 0; i < n_rows; i++)
-            k->rmsnorm(final + (size_t)i * d, b.x + (size_t)rows[i] * d, w->ln_f, d,
-                       c->rms_norm_eps);
-    } else {
-        s_rmsnorm_rows(k, final, b.x, w->ln_f, (size_t)T, d, c->rms_norm_eps);
-    }
-    if (prof)
-        prof->norm_ms += s_now_ms() - t0;
-    S_TIMED(prof, lm_head_ms,
-            rc = um_gemm_weight_apply(w->lm_head, n_out, final, d, logits, c->embedding_size, 0));
+    rc = s_head(k, c, w, &b, rows, n_out, seq_len, logits, prof);
     if (rc != 0)
-        um_error("forward", "LM head product for %d rows failed: %s", n_out, um_strerror(rc));
+        um_error("forward", "LM head for %d rows failed: %s", n_out, um_strerror(rc));
     if (prof) {
         prof->total_ms += s_now_ms() - start;
         prof->passes++;

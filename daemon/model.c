@@ -25,6 +25,7 @@
 
 #include "kernels.h"
 #include "log.h"
+#include "model_internal.h"
 #include "safetensors.h"
 
 #define S_ALIGN 64
@@ -56,293 +57,269 @@ static void *s_alloc_aligned(size_t bytes)
 }
 
 /* ------------------------------------------------------------------------- */
-/* config.json                                                                */
-
-/*
- * Read an integer field into *out. A missing field takes dflt when required is 0,
- * and is an error otherwise; a present field must be an integer in int32 range.
- */
-static int s_config_int(json_t *root, const char *path, const char *field, int required,
-                        int32_t dflt, int32_t *out, char *err, size_t errlen)
-{
-    json_t *v = json_object_get(root, field);
-    if (!v || json_is_null(v)) {
-        if (required)
-            return um_fail(err, errlen, UM_EFORMAT,
-                          "%s has no field %s, which a LLaDA model requires: add it", path,
-                          field);
-        *out = dflt;
-        return 0;
-    }
-    if (!json_is_integer(v) || json_integer_value(v) < INT32_MIN ||
-        json_integer_value(v) > INT32_MAX)
-        return um_fail(err, errlen, UM_EFORMAT, "%s field %s must be a 32-bit integer: fix it",
-                      path, field);
-    *out = (int32_t)json_integer_value(v);
-    return 0;
-}
-
-/* Read a number field (integer or real); a missing field takes dflt. */
-static int s_config_number(json_t *root, const char *path, const char *field, double dflt,
-                           double *out, char *err, size_t errlen)
-{
-    json_t *v = json_object_get(root, field);
-    if (!v || json_is_null(v)) {
-        *out = dflt;
-        return 0;
-    }
-    if (!json_is_number(v))
-        return um_fail(err, errlen, UM_EFORMAT, "%s field %s must be a number: fix it", path,
-                      field);
-    *out = json_number_value(v);
-    return 0;
-}
-
-/*
- * Reject optional LLaDA features the forward pass does not implement, when config.json
- * turns them on. Absent fields mean the LLaDA-8B setting.
- */
-static int s_config_features(json_t *root, const char *path, char *err, size_t errlen)
-{
-    static const char *const off_flags[] = {
-        "include_bias", "include_qkv_bias", "weight_tying", "alibi", "scale_logits",
-        "input_emb_norm", "attention_layer_norm",
-    };
-    for (size_t i = 0; i < sizeof off_flags / sizeof off_flags[0]; i++)
-        if (json_is_true(json_object_get(root, off_flags[i])))
-            return um_fail(err, errlen, UM_EUNSUPPORTED,
-                          "%s sets %s to true, which unmaskd does not implement: only the "
-                          "LLaDA-8B layout (%s false) is supported", path, off_flags[i],
-                          off_flags[i]);
-    if (json_is_number(json_object_get(root, "clip_qkv")))
-        return um_fail(err, errlen, UM_EUNSUPPORTED,
-                      "%s sets clip_qkv, which unmaskd does not implement: only unclipped "
-                      "q, k and v (clip_qkv null, as in LLaDA-8B) are supported", path);
-    if (json_is_false(json_object_get(root, "rope")))
-        return um_fail(err, errlen, UM_EUNSUPPORTED,
-                      "%s sets rope to false, which unmaskd does not implement: only RoPE "
-                      "position encoding is supported", path);
-
-    static const struct {
-        const char *field, *allowed[2];
-    } strings[] = {
-        {"block_type", {"llama", NULL}},
-        {"layer_norm_type", {"rms", NULL}},
-        {"activation_type", {"silu", "swiglu"}},
-    };
-    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++) {
-        const char *v = json_string_value(json_object_get(root, strings[i].field));
-        if (!v)
-            continue;
-        if (strcmp(v, strings[i].allowed[0]) == 0 ||
-            (strings[i].allowed[1] && strcmp(v, strings[i].allowed[1]) == 0))
-            continue;
-        return um_fail(err, errlen, UM_EUNSUPPORTED,
-                      "%s sets %s to \"%s\", which unmaskd does not implement: only \"%s\" is "
-                      "supported", path, strings[i].field, v, strings[i].allowed[0]);
-    }
-    return 0;
-}
-
-/* Check the relations between fields that the forward pass relies on. */
-static int s_config_validate(um_model_config_t *c, const char *path, char *err,
-                             size_t errlen)
-{
-    const struct {
-        const char *field;
-        int32_t value;
-    } positive[] = {
-        {"d_model", c->d_model},
-        {"n_layers", c->n_layers},
-        {"n_heads", c->n_heads},
-        {"n_kv_heads", c->n_kv_heads},
-        {"mlp_hidden_size", c->mlp_hidden_size},
-        {"vocab_size", c->vocab_size},
-        {"embedding_size", c->embedding_size},
-        {"max_sequence_length", c->max_sequence_length},
-    };
-    for (size_t i = 0; i < sizeof positive / sizeof positive[0]; i++)
-        if (positive[i].value <= 0)
-            return um_fail(err, errlen, UM_EFORMAT, "%s field %s is %d, but it must be positive",
-                          path, positive[i].field, positive[i].value);
-
-    if (c->d_model % c->n_heads != 0 || (c->d_model / c->n_heads) % 2 != 0)
-        return um_fail(err, errlen, UM_EFORMAT,
-                      "%s has d_model %d and n_heads %d: d_model must be n_heads times an even "
-                      "head size", path, c->d_model, c->n_heads);
-    c->head_dim = c->d_model / c->n_heads;
-    if (c->n_heads % c->n_kv_heads != 0)
-        return um_fail(err, errlen, UM_EFORMAT,
-                      "%s has n_heads %d and n_kv_heads %d: n_heads must be a multiple of "
-                      "n_kv_heads", path, c->n_heads, c->n_kv_heads);
-    if (c->embedding_size < c->vocab_size)
-        return um_fail(err, errlen, UM_EFORMAT,
-                      "%s has embedding_size %d smaller than vocab_size %d: fix either field",
-                      path, c->embedding_size, c->vocab_size);
-    if (c->mask_token_id < 0 || c->mask_token_id >= c->embedding_size)
-        return um_fail(err, errlen, UM_ERANGE,
-                      "%s has mask_token_id %d outside [0, %d): fix it", path, c->mask_token_id,
-                      c->embedding_size);
-    if (c->eos_token_id < -1 || c->eos_token_id >= c->embedding_size)
-        return um_fail(err, errlen, UM_ERANGE,
-                      "%s has eos_token_id %d outside [0, %d): fix it or remove it", path,
-                      c->eos_token_id, c->embedding_size);
-    if (!(c->rope_theta > 0.0f) || !isfinite(c->rope_theta))
-        return um_fail(err, errlen, UM_ERANGE, "%s has rope_theta %g, but it must be positive",
-                      path, (double)c->rope_theta);
-    if (!(c->rms_norm_eps > 0.0f) || !isfinite(c->rms_norm_eps))
-        return um_fail(err, errlen, UM_ERANGE,
-                      "%s has rms_norm_eps %g, but it must be positive", path,
-                      (double)c->rms_norm_eps);
-    return 0;
-}
-
-/* Parse <dir>/config.json into c, applying the LLaDA defaults. */
-static int s_config_load(const char *dir, um_model_config_t *c, char *err, size_t errlen)
-{
-    char path[PATH_MAX];
-    if ((size_t)snprintf(path, sizeof path, "%s/config.json", dir) >= sizeof path)
-        return um_fail(err, errlen, UM_EINVAL, "model folder path %s is too long", dir);
-
-    json_error_t jerr;
-    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
-    if (!root) {
-        if (json_error_code(&jerr) == json_error_cannot_open_file)
-            return um_fail(err, errlen, UM_ENOTFOUND,
-                          "cannot read %s (%s): pass a Hugging Face model folder with a "
-                          "config.json", path, jerr.text);
-        return um_fail(err, errlen, UM_EFORMAT, "%s is not valid JSON (%s at line %d, column %d)",
-                      path, jerr.text, jerr.line, jerr.column);
-    }
-
-    int rc = 0;
-    memset(c, 0, sizeof *c);
-    if (!json_is_object(root)) {
-        rc = um_fail(err, errlen, UM_EFORMAT, "%s is not a JSON object", path);
-        goto cleanup;
-    }
-
-    json_t *type = json_object_get(root, "model_type");
-    if (!type) {
-        rc = um_fail(err, errlen, UM_EFORMAT,
-                    "%s has no field model_type: add \"model_type\": \"llada\" for a LLaDA "
-                    "model", path);
-        goto cleanup;
-    }
-    if (!json_is_string(type) || strcmp(json_string_value(type), "llada") != 0) {
-        rc = um_fail(err, errlen, UM_EUNSUPPORTED,
-                    "%s has model_type %s%s%s, but unmaskd runs only \"llada\" models", path,
-                    json_is_string(type) ? "\"" : "",
-                    json_is_string(type) ? json_string_value(type) : "that is not a string",
-                    json_is_string(type) ? "\"" : "");
-        goto cleanup;
-    }
-    c->arch = UM_ARCH_LLADA;
-    snprintf(c->model_type, sizeof c->model_type, "%s", json_string_value(type));
-
-    double theta, eps, layer_norm_eps;
-    if ((rc = s_config_int(root, path, "d_model", 1, 0, &c->d_model, err, errlen)) ||
-        (rc = s_config_int(root, path, "n_layers", 1, 0, &c->n_layers, err, errlen)) ||
-        (rc = s_config_int(root, path, "n_heads", 1, 0, &c->n_heads, err, errlen)) ||
-        (rc = s_config_int(root, path, "n_kv_heads", 0, c->n_heads, &c->n_kv_heads, err,
-                           errlen)) ||
-        (rc = s_config_int(root, path, "mlp_hidden_size", 1, 0, &c->mlp_hidden_size, err,
-                           errlen)) ||
-        (rc = s_config_int(root, path, "vocab_size", 1, 0, &c->vocab_size, err, errlen)) ||
-        (rc = s_config_int(root, path, "embedding_size", 0, c->vocab_size, &c->embedding_size,
-                           err, errlen)) ||
-        (rc = s_config_int(root, path, "max_sequence_length", 1, 0, &c->max_sequence_length,
-                           err, errlen)) ||
-        (rc = s_config_int(root, path, "mask_token_id", 1, 0, &c->mask_token_id, err,
-                           errlen)) ||
-        (rc = s_config_int(root, path, "eos_token_id", 0, -1, &c->eos_token_id, err,
-                           errlen)) ||
-        (rc = s_config_number(root, path, "rope_theta", 10000.0, &theta, err, errlen)) ||
-        (rc = s_config_number(root, path, "layer_norm_eps", 1e-5, &layer_norm_eps, err,
-                              errlen)) ||
-        (rc = s_config_number(root, path, "rms_norm_eps", layer_norm_eps, &eps, err,
-                              errlen)) ||
-        (rc = s_config_features(root, path, err, errlen)))
-        goto cleanup;
-    c->rope_theta = (float)theta;
-    c->rms_norm_eps = (float)eps;
-    rc = s_config_validate(c, path, err, errlen);
-
-cleanup:
-    json_decref(root);
-    return rc;
-}
-
-/* ------------------------------------------------------------------------- */
 /* Weights                                                                    */
 
 /*
  * One tensor the model expects: its name, shape and where it is bound. Exactly one of
- * vec (an f32 vector), mat (a prepared weight matrix) and raw (the embedding table,
- * read row by row in its stored dtype) is set.
+ * vec (an f32 vector), mat (a prepared weight matrix) and emb (a table read row by row
+ * in its stored dtype) is set; an embedding may also be prepared as the tied LM head
+ * (tied_mat), unless the slot at index untied_by found a tensor of its own.
  */
 typedef struct s_slot {
-    char name[96];
+    char name[128];
     int32_t ndim;
     int64_t shape[2];
+    int optional;              /* a missing tensor leaves the binding NULL */
     const float **vec;
     um_gemm_weight_t **mat;
-    const void **raw;
+    um_embedding_t *emb;
+    um_gemm_weight_t **tied_mat;
+    long untied_by;            /* index of the slot that unties tied_mat, or -1 */
     const um_tensor_view_t *view;
 } s_slot_t;
 
-static s_slot_t *s_slot_set(s_slot_t *slot, const char *name, int64_t rows, int64_t cols)
+/* A growing list of slots. */
+typedef struct s_slots {
+    s_slot_t *items;
+    size_t n, cap;
+    int failed; /* out of memory */
+} s_slots_t;
+
+/* Append a slot named by fmt (a printf format) with shape [rows] or [rows, cols]. */
+static s_slot_t *s_add(s_slots_t *list, int64_t rows, int64_t cols, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static s_slot_t *s_add(s_slots_t *list, int64_t rows, int64_t cols, const char *fmt, ...)
 {
-    snprintf(slot->name, sizeof slot->name, "%s", name);
+    static s_slot_t sink; /* written to after a failed growth, never read */
+    if (list->n == list->cap) {
+        size_t cap = list->cap ? 2 * list->cap : 64;
+        s_slot_t *grown = realloc(list->items, cap * sizeof *grown);
+        if (!grown) {
+            list->failed = 1;
+            memset(&sink, 0, sizeof sink);
+            return &sink;
+        }
+        list->items = grown;
+        list->cap = cap;
+    }
+    s_slot_t *slot = &list->items[list->n++];
+    memset(slot, 0, sizeof *slot);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(slot->name, sizeof slot->name, fmt, ap);
+    va_end(ap);
     slot->ndim = cols ? 2 : 1;
     slot->shape[0] = rows;
     slot->shape[1] = cols;
-    slot->view = NULL;
+    slot->untied_by = -1;
     return slot;
 }
 
-/* List every tensor of a LLaDA model with the shape config.json implies. */
-static s_slot_t *s_slots_build(um_model_t *m, size_t *n_out)
+static void s_vec(s_slots_t *l, const float **dst, int64_t n, const char *prefix,
+                  const char *name)
+{
+    s_add(l, n, 0, "%s%s", prefix, name)->vec = dst;
+}
+
+static void s_mat(s_slots_t *l, um_gemm_weight_t **dst, int64_t rows, int64_t cols,
+                  const char *prefix, const char *name)
+{
+    s_add(l, rows, cols, "%s%s", prefix, name)->mat = dst;
+}
+
+/* LLaDA's names: model.transformer.{wte, blocks.N.*, ln_f, ff_out}. */
+static void s_slots_llada(um_model_t *m, s_slots_t *l)
 {
     const um_model_config_t *c = &m->config;
-    size_t n = 3 + 9 * (size_t)c->n_layers;
-    s_slot_t *slots = calloc(n, sizeof *slots);
-    if (!slots)
-        return NULL;
-
     int64_t d = c->d_model, q_dim = (int64_t)c->n_heads * c->head_dim;
     int64_t kv_dim = (int64_t)c->n_kv_heads * c->head_dim, mlp = c->mlp_hidden_size;
-    size_t k = 0;
-    s_slot_set(&slots[k++], "model.transformer.wte.weight", c->embedding_size, d)->raw =
-        &m->weights.wte;
-    for (int32_t l = 0; l < c->n_layers; l++) {
-        um_block_weights_t *b = &m->blocks[l];
-        const struct {
-            const char *part;
-            int64_t rows, cols;
-            const float **vec;
-            um_gemm_weight_t **mat;
-        } parts[] = {
-            {"attn_norm", d, 0, &b->attn_norm, NULL}, {"q_proj", q_dim, d, NULL, &b->q_proj},
-            {"k_proj", kv_dim, d, NULL, &b->k_proj},  {"v_proj", kv_dim, d, NULL, &b->v_proj},
-            {"attn_out", d, q_dim, NULL, &b->attn_out}, {"ff_norm", d, 0, &b->ff_norm, NULL},
-            {"ff_proj", mlp, d, NULL, &b->ff_proj},   {"up_proj", mlp, d, NULL, &b->up_proj},
-            {"ff_out", d, mlp, NULL, &b->ff_out},
-        };
-        for (size_t p = 0; p < 9; p++) {
-            char name[96];
-            snprintf(name, sizeof name, "model.transformer.blocks.%d.%s.weight", l,
-                     parts[p].part);
-            s_slot_t *slot = s_slot_set(&slots[k++], name, parts[p].rows, parts[p].cols);
-            slot->vec = parts[p].vec;
-            slot->mat = parts[p].mat;
-        }
+    s_add(l, c->embedding_size, d, "model.transformer.wte.weight")->emb = &m->weights.wte;
+    for (int32_t i = 0; i < c->n_layers; i++) {
+        um_block_weights_t *b = &m->blocks[i];
+        char p[64];
+        snprintf(p, sizeof p, "model.transformer.blocks.%d.", i);
+        s_vec(l, &b->attn_norm, d, p, "attn_norm.weight");
+        s_mat(l, &b->q_proj, q_dim, d, p, "q_proj.weight");
+        s_mat(l, &b->k_proj, kv_dim, d, p, "k_proj.weight");
+        s_mat(l, &b->v_proj, kv_dim, d, p, "v_proj.weight");
+        s_mat(l, &b->attn_out, d, q_dim, p, "attn_out.weight");
+        s_vec(l, &b->ff_norm, d, p, "ff_norm.weight");
+        s_mat(l, &b->ff_proj, mlp, d, p, "ff_proj.weight");
+        s_mat(l, &b->up_proj, mlp, d, p, "up_proj.weight");
+        s_mat(l, &b->ff_out, d, mlp, p, "ff_out.weight");
     }
-    s_slot_set(&slots[k++], "model.transformer.ln_f.weight", d, 0)->vec = &m->weights.ln_f;
-    s_slot_set(&slots[k++], "model.transformer.ff_out.weight", c->embedding_size, d)->mat =
-        &m->weights.lm_head;
-    *n_out = k;
-    return slots;
+    s_vec(l, &m->weights.ln_f, d, "model.transformer.", "ln_f.weight");
+    s_mat(l, &m->weights.lm_head, c->embedding_size, d, "model.transformer.", "ff_out.weight");
+}
+
+/* Dream's (Qwen2's) names: model.{embed_tokens, layers.N.*, norm}, lm_head. */
+static void s_slots_dream(um_model_t *m, s_slots_t *l)
+{
+    const um_model_config_t *c = &m->config;
+    int64_t d = c->d_model, q_dim = (int64_t)c->n_heads * c->head_dim;
+    int64_t kv_dim = (int64_t)c->n_kv_heads * c->head_dim, mlp = c->mlp_hidden_size;
+    s_slot_t *wte = s_add(l, c->embedding_size, d, "model.embed_tokens.weight");
+    wte->emb = &m->weights.wte;
+    if (c->tied_embeddings)
+        wte->tied_mat = &m->weights.lm_head;
+    for (int32_t i = 0; i < c->n_layers; i++) {
+        um_block_weights_t *b = &m->blocks[i];
+        char p[64];
+        snprintf(p, sizeof p, "model.layers.%d.", i);
+        s_vec(l, &b->attn_norm, d, p, "input_layernorm.weight");
+        s_mat(l, &b->q_proj, q_dim, d, p, "self_attn.q_proj.weight");
+        s_vec(l, &b->q_bias, q_dim, p, "self_attn.q_proj.bias");
+        s_mat(l, &b->k_proj, kv_dim, d, p, "self_attn.k_proj.weight");
+        s_vec(l, &b->k_bias, kv_dim, p, "self_attn.k_proj.bias");
+        s_mat(l, &b->v_proj, kv_dim, d, p, "self_attn.v_proj.weight");
+        s_vec(l, &b->v_bias, kv_dim, p, "self_attn.v_proj.bias");
+        s_mat(l, &b->attn_out, d, q_dim, p, "self_attn.o_proj.weight");
+        s_vec(l, &b->ff_norm, d, p, "post_attention_layernorm.weight");
+        s_mat(l, &b->ff_proj, mlp, d, p, "mlp.gate_proj.weight");
+        s_mat(l, &b->up_proj, mlp, d, p, "mlp.up_proj.weight");
+        s_mat(l, &b->ff_out, d, mlp, p, "mlp.down_proj.weight");
+    }
+    s_vec(l, &m->weights.ln_f, d, "model.", "norm.weight");
+    if (!c->tied_embeddings)
+        s_mat(l, &m->weights.lm_head, c->embedding_size, d, "", "lm_head.weight");
+}
+
+/*
+ * BERT's and DistilBERT's names. Both tie the decoder to the word embeddings; a
+ * checkpoint that stores the decoder weight anyway gets it bound as saved.
+ */
+static void s_slots_bert(um_model_t *m, s_slots_t *l)
+{
+    const um_model_config_t *c = &m->config;
+    int distil = c->arch == UM_ARCH_DISTILBERT;
+    int64_t d = c->d_model, mlp = c->mlp_hidden_size, V = c->embedding_size;
+    um_model_weights_t *w = &m->weights;
+    const char *e = distil ? "distilbert.embeddings." : "bert.embeddings.";
+
+    s_slot_t *wte = s_add(l, V, d, "%sword_embeddings.weight", e);
+    size_t wte_index = l->n - 1;
+    wte->emb = &w->wte;
+    wte->tied_mat = &w->lm_head;
+    s_add(l, c->max_sequence_length, d, "%sposition_embeddings.weight", e)->emb = &w->wpe;
+    if (!distil)
+        s_add(l, c->type_vocab_size, d, "%stoken_type_embeddings.weight", e)->emb = &w->wtte;
+    s_vec(l, &w->emb_norm, d, e, "LayerNorm.weight");
+    s_vec(l, &w->emb_norm_bias, d, e, "LayerNorm.bias");
+
+    for (int32_t i = 0; i < c->n_layers; i++) {
+        um_block_weights_t *b = &m->blocks[i];
+        char p[80];
+        if (distil) {
+            snprintf(p, sizeof p, "distilbert.transformer.layer.%d.", i);
+            const struct {
+                const char *mat;
+                um_gemm_weight_t **w;
+                const float **bias;
+                int64_t rows, cols;
+            } lin[] = {
+                {"attention.q_lin", &b->q_proj, &b->q_bias, d, d},
+                {"attention.k_lin", &b->k_proj, &b->k_bias, d, d},
+                {"attention.v_lin", &b->v_proj, &b->v_bias, d, d},
+                {"attention.out_lin", &b->attn_out, &b->attn_out_bias, d, d},
+                {"ffn.lin1", &b->ff_proj, &b->ff_proj_bias, mlp, d},
+                {"ffn.lin2", &b->ff_out, &b->ff_out_bias, d, mlp},
+            };
+            for (size_t j = 0; j < sizeof lin / sizeof lin[0]; j++) {
+                s_add(l, lin[j].rows, lin[j].cols, "%s%s.weight", p, lin[j].mat)->mat = lin[j].w;
+                s_add(l, lin[j].rows, 0, "%s%s.bias", p, lin[j].mat)->vec = lin[j].bias;
+            }
+            s_vec(l, &b->attn_norm, d, p, "sa_layer_norm.weight");
+            s_vec(l, &b->attn_norm_bias, d, p, "sa_layer_norm.bias");
+            s_vec(l, &b->ff_norm, d, p, "output_layer_norm.weight");
+            s_vec(l, &b->ff_norm_bias, d, p, "output_layer_norm.bias");
+            continue;
+        }
+        snprintf(p, sizeof p, "bert.encoder.layer.%d.", i);
+        const struct {
+            const char *mat;
+            um_gemm_weight_t **w;
+            const float **bias;
+            int64_t rows, cols;
+        } lin[] = {
+            {"attention.self.query", &b->q_proj, &b->q_bias, d, d},
+            {"attention.self.key", &b->k_proj, &b->k_bias, d, d},
+            {"attention.self.value", &b->v_proj, &b->v_bias, d, d},
+            {"attention.output.dense", &b->attn_out, &b->attn_out_bias, d, d},
+            {"intermediate.dense", &b->ff_proj, &b->ff_proj_bias, mlp, d},
+            {"output.dense", &b->ff_out, &b->ff_out_bias, d, mlp},
+        };
+        for (size_t j = 0; j < sizeof lin / sizeof lin[0]; j++) {
+            s_add(l, lin[j].rows, lin[j].cols, "%s%s.weight", p, lin[j].mat)->mat = lin[j].w;
+            s_add(l, lin[j].rows, 0, "%s%s.bias", p, lin[j].mat)->vec = lin[j].bias;
+        }
+        s_vec(l, &b->attn_norm, d, p, "attention.output.LayerNorm.weight");
+        s_vec(l, &b->attn_norm_bias, d, p, "attention.output.LayerNorm.bias");
+        s_vec(l, &b->ff_norm, d, p, "output.LayerNorm.weight");
+        s_vec(l, &b->ff_norm_bias, d, p, "output.LayerNorm.bias");
+    }
+
+    const char *h = distil ? "" : "cls.predictions.";
+    s_add(l, d, d, "%s%s.weight", h, distil ? "vocab_transform" : "transform.dense")->mat =
+        &w->head_dense;
+    s_add(l, d, 0, "%s%s.bias", h, distil ? "vocab_transform" : "transform.dense")->vec =
+        &w->head_dense_bias;
+    s_add(l, d, 0, "%s%s.weight", h, distil ? "vocab_layer_norm" : "transform.LayerNorm")->vec =
+        &w->head_norm;
+    s_add(l, d, 0, "%s%s.bias", h, distil ? "vocab_layer_norm" : "transform.LayerNorm")->vec =
+        &w->head_norm_bias;
+    s_add(l, V, 0, "%s", distil ? "vocab_projector.bias" : "cls.predictions.bias")->vec =
+        &w->lm_head_bias;
+    s_slot_t *decoder = s_add(l, V, d, "%s",
+                              distil ? "vocab_projector.weight" : "cls.predictions.decoder.weight");
+    decoder->mat = &w->lm_head;
+    decoder->optional = 1;
+    l->items[wte_index].untied_by = (long)(l->n - 1);
+}
+
+/* Tensors a family's checkpoints may carry that inference does not use. */
+static int s_ignored(const um_model_config_t *c, const char *name)
+{
+    static const char *const bert_suffixes[] = {
+        "embeddings.position_ids", "cls.predictions.decoder.bias",
+    };
+    static const char *const bert_prefixes[] = {"bert.pooler.", "cls.seq_relationship."};
+    if (c->arch != UM_ARCH_BERT && c->arch != UM_ARCH_DISTILBERT)
+        return c->arch == UM_ARCH_DREAM && strstr(name, "rotary_emb.inv_freq") != NULL;
+    size_t n = strlen(name);
+    for (size_t i = 0; i < sizeof bert_suffixes / sizeof bert_suffixes[0]; i++) {
+        size_t k = strlen(bert_suffixes[i]);
+        if (n >= k && strcmp(name + n - k, bert_suffixes[i]) == 0)
+            return 1;
+    }
+    for (size_t i = 0; i < sizeof bert_prefixes / sizeof bert_prefixes[0]; i++)
+        if (strncmp(name, bert_prefixes[i], strlen(bert_prefixes[i])) == 0)
+            return 1;
+    return 0;
+}
+
+/* List every tensor of the model's family with the shape config.json implies. */
+static s_slot_t *s_slots_build(um_model_t *m, size_t *n_out)
+{
+    s_slots_t list = {0};
+    switch (m->config.arch) {
+    case UM_ARCH_LLADA:
+        s_slots_llada(m, &list);
+        break;
+    case UM_ARCH_DREAM:
+        s_slots_dream(m, &list);
+        break;
+    case UM_ARCH_BERT:
+    case UM_ARCH_DISTILBERT:
+        s_slots_bert(m, &list);
+        break;
+    }
+    if (list.failed) {
+        free(list.items);
+        return NULL;
+    }
+    *n_out = list.n;
+    return list.items;
 }
 
 /* Find each slot's tensor and check its shape; reject tensors no slot uses. */
@@ -353,10 +330,17 @@ static int s_slots_match(const um_model_t *m, s_slot_t *slots, size_t n_slots, c
     for (size_t i = 0; i < n_slots; i++) {
         s_slot_t *s = &slots[i];
         s->view = um_safetensors_find(m->weights_file, s->name);
+        if (!s->view && s->optional)
+            continue;
         if (!s->view)
             return um_fail(err, errlen, UM_ENOTFOUND,
                           "tensor %s is missing from %s: the checkpoint does not match "
                           "config.json", s->name, source);
+        if (s->view->dtype != UM_DTYPE_F32 && s->view->dtype != UM_DTYPE_BF16)
+            return um_fail(err, errlen, UM_EUNSUPPORTED,
+                          "tensor %s in %s has dtype %s, but weights must be F32 or BF16: "
+                          "convert the checkpoint", s->name, source,
+                          um_dtype_name(s->view->dtype));
         int same = s->view->ndim == s->ndim;
         for (int32_t j = 0; same && j < s->ndim; j++)
             same = s->view->shape[j] == s->shape[j];
@@ -370,20 +354,17 @@ static int s_slots_match(const um_model_t *m, s_slot_t *slots, size_t n_slots, c
         }
     }
 
-    /* Every slot found a distinct tensor, so equal counts mean nothing is left over. */
     size_t n_tensors = um_safetensors_count(m->weights_file);
-    if (n_tensors != n_slots) {
-        for (size_t i = 0; i < n_tensors; i++) {
-            const um_tensor_view_t *t = um_safetensors_at(m->weights_file, i);
-            int used = 0;
-            for (size_t j = 0; j < n_slots && !used; j++)
-                used = slots[j].view == t;
-            if (!used)
-                return um_fail(err, errlen, UM_EFORMAT,
-                              "tensor %s in %s is not part of a LLaDA model with n_layers %d: "
-                              "the checkpoint does not match config.json", t->name, source,
-                              m->config.n_layers);
-        }
+    for (size_t i = 0; i < n_tensors; i++) {
+        const um_tensor_view_t *t = um_safetensors_at(m->weights_file, i);
+        int used = s_ignored(&m->config, t->name);
+        for (size_t j = 0; j < n_slots && !used; j++)
+            used = slots[j].view == t;
+        if (!used)
+            return um_fail(err, errlen, UM_EFORMAT,
+                          "tensor %s in %s is not part of a %s model with %d layers: the "
+                          "checkpoint does not match config.json", t->name, source,
+                          m->config.model_type, m->config.n_layers);
     }
     return 0;
 }
@@ -401,6 +382,8 @@ static size_t s_slot_arena_bytes(const s_slot_t *slot)
 {
     const um_tensor_view_t *t = slot->view;
     size_t bytes = 0;
+    if (!t)
+        return 0;
     if (slot->vec && (t->dtype != UM_DTYPE_F32 || !s_aligned(t)))
         bytes = (size_t)t->numel * sizeof(float);
     else if (!slot->vec && !s_aligned(t))
@@ -421,28 +404,49 @@ static um_wdtype_t s_weight_dtype(um_wdtype_t requested, int all_bf16)
     return um_gemm_bf16_native() || all_bf16 ? UM_WDTYPE_BF16 : UM_WDTYPE_F32;
 }
 
+/* The dtype UNMASKD_WEIGHT_DTYPE requests: f32, bf16, or auto (0) when unset. */
+static int s_weight_dtype_env(um_wdtype_t *out, char *err, size_t errlen)
+{
+    const char *v = getenv("UNMASKD_WEIGHT_DTYPE");
+    *out = 0;
+    if (!v || !*v || strcmp(v, "auto") == 0)
+        return 0;
+    if (strcmp(v, "f32") == 0)
+        *out = UM_WDTYPE_F32;
+    else if (strcmp(v, "bf16") == 0)
+        *out = UM_WDTYPE_BF16;
+    else
+        return um_fail(err, errlen, UM_EINVAL,
+                      "UNMASKD_WEIGHT_DTYPE is \"%s\": use f32, bf16 or auto", v);
+    return 0;
+}
+
 /* Bind one slot; data is the tensor's bytes (in the mapping or an aligned copy). */
-static int s_slot_bind(um_model_t *m, const s_slot_t *slot, const void *data, char *err,
-                       size_t errlen)
+static int s_slot_bind(um_model_t *m, const s_slot_t *slots, const s_slot_t *slot,
+                       const void *data, char *err, size_t errlen)
 {
     const um_tensor_view_t *t = slot->view;
     int bf16 = t->dtype == UM_DTYPE_BF16;
-    if (slot->raw) {
-        *slot->raw = data;
-        m->weights.wte_bf16 = bf16;
-        return 0;
-    }
     if (slot->vec) {
         *slot->vec = data;
         return 0;
     }
+    if (slot->emb) {
+        slot->emb->data = data;
+        slot->emb->bf16 = bf16;
+    }
+    um_gemm_weight_t **mat = slot->mat;
+    if (!mat && slot->tied_mat && (slot->untied_by < 0 || !slots[slot->untied_by].view))
+        mat = slot->tied_mat;
+    if (!mat)
+        return 0;
     int rc = um_gemm_weight_new((int32_t)t->shape[0], (int32_t)t->shape[1], data, bf16,
-                                m->weight_dtype, slot->mat);
+                                m->weight_dtype, mat);
     if (rc != 0)
         return um_fail(err, errlen, rc, "preparing tensor %s (%s) for the %s matrix products "
                        "failed: %s", slot->name, bf16 ? "bf16" : "f32",
                        m->weight_dtype == UM_WDTYPE_BF16 ? "bf16" : "f32", um_strerror(rc));
-    m->weight_bytes += um_gemm_weight_bytes(*slot->mat);
+    m->weight_bytes += um_gemm_weight_bytes(*mat);
     return 0;
 }
 
@@ -456,6 +460,8 @@ static int s_slots_bind(um_model_t *m, s_slot_t *slots, size_t n_slots, char *er
 {
     size_t arena_bytes = 0, n_bf16 = 0, n_f32 = 0;
     for (size_t i = 0; i < n_slots; i++) {
+        if (!slots[i].view)
+            continue;
         if (slots[i].view->dtype == UM_DTYPE_BF16)
             n_bf16++;
         else
@@ -479,9 +485,13 @@ static int s_slots_bind(um_model_t *m, s_slot_t *slots, size_t n_slots, char *er
     }
 
     size_t offset = 0, n_mapped = 0;
+    size_t n_bound = 0;
     for (size_t i = 0; i < n_slots; i++) {
         const s_slot_t *slot = &slots[i];
         const um_tensor_view_t *t = slot->view;
+        if (!t)
+            continue; /* an optional tensor the checkpoint does not have */
+        n_bound++;
         size_t copy = s_slot_arena_bytes(slot);
         const void *data = t->data;
         if (copy > 0) {
@@ -493,7 +503,7 @@ static int s_slots_bind(um_model_t *m, s_slot_t *slots, size_t n_slots, char *er
             data = dst;
             offset += copy;
         }
-        int rc = s_slot_bind(m, slot, data, err, errlen);
+        int rc = s_slot_bind(m, slots, slot, data, err, errlen);
         if (rc != 0)
             return rc;
         if (copy == 0 && (!slot->mat || um_gemm_weight_borrows(*slot->mat)))
@@ -504,7 +514,7 @@ static int s_slots_bind(um_model_t *m, s_slot_t *slots, size_t n_slots, char *er
     if (n_mapped == 0)
         um_safetensors_close(&m->weights_file);
     um_info("model", "bound %zu tensors for %s matrix products: %zu read in place, "
-            "%.1f MB copied, %.1f MB of prepared weights", n_slots,
+            "%.1f MB copied, %.1f MB of prepared weights", n_bound,
             m->weight_dtype == UM_WDTYPE_BF16 ? "bf16" : "f32", n_mapped, arena_bytes / 1e6,
             m->weight_bytes / 1e6);
     return 0;
@@ -536,6 +546,8 @@ static int s_weights_load(um_model_t *m, char *err, size_t errlen)
 static int s_rope_build(um_model_t *m, char *err, size_t errlen)
 {
     const um_model_config_t *c = &m->config;
+    if (!c->rope)
+        return 0;
     int32_t half = c->head_dim / 2;
     size_t n = (size_t)c->max_sequence_length * (size_t)half * 2;
     m->rope = s_alloc_aligned(n * sizeof *m->rope);
@@ -578,10 +590,15 @@ int um_model_load_opts(const char *dir, const um_model_options_t *opts, um_model
         rc = um_fail(err, errlen, UM_ENOMEM, "out of memory loading the model in %s", dir);
         goto cleanup;
     }
-    rc = s_config_load(dir, &m->config, err, errlen);
+    rc = um_model_config_load(dir, &m->config, err, errlen);
     if (rc != 0)
         goto cleanup;
     m->weight_dtype = opts ? opts->weight_dtype : 0; /* 0: chosen when the dtypes are known */
+    if (!m->weight_dtype) {
+        rc = s_weight_dtype_env(&m->weight_dtype, err, errlen);
+        if (rc != 0)
+            goto cleanup;
+    }
     rc = s_weights_load(m, err, errlen);
     if (rc != 0)
         goto cleanup;
@@ -623,6 +640,7 @@ void um_model_destroy(um_model_t **model)
             um_gemm_weight_destroy(mats[i]);
     }
     um_gemm_weight_destroy(&m->weights.lm_head);
+    um_gemm_weight_destroy(&m->weights.head_dense);
     free(m->arena);
     free(m->blocks);
     um_safetensors_close(&m->weights_file);

@@ -15,9 +15,21 @@
 
 #include "kernels.h"
 
+/* Model families, chosen from config.json's model_type. */
 typedef enum um_arch {
-    UM_ARCH_LLADA = 1,
+    UM_ARCH_LLADA = 1,  /* "llada": LLaMA-style pre-norm blocks, RoPE, SwiGLU, untied head */
+    UM_ARCH_DREAM,      /* "Dream" (Qwen2 layout): as LLaDA plus q/k/v biases, GQA, and
+                         * logits shifted right by one position */
+    UM_ARCH_BERT,       /* "bert" (BertForMaskedLM): post-LayerNorm blocks, GELU, learned
+                         * positions, MLM head tied to the embeddings */
+    UM_ARCH_DISTILBERT, /* "distilbert" (DistilBertForMaskedLM): as BERT without token types */
 } um_arch_t;
+
+typedef enum um_activation {
+    UM_ACT_SWIGLU = 1, /* silu(gate) * up */
+    UM_ACT_GELU_ERF,   /* x/2 (1 + erf(x / sqrt 2)), BERT's "gelu" */
+    UM_ACT_GELU_TANH,  /* the tanh approximation, "gelu_new" and "gelu_pytorch_tanh" */
+} um_activation_t;
 
 /* The fields of config.json the engine uses, after defaults are applied. */
 typedef struct um_model_config {
@@ -26,39 +38,69 @@ typedef struct um_model_config {
     int32_t d_model;          /* hidden size */
     int32_t n_layers;
     int32_t n_heads;
-    int32_t n_kv_heads;       /* equal to n_heads for LLaDA-8B */
+    int32_t n_kv_heads;       /* equal to n_heads for LLaDA-8B and BERT */
     int32_t head_dim;         /* d_model / n_heads */
-    int32_t mlp_hidden_size;  /* SwiGLU inner size */
+    int32_t mlp_hidden_size;  /* MLP inner size */
     int32_t vocab_size;       /* tokenizer vocabulary */
     int32_t embedding_size;   /* rows of wte and of the LM head, >= vocab_size */
     int32_t max_sequence_length;
-    float rope_theta;
-    float rms_norm_eps;
+    float rope_theta;         /* unused without RoPE */
+    float rms_norm_eps;       /* epsilon of every norm, RMSNorm or LayerNorm */
     int32_t mask_token_id;
     int32_t eos_token_id;     /* -1 when config.json has none */
+
+    /* Block structure; the LLaDA values are the zero-or-default ones noted. */
+    int post_norm;              /* 1: x = norm(x + f(x)) (BERT); 0: x += f(norm(x)) */
+    int layer_norm;             /* 1: LayerNorm with bias (BERT); 0: RMSNorm */
+    um_activation_t activation; /* UM_ACT_SWIGLU for LLaDA and Dream */
+    int rope;                   /* 1: RoPE; 0: learned absolute positions (BERT) */
+    int qkv_bias;               /* q, k, v projections have biases (Dream, BERT) */
+    int dense_bias;             /* attention output and MLP projections have biases (BERT) */
+    int logits_shift;           /* logits of position p come from position p - 1 (Dream) */
+    int mlm_head;               /* dense + activation + LayerNorm before the head (BERT) */
+    int tied_embeddings;        /* the LM head is the token embedding matrix */
+    int32_t type_vocab_size;    /* BERT token types (row 0 is added everywhere), else 0 */
+    int32_t cls_token_id;       /* BERT's [CLS], -1 when the model has none */
+    int32_t sep_token_id;       /* BERT's [SEP], -1 when the model has none */
+    int32_t pad_token_id;       /* -1 when the model has none */
 } um_model_config_t;
 
+/* A token or position embedding table as stored, read row by row. */
+typedef struct um_embedding {
+    const void *data; /* (rows, d_model), f32 or bf16 */
+    int bf16;
+} um_embedding_t;
+
 /*
- * Weights of one transformer block: f32 norm vectors, and matrices of PyTorch nn.Linear
- * shape [out, in] prepared for the matrix products (layout and dtype are the GEMM's).
+ * Weights of one transformer block: f32 vectors (norms, biases; NULL where the family
+ * has none), and matrices of PyTorch nn.Linear shape [out, in] prepared for the matrix
+ * products (layout and dtype are the GEMM's). For post-norm families attn_norm and
+ * ff_norm are the LayerNorms after the attention and the MLP.
  */
 typedef struct um_block_weights {
-    const float *attn_norm;     /* (d_model) */
-    um_gemm_weight_t *q_proj;   /* (n_heads * head_dim, d_model) */
-    um_gemm_weight_t *k_proj;   /* (n_kv_heads * head_dim, d_model) */
-    um_gemm_weight_t *v_proj;   /* (n_kv_heads * head_dim, d_model) */
-    um_gemm_weight_t *attn_out; /* (d_model, n_heads * head_dim) */
-    const float *ff_norm;       /* (d_model) */
-    um_gemm_weight_t *ff_proj;  /* (mlp_hidden_size, d_model), the SwiGLU gate */
-    um_gemm_weight_t *up_proj;  /* (mlp_hidden_size, d_model), the linear branch */
-    um_gemm_weight_t *ff_out;   /* (d_model, mlp_hidden_size), the down projection */
+    const float *attn_norm;      /* (d_model) */
+    const float *attn_norm_bias; /* (d_model), LayerNorm only */
+    um_gemm_weight_t *q_proj;    /* (n_heads * head_dim, d_model) */
+    um_gemm_weight_t *k_proj;    /* (n_kv_heads * head_dim, d_model) */
+    um_gemm_weight_t *v_proj;    /* (n_kv_heads * head_dim, d_model) */
+    const float *q_bias, *k_bias, *v_bias;
+    um_gemm_weight_t *attn_out;  /* (d_model, n_heads * head_dim) */
+    const float *attn_out_bias;  /* (d_model) */
+    const float *ff_norm;        /* (d_model) */
+    const float *ff_norm_bias;   /* (d_model), LayerNorm only */
+    um_gemm_weight_t *ff_proj;   /* (mlp_hidden_size, d_model): SwiGLU gate, or GELU input */
+    const float *ff_proj_bias;   /* (mlp_hidden_size) */
+    um_gemm_weight_t *up_proj;   /* (mlp_hidden_size, d_model), SwiGLU only */
+    um_gemm_weight_t *ff_out;    /* (d_model, mlp_hidden_size), the down projection */
+    const float *ff_out_bias;    /* (d_model) */
 } um_block_weights_t;
 
 /* Load-time choices. Zero-initialised options mean the defaults. */
 typedef struct um_model_options {
-    /* Dtype of the matrix products; 0 (auto): bf16 where oneDNN runs bf16 natively
-     * (AVX512-BF16 or AMX) or where every tensor of the checkpoint is bf16 (the weights
-     * are then widened to f32 inside each product), else f32. */
+    /* Dtype of the matrix products; 0: the environment variable UNMASKD_WEIGHT_DTYPE
+     * (f32, bf16 or auto), else auto: bf16 where oneDNN runs bf16 natively (AVX512-BF16
+     * or AMX) or where every tensor of the checkpoint is bf16 (the weights are then
+     * widened to f32 inside each product), else f32. */
     um_wdtype_t weight_dtype;
 } um_model_options_t;
 
@@ -137,12 +179,19 @@ const char *um_model_backend(const um_model_t *model);
 
 /* The weights bound at load; every pointer is valid until um_model_destroy. */
 typedef struct um_model_weights {
-    const void *wte;                  /* (embedding_size, d_model) token embeddings,
-                                       * f32 or bf16 as stored (wte_bf16) */
-    int wte_bf16;
+    um_embedding_t wte;               /* (embedding_size, d_model) token embeddings */
+    um_embedding_t wpe;               /* (max_sequence_length, d_model), learned positions */
+    um_embedding_t wtte;              /* (type_vocab_size, d_model), BERT token types */
+    const float *emb_norm;            /* (d_model) LayerNorm after the embeddings (BERT) */
+    const float *emb_norm_bias;
     const um_block_weights_t *blocks; /* (n_layers) */
-    const float *ln_f;                /* (d_model) final RMSNorm weight */
-    um_gemm_weight_t *lm_head;        /* (embedding_size, d_model), untied from wte */
+    const float *ln_f;                /* (d_model) final RMSNorm weight (pre-norm families) */
+    um_gemm_weight_t *head_dense;     /* (d_model, d_model) MLM transform (BERT) */
+    const float *head_dense_bias;
+    const float *head_norm;           /* (d_model) MLM LayerNorm (BERT) */
+    const float *head_norm_bias;
+    um_gemm_weight_t *lm_head;        /* (embedding_size, d_model), possibly tied to wte */
+    const float *lm_head_bias;        /* (embedding_size), BERT only */
 } um_model_weights_t;
 
 const um_model_weights_t *um_model_weights(const um_model_t *model);

@@ -64,12 +64,12 @@ void um_shape_format(char *buf, size_t len, const int64_t *shape, int32_t ndim)
 
 const char *um_dtype_name(um_dtype_t dtype)
 {
-    return dtype == UM_DTYPE_BF16 ? "BF16" : "F32";
+    return dtype == UM_DTYPE_BF16 ? "BF16" : dtype == UM_DTYPE_I64 ? "I64" : "F32";
 }
 
 size_t um_dtype_size(um_dtype_t dtype)
 {
-    return dtype == UM_DTYPE_BF16 ? 2 : 4;
+    return dtype == UM_DTYPE_BF16 ? 2 : dtype == UM_DTYPE_I64 ? 8 : 4;
 }
 
 static uint64_t s_read_le64(const unsigned char *p)
@@ -96,6 +96,8 @@ static int s_parse_dtype(const char *path, const char *name, json_t *entry, um_d
         *out = UM_DTYPE_F32;
     else if (strcmp(s, "BF16") == 0)
         *out = UM_DTYPE_BF16;
+    else if (strcmp(s, "I64") == 0)
+        *out = UM_DTYPE_I64;
     else
         return um_fail(err, errlen, UM_EUNSUPPORTED,
                       "tensor %s in %s has dtype %s, but unmaskd reads only F32 and BF16 "

@@ -14,10 +14,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Element types unmaskd reads; other safetensors dtypes are rejected at open. */
+/*
+ * Element types unmaskd reads; other safetensors dtypes are rejected at open. I64 is
+ * accepted for the integer buffers some checkpoints store beside the weights (BERT's
+ * position_ids); the model never binds an I64 tensor as a weight.
+ */
 typedef enum um_dtype {
     UM_DTYPE_F32 = 1,
     UM_DTYPE_BF16 = 2,
+    UM_DTYPE_I64 = 3,
 } um_dtype_t;
 
 #define UM_SAFETENSORS_MAX_DIMS 8

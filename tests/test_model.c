@@ -399,11 +399,11 @@ END_TEST
 START_TEST(load_unknown_model_type)
 {
     json_t *config = s_config_read();
-    json_object_set_new(config, "model_type", json_string("dream"));
+    json_object_set_new(config, "model_type", json_string("mamba"));
     s_config_write(s_tmp, config);
     json_decref(config);
     s_link_weights(s_tmp);
-    const char *needles[] = {"dream", "model_type", "config.json"};
+    const char *needles[] = {"mamba", "model_type", "config.json"};
     s_expect_load_error(s_tmp, UM_EUNSUPPORTED, needles, 3);
 }
 END_TEST
@@ -470,7 +470,7 @@ START_TEST(load_bad_config_values)
     json_object_set_new(config, "n_heads", json_integer(3));
     s_config_write(s_tmp, config);
     s_link_weights(s_tmp);
-    const char *heads[] = {"n_heads 3", "config.json"};
+    const char *heads[] = {"3 heads", "config.json"};
     s_expect_load_error(s_tmp, UM_EFORMAT, heads, 2);
     json_decref(config);
 

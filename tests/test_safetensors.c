@@ -277,11 +277,31 @@ START_TEST(reject_unsupported_dtype)
     const char *f16[] = {"half", "F16", "f16.safetensors"};
     s_expect_error("f16.safetensors", UM_EUNSUPPORTED, f16, 3);
 
+    s_write_raw("u8.safetensors",
+                "{\"ids\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[0,2]}}", -1, data,
+                2);
+    const char *u8[] = {"ids", "U8", "u8.safetensors"};
+    s_expect_error("u8.safetensors", UM_EUNSUPPORTED, u8, 3);
+}
+END_TEST
+
+START_TEST(accept_i64_buffers)
+{
+    /* Integer buffers such as BERT's position_ids open as I64 of 8 bytes each. */
+    unsigned char data[16] = {1, 0, 0, 0, 0, 0, 0, 0, 2};
     s_write_raw("i64.safetensors",
                 "{\"ids\":{\"dtype\":\"I64\",\"shape\":[2],\"data_offsets\":[0,16]}}", -1, data,
                 16);
-    const char *i64[] = {"ids", "I64", "i64.safetensors"};
-    s_expect_error("i64.safetensors", UM_EUNSUPPORTED, i64, 3);
+    char err[1024] = "";
+    um_safetensors_t *st = NULL;
+    int rc = um_safetensors_open_file(um_test_path(s_dir, "i64.safetensors"), &st, err, sizeof err);
+    ck_assert_msg(rc == 0, "%s", err);
+    const um_tensor_view_t *t = um_safetensors_find(st, "ids");
+    ck_assert_ptr_nonnull(t);
+    ck_assert_int_eq(t->dtype, UM_DTYPE_I64);
+    ck_assert_uint_eq(t->nbytes, 16);
+    ck_assert_str_eq(um_dtype_name(t->dtype), "I64");
+    um_safetensors_close(&st);
 }
 END_TEST
 
@@ -468,6 +488,7 @@ Suite *um_safetensors_suite(void)
     tcase_add_test(tc, reject_size_mismatch);
     tcase_add_test(tc, reject_overlap);
     tcase_add_test(tc, reject_unsupported_dtype);
+    tcase_add_test(tc, accept_i64_buffers);
     tcase_add_test(tc, reject_bad_json);
     tcase_add_test(tc, reject_missing_file);
     suite_add_tcase(s, tc);
