@@ -29,6 +29,21 @@ static double s_now_ms(void)
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
+/* Peak resident set size of this process in MB (VmHWM), or -1 where /proc has none. */
+static double s_peak_rss_mb(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f)
+        return -1;
+    char line[256];
+    double kb = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %lf kB", &kb) == 1)
+            break;
+    fclose(f);
+    return kb < 0 ? -1 : kb / 1024.0;
+}
+
 static int s_cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
@@ -46,7 +61,9 @@ static void s_usage(FILE *out)
             "  --isa NAME           kernel ISA cap: scalar, avx2, avx512, amx, neon\n"
             "  --weight-dtype TYPE  f32, bf16 or auto (default auto)\n"
             "  --attention NAME     attention products: onednn (default) or libxsmm\n"
-            "  --json FILE          also write the figures as JSON to FILE\n");
+            "  --json FILE          also write the figures as JSON to FILE\n"
+            "  --no-bare            skip timing the bare matmuls (for models near the\n"
+            "                       memory limit, whose weights they would duplicate)\n");
 }
 
 /* One distinct weight shape of the step and how often a pass multiplies by it. */
@@ -99,13 +116,14 @@ int main(int argc, char **argv)
 {
     const char *model_dir = "models/tinystories", *isa = NULL, *json_path = NULL;
     const char *attention = NULL;
-    int tokens = 160, repeat = 5, threads = 0;
+    int tokens = 160, repeat = 5, threads = 0, bare = 1;
     um_model_options_t opts = {0};
     static const struct option longopts[] = {
         {"model", required_argument, 0, 'm'},  {"tokens", required_argument, 0, 'n'},
         {"repeat", required_argument, 0, 'r'}, {"threads", required_argument, 0, 't'},
         {"isa", required_argument, 0, 'i'},    {"weight-dtype", required_argument, 0, 'w'},
         {"json", required_argument, 0, 'j'},   {"attention", required_argument, 0, 'a'},
+        {"no-bare", no_argument, 0, 'B'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
@@ -118,6 +136,7 @@ int main(int argc, char **argv)
         case 'i': isa = optarg; break;
         case 'j': json_path = optarg; break;
         case 'a': attention = optarg; break;
+        case 'B': bare = 0; break;
         case 'w':
             if (strcmp(optarg, "f32") == 0)
                 opts.weight_dtype = UM_WDTYPE_F32;
@@ -148,10 +167,12 @@ int main(int argc, char **argv)
         return 2;
     }
     um_model_t *model = NULL;
+    double load_start = s_now_ms();
     if (um_model_load_opts(model_dir, &opts, &model, err, sizeof err) != 0) {
         fprintf(stderr, "forward-bench: %s\n", err);
         return 1;
     }
+    double load_ms = s_now_ms() - load_start;
     const um_model_config_t *cfg = um_model_config(model);
     if (tokens > cfg->max_sequence_length) {
         fprintf(stderr, "forward-bench: --tokens %d is past the model's %d positions\n", tokens,
@@ -184,6 +205,9 @@ int main(int argc, char **argv)
     for (int r = 0; r < repeat; r++)
         um_model_forward(model, ids, 1, L, logits);
     um_model_set_profile(model, NULL);
+    /* Peak memory of loading and running the model, before the bare products allocate
+     * weights of their own. */
+    double peak_rss_mb = s_peak_rss_mb();
 
     /* The weight products of one pass: per layer q, k, v, attn_out, gate, up, down. */
     s_shape_t shapes[] = {
@@ -197,7 +221,8 @@ int main(int argc, char **argv)
     float *A = calloc(a_floats, sizeof *A), *C = malloc(c_floats * sizeof *C);
     for (size_t i = 0; i < a_floats; i++)
         A[i] = (float)((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
-    if (s_time_bare_products(shapes, n_shapes, L, um_model_weight_dtype(model), repeat, A, C)) {
+    if (bare &&
+        s_time_bare_products(shapes, n_shapes, L, um_model_weight_dtype(model), repeat, A, C)) {
         fprintf(stderr, "forward-bench: timing the bare products failed\n");
         return 1;
     }
@@ -212,7 +237,7 @@ int main(int argc, char **argv)
     double n = (double)prof.passes;
     double step_ms = fwd[repeat / 2];
     double mat_ms = (prof.gemm_ms + prof.lm_head_ms) / n;
-    double bare_rate = mat_flops / (bare_ms * 1e6);           /* GFLOP/s */
+    double bare_rate = bare ? mat_flops / (bare_ms * 1e6) : 0.0; /* GFLOP/s, 0: not timed */
     double step_rate = (mat_flops + att_flops) / (step_ms * 1e6);
     const char *wdtype = um_model_weight_dtype(model) == UM_WDTYPE_BF16 ? "bf16" : "f32";
 
@@ -241,11 +266,17 @@ int main(int argc, char **argv)
            100.0 * (prof.total_ms - listed) / prof.total_ms);
     printf("%-34s %10.2f (min %.2f, max %.2f)\n", "whole pass, median", step_ms, fwd[0],
            fwd[repeat - 1]);
+    printf("load %.0f ms; peak resident memory of load and passes %.0f MB\n", load_ms,
+           peak_rss_mb);
     printf("matrix products: %.1f%% of the pass\n", 100.0 * mat_ms / (prof.total_ms / n));
-    printf("bare oneDNN %s matmuls of the same shapes: %.2f ms, %.1f GFLOP/s\n", wdtype,
-           bare_ms, bare_rate);
-    printf("whole pass: %.1f GFLOP/s, %.1f%% of the bare matmul rate\n", step_rate,
-           100.0 * step_rate / bare_rate);
+    if (bare) {
+        printf("bare oneDNN %s matmuls of the same shapes: %.2f ms, %.1f GFLOP/s\n", wdtype,
+               bare_ms, bare_rate);
+        printf("whole pass: %.1f GFLOP/s, %.1f%% of the bare matmul rate\n", step_rate,
+               100.0 * step_rate / bare_rate);
+    } else {
+        printf("whole pass: %.1f GFLOP/s (bare matmuls not timed)\n", step_rate);
+    }
 
     if (json_path) {
         FILE *f = fopen(json_path, "w");
@@ -256,7 +287,7 @@ int main(int argc, char **argv)
         fprintf(f, "{\"model\":\"%s\",\"d_model\":%d,\"n_layers\":%d,\"n_heads\":%d,"
                 "\"mlp_hidden_size\":%d,\"vocab\":%d,\"tokens\":%d,\"weight_dtype\":\"%s\","
                 "\"backend\":\"%s\",\"attention\":\"%s\",\"isa\":\"%s\",\"isa_reason\":\"%s\",\"threads\":%d,"
-                "\"repeat\":%d,\"forward_ms_median\":%.3f,\"forward_ms_min\":%.3f,"
+                "\"repeat\":%d,\"load_ms\":%.1f,\"peak_rss_mb\":%.1f,\"forward_ms_median\":%.3f,\"forward_ms_min\":%.3f,"
                 "\"ops_ms\":{\"gemm\":%.3f,\"lm_head\":%.3f,\"attention\":%.3f,\"norm\":%.3f,"
                 "\"rope\":%.3f,\"activation\":%.3f,\"embedding\":%.3f,\"total\":%.3f},"
                 "\"matrix_share\":%.4f,\"bare_matmul_ms\":%.3f,\"bare_matmul_gflops\":%.2f,"
@@ -264,11 +295,11 @@ int main(int argc, char **argv)
                 model_dir, d, cfg->n_layers, cfg->n_heads, mlp, V, L, wdtype,
                 um_model_backend(model), um_attention_backend_name(),
                 um_isa_name(um_kernels_isa()), um_kernels_reason(),
-                omp_get_max_threads(), repeat, step_ms, fwd[0], prof.gemm_ms / n,
+                omp_get_max_threads(), repeat, load_ms, peak_rss_mb, step_ms, fwd[0], prof.gemm_ms / n,
                 prof.lm_head_ms / n, prof.attention_ms / n, prof.norm_ms / n, prof.rope_ms / n,
                 prof.activation_ms / n, prof.other_ms / n, prof.total_ms / n,
                 mat_ms / (prof.total_ms / n), bare_ms, bare_rate, step_rate,
-                step_rate / bare_rate);
+                bare ? step_rate / bare_rate : 0.0);
         fclose(f);
     }
     free(A);

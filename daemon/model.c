@@ -506,6 +506,10 @@ static int s_slots_bind(um_model_t *m, s_slot_t *slots, size_t n_slots, char *er
         int rc = s_slot_bind(m, slots, slot, data, err, errlen);
         if (rc != 0)
             return rc;
+        /* A matrix copied into its own layout no longer needs its mapped pages; dropping
+         * them keeps a large checkpoint from counting twice in resident memory. */
+        if (copy == 0 && slot->mat && !um_gemm_weight_borrows(*slot->mat))
+            um_safetensors_release(t);
         if (copy == 0 && (!slot->mat || um_gemm_weight_borrows(*slot->mat)))
             n_mapped++;
     }

@@ -567,6 +567,18 @@ const um_tensor_view_t *um_safetensors_at(const um_safetensors_t *st, size_t i)
     return i < st->n_tensors ? &st->tensors[i] : NULL;
 }
 
+void um_safetensors_release(const um_tensor_view_t *t)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    if (!t || page <= 0 || t->nbytes == 0)
+        return;
+    /* Only whole pages inside the tensor: its neighbours may still be read. */
+    uintptr_t start = ((uintptr_t)t->data + (uintptr_t)page - 1) & ~((uintptr_t)page - 1);
+    uintptr_t end = ((uintptr_t)t->data + t->nbytes) & ~((uintptr_t)page - 1);
+    if (end > start)
+        madvise((void *)start, end - start, MADV_DONTNEED);
+}
+
 const um_tensor_view_t *um_safetensors_find(const um_safetensors_t *st, const char *name)
 {
     um_tensor_view_t key = {.name = name};

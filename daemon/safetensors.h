@@ -63,6 +63,13 @@ int um_safetensors_open_file(const char *path, um_safetensors_t **out, char *err
 int um_safetensors_open_dir(const char *dir, um_safetensors_t **out, char *err,
                             size_t errlen);
 
+/*
+ * Drop the pages of t's data from this process's resident memory once it has been
+ * copied elsewhere (the file stays mapped; a later read faults the pages back in from
+ * the page cache). Reading t afterwards is still valid, only slower.
+ */
+void um_safetensors_release(const um_tensor_view_t *t);
+
 /* Unmap and free the set and set *st to NULL; a NULL *st is ignored. */
 void um_safetensors_close(um_safetensors_t **st);
 

@@ -9,9 +9,13 @@ carry no language: the model is only for timing and memory. Sizes:
   8b       LLaDA-8B: d 4096, 32 layers, 32 heads, intermediate 12288, vocab 126464
 
 Usage: make_bench_model.py --size 1b --out /tmp/bench-1b [--dtype bf16|f32] [--seed 0]
+                           [--shards N]
 
-The tokenizer is the bundled model's (4096 tokens); ids past its vocabulary still
-index the larger embedding, which is all a timing run needs.
+--shards N splits the weights into model-0000K-of-0000N.safetensors files with a
+model.safetensors.index.json, as large checkpoints ship.
+
+The tokenizer is the bundled model's (4096 tokens) with an added token for every id
+past it, so generated ids decode and the daemon can serve the model end to end.
 """
 
 import argparse
@@ -89,10 +93,36 @@ def to_bf16_bytes(x):
     return rounded.astype(np.uint16).tobytes()
 
 
-def write(out, size, dtype, seed):
-    c = config_for(size)
-    os.makedirs(out, exist_ok=True)
-    specs = list(tensor_specs(c))
+def write_tokenizer(out, c):
+    """The bundled tokenizer, with one added token per id past its vocabulary.
+
+    Generated ids then decode to text ("<t4096>" and so on), so the daemon serves a bench
+    model end to end; the model's mask and end-of-text ids get LLaDA's token names.
+    """
+    with open(os.path.join(BUNDLED, "tokenizer.json")) as f:
+        tok = json.load(f)
+    base = len(tok["model"]["vocab"])
+    names = {c["mask_token_id"]: "<|mdm_mask|>", c["eos_token_id"]: "<|eot_id|>"}
+    if c["vocab_size"] > base:
+        # The bundled specials keep their ids but lose the names the new ones take.
+        vocab = tok["model"]["vocab"]
+        for t in tok["added_tokens"]:
+            del vocab[t["content"]]
+            t["content"] = f"<|bundled_{t['id']}|>"
+            vocab[t["content"]] = t["id"]
+        for i in range(base, c["vocab_size"]):
+            special = i in names
+            tok["added_tokens"].append({
+                "id": i, "content": names.get(i, f"<t{i}>"), "single_word": False,
+                "lstrip": False, "rstrip": False, "normalized": False, "special": special})
+    with open(os.path.join(out, "tokenizer.json"), "w") as f:
+        json.dump(tok, f)
+    shutil.copy(os.path.join(BUNDLED, "tokenizer_config.json"),
+                os.path.join(out, "tokenizer_config.json"))
+
+
+def write_shard(path, specs, dtype, rng, seed, size):
+    """Write one safetensors file holding the tensors in specs, drawn from rng in order."""
     elem = 2 if dtype == "bf16" else 4
     header, offset = {"__metadata__": {"format": "pt", "note": f"random {size}, seed {seed}"}}, 0
     for name, shape, _ in specs:
@@ -102,9 +132,6 @@ def write(out, size, dtype, seed):
         offset += n
     text = json.dumps(header).encode()
     text += b" " * (-(8 + len(text)) % 8)  # tensors start 8-byte aligned
-
-    rng = np.random.default_rng(seed)
-    path = os.path.join(out, "model.safetensors")
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
@@ -117,15 +144,48 @@ def write(out, size, dtype, seed):
             rows_per_chunk = max(1, (1 << 24) // shape[1])
             for r0 in range(0, shape[0], rows_per_chunk):
                 rows = min(rows_per_chunk, shape[0] - r0)
-                x = (rng.standard_normal((rows, shape[1]), dtype=np.float32) * std)
+                x = rng.standard_normal((rows, shape[1]), dtype=np.float32) * std
                 f.write(to_bf16_bytes(x) if dtype == "bf16" else x.astype(np.float32).tobytes())
+    return offset
+
+
+def write(out, size, dtype, seed, shards):
+    c = config_for(size)
+    os.makedirs(out, exist_ok=True)
+    specs = list(tensor_specs(c))
+    rng = np.random.default_rng(seed)
+    total = 0
+    if shards <= 1:
+        total = write_shard(os.path.join(out, "model.safetensors"), specs, dtype, rng, seed, size)
+    else:
+        # Consecutive tensors per shard, cut where the running size passes each 1/N.
+        elem = 2 if dtype == "bf16" else 4
+        sizes = [int(np.prod(shape)) * elem for _, shape, _ in specs]
+        target = sum(sizes) / shards
+        groups, current, acc = [], [], 0
+        for spec, n in zip(specs, sizes):
+            current.append(spec)
+            acc += n
+            if acc >= target * (len(groups) + 1) and len(groups) < shards - 1:
+                groups.append(current)
+                current = []
+        groups.append(current)
+        weight_map = {}
+        for k, group in enumerate(groups):
+            name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+            total += write_shard(os.path.join(out, name), group, dtype, rng, seed, size)
+            for tensor, _, _ in group:
+                weight_map[tensor] = name
+        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+            f.write("\n")
     c["torch_dtype"] = "bfloat16" if dtype == "bf16" else "float32"
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(c, f, indent=2)
         f.write("\n")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(BUNDLED, name), os.path.join(out, name))
-    print(f"wrote {out}: {size}, {dtype}, {offset / 1e9:.2f} GB of weights, seed {seed}")
+    write_tokenizer(out, c)
+    print(f"wrote {out}: {size}, {dtype}, {total / 1e9:.2f} GB of weights in "
+          f"{max(shards, 1)} file(s), seed {seed}")
 
 
 def main():
@@ -134,11 +194,12 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shards", type=int, default=1)
     a = ap.parse_args()
-    if os.path.exists(os.path.join(a.out, "model.safetensors")):
-        sys.exit(f"make_bench_model.py: {a.out}/model.safetensors exists: remove it or pass "
+    if os.path.exists(os.path.join(a.out, "config.json")):
+        sys.exit(f"make_bench_model.py: {a.out} already holds a model: remove it or pass "
                  "another --out")
-    write(a.out, a.size, a.dtype, a.seed)
+    write(a.out, a.size, a.dtype, a.seed, a.shards)
 
 
 if __name__ == "__main__":
