@@ -1,11 +1,44 @@
 /* The daemon's tokenizer wrapper: plugin choice and self-sizing buffers (see tokenizer.h). */
 #include "tokenizer.h"
 
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "log.h"
+
+/*
+ * No plugin claimed the folder: say why as precisely as the files allow (a malformed
+ * tokenizer.json, a format no loaded plugin reads, or no tokenizer files at all).
+ */
+static int s_explain_no_plugin(const char *model_dir, char *err, size_t errlen)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tokenizer.json", model_dir);
+    if (access(path, F_OK) == 0) {
+        json_error_t jerr;
+        json_t *root = json_load_file(path, 0, &jerr);
+        if (!root) {
+            snprintf(err, errlen, "%s is not valid JSON (%s at line %d, column %d): replace it "
+                     "with the tokenizer.json the model was published with", path, jerr.text,
+                     jerr.line, jerr.column);
+            return UM_EFORMAT;
+        }
+        const char *type =
+            json_string_value(json_object_get(json_object_get(root, "model"), "type"));
+        snprintf(err, errlen, "no loaded tokenizer plugin reads %s (model type %s): check "
+                 "the plugins rejected in the startup log, or add a plugin for this format",
+                 path, type ? type : "missing");
+        json_decref(root);
+        return UM_EUNSUPPORTED;
+    }
+    snprintf(err, errlen, "no loaded tokenizer plugin can read the tokenizer files in %s: "
+             "add the model's tokenizer.json (or vocab.txt or tokenizer.model with a plugin "
+             "for it)", model_dir);
+    return UM_ENOTFOUND;
+}
 
 int um_tokenizer_open(um_tokenizer_t *tok, const um_plugin_registry_t *reg, const char *name,
                       const char *model_dir, char *err, size_t errlen)
@@ -32,11 +65,8 @@ int um_tokenizer_open(um_tokenizer_t *tok, const um_plugin_registry_t *reg, cons
                 chosen = &reg->items[i];
             }
         }
-        if (!chosen) {
-            snprintf(err, errlen, "no loaded tokenizer plugin can read the tokenizer files in "
-                     "%s: add tokenizer.json or load a plugin for this format", model_dir);
-            return UM_ENOTFOUND;
-        }
+        if (!chosen)
+            return s_explain_no_plugin(model_dir, err, errlen);
     }
     const um_tokenizer_ops_t *ops = chosen->desc->tokenizer;
     void *state = NULL;
