@@ -1,32 +1,46 @@
 /*
  * Kernel suite: every op of the kernel table against a double-precision computation
- * written out in the test, and the oneDNN products against naive loops over several
- * shapes, strides and accumulate settings. The element tests loop over the scalar
- * reference and the table um_kernels() selects, so a SIMD table is checked by the same
- * cases when it arrives.
+ * written out in the test and against the scalar reference, and the oneDNN products
+ * against naive loops over several shapes, strides and accumulate settings. The element
+ * and reduction tests loop over every ISA, with the um_isa_t value as the loop index. An
+ * ISA this host cannot run is reported once on stdout, and its tests return early.
  */
 #include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <unmaskd/error.h>
 
 #include "kernels.h"
+#include "rng.h"
 #include "testutil.h"
 
 /* ------------------------------------------------------------------------- */
 /* Helpers                                                                    */
 
-/* Loop index 0 is the scalar reference, 1 the table selected for this host. */
-static const um_kernel_table_t *s_table(int index)
+/*
+ * The table for ISA index isa, or NULL when this host cannot run it. The first NULL for
+ * an ISA prints the reason, so the log of a run shows which kernels it skipped.
+ */
+static const um_kernel_table_t *s_table(int isa)
 {
-    return index == 0 ? um_kernels_scalar() : um_kernels();
+    static int reported[UM_ISA_COUNT];
+    const um_kernel_table_t *t = um_kernels_for((um_isa_t)isa);
+    if (!t && !reported[isa]) {
+        char why[160] = "";
+        um_isa_supported((um_isa_t)isa, why, sizeof why);
+        printf("skipping %s kernels: %s\n", um_isa_name((um_isa_t)isa), why);
+        fflush(stdout);
+        reported[isa] = 1;
+    }
+    return t;
 }
-
-#define S_N_TABLES 2
 
 /* Deterministic uniform floats in [lo, hi) from a 64-bit LCG. */
 static float s_uniform(uint64_t *state, float lo, float hi)
@@ -43,51 +57,219 @@ static void s_fill(float *x, size_t n, uint64_t seed, float lo, float hi)
         x[i] = s_uniform(&state, lo, hi);
 }
 
-static const int32_t s_lengths[] = {1, 2, 7, 64, 257, 4096};
+/* Ragged lengths around the vector widths (8 and 16 floats), a d_model-sized row and
+ * LLaDA's vocabulary of 126464 tokens. */
+static const int32_t s_lengths[] = {1, 3, 15, 16, 17, 31, 33, 255, 4097, 126464};
 #define S_N_LENGTHS (sizeof s_lengths / sizeof s_lengths[0])
 
-/* ------------------------------------------------------------------------- */
-/* Element-wise kernels                                                       */
+/*
+ * Relative error allowed for an f32 sum of n terms of one sign. Each addition rounds by
+ * at most 2^-24 of the running sum, and round-to-nearest errors are as often up as down,
+ * so they grow like a random walk to about sqrt(n) 2^-24. 4 sqrt(n) 2^-24 leaves room
+ * for the spread. Vector lanes split the sum into shorter ones, which only lowers it.
+ */
+static double s_f32_sum_rel(int32_t n)
+{
+    return 4.0 * sqrt((double)n) * 0x1p-24;
+}
 
-START_TEST(kernel_table_scalar)
+#define S_ULP_F32 0x1p-24 /* half the gap between 1 and the next float: one rounding */
+
+/*
+ * ck_assert_msg for checks inside loops over elements. It tests the condition first, so a
+ * passing check costs no call into Check, which records every assertion it is given with
+ * a write(2) in this runner's no-fork mode.
+ */
+#define S_CHECK(cond, ...)                                                                     \
+    do {                                                                                       \
+        if (!(cond))                                                                           \
+            ck_abort_msg(__VA_ARGS__);                                                         \
+    } while (0)
+
+/* Fails with the op, the ISA, the length and the index when |got - expected| > tol. */
+#define S_ASSERT_CLOSE(op, t, n, i, got, expected, tol)                                        \
+    S_CHECK(fabs((double)(got) - (double)(expected)) <= (tol),                                 \
+            "%s %s n=%d i=%d: got %.9g, expected %.9g (tolerance %.3g)", op, (t)->isa,         \
+            (int)(n), (int)(i), (double)(got), (double)(expected), (double)(tol))
+
+/* Whether two floats are the same value, NaN matching NaN (for exact comparisons). */
+static int s_same_float(float a, float b)
+{
+    return (isnan(a) && isnan(b)) || (a == b && !signbit(a) == !signbit(b));
+}
+
+/*
+ * A row of n floats that ends where an inaccessible page begins, so a kernel that reads
+ * or writes past the row's end faults instead of passing by luck. Freed with
+ * s_guarded_free.
+ */
+typedef struct s_guarded {
+    void *map;
+    size_t map_len;
+    void *row;
+} s_guarded_t;
+
+static s_guarded_t s_guarded_new(size_t bytes)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t data = (bytes + page - 1) / page * page;
+    s_guarded_t g = {NULL, data + page, NULL};
+    g.map = mmap(NULL, g.map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    S_CHECK(g.map != MAP_FAILED, "mmap of %zu bytes failed", g.map_len);
+    ck_assert_int_eq(mprotect((char *)g.map + data, page, PROT_NONE), 0);
+    g.row = (char *)g.map + data - bytes;
+    return g;
+}
+
+static void s_guarded_free(s_guarded_t *g)
+{
+    munmap(g->map, g->map_len);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Kernel selection                                                           */
+
+START_TEST(kernel_table_selected)
 {
     const um_kernel_table_t *t = um_kernels();
     ck_assert_ptr_nonnull(t);
-    ck_assert_str_eq(t->isa, "scalar");
-    ck_assert_ptr_eq(t->rmsnorm, um_k_rmsnorm_ref);
-    ck_assert_ptr_eq(t->logsumexp, um_k_logsumexp_ref);
+    ck_assert_ptr_eq(t, um_kernels_for(um_kernels_isa()));
+    ck_assert_ptr_nonnull(t->rmsnorm);
+    ck_assert_ptr_nonnull(t->gumbel_argmax);
+
+    const um_kernel_table_t *ref = um_kernels_scalar();
+    ck_assert_str_eq(ref->isa, "scalar");
+    ck_assert_ptr_eq(ref->rmsnorm, um_k_rmsnorm_ref);
+    ck_assert_ptr_eq(ref->logsumexp, um_k_logsumexp_ref);
+    ck_assert_ptr_eq(um_kernels_for(UM_ISA_SCALAR), ref);
 }
 END_TEST
+
+START_TEST(kernels_select_validates_cap)
+{
+    char err[256] = "";
+    ck_assert_int_eq(um_kernels_select("avx9000", err, sizeof err), UM_EINVAL);
+    S_CHECK(strstr(err, "avx9000") != NULL, "message \"%s\" does not name the value", err);
+
+    /* Some ISA is always out of reach: neon on x86-64, the x86 ones elsewhere. */
+    um_isa_t unsupported = UM_ISA_COUNT, best = UM_ISA_SCALAR;
+    for (int i = 0; i < UM_ISA_COUNT; i++) {
+        if (!um_isa_supported((um_isa_t)i, NULL, 0)) {
+            if (unsupported == UM_ISA_COUNT)
+                unsupported = (um_isa_t)i;
+        } else {
+            best = (um_isa_t)i;
+        }
+    }
+    ck_assert_int_lt(unsupported, UM_ISA_COUNT);
+    const char *name = um_isa_name(unsupported);
+    err[0] = '\0';
+    ck_assert_int_eq(um_kernels_select(name, err, sizeof err), UM_EINVAL);
+    S_CHECK(strstr(err, name) != NULL, "message \"%s\" does not name %s", err, name);
+    ck_assert_ptr_null(um_kernels_for(unsupported));
+
+    ck_assert_int_eq(um_kernels_select("scalar", err, sizeof err), 0);
+    ck_assert_int_eq(um_kernels_isa(), UM_ISA_SCALAR);
+    ck_assert_ptr_eq(um_kernels(), um_kernels_scalar());
+
+    /* Back to the default choice, so later suites run on the host's best kernels. The
+     * select also caps oneDNN. Before the first product that cap can still change, and
+     * after it oneDNN keeps the ISA it started with. */
+    ck_assert_int_eq(um_kernels_select(um_isa_name(best), err, sizeof err), 0);
+    ck_assert_int_eq(um_kernels_isa(), best);
+    ck_assert_ptr_eq(um_kernels(), um_kernels_for(best));
+}
+END_TEST
+
+/* ------------------------------------------------------------------------- */
+/* Row kernels                                                                */
 
 START_TEST(rmsnorm_matches_double)
 {
     const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
     for (size_t c = 0; c < S_N_LENGTHS; c++) {
         int32_t n = s_lengths[c];
         float *x = malloc(n * sizeof *x), *w = malloc(n * sizeof *w);
-        float *out = malloc(n * sizeof *out);
+        float *out = malloc(n * sizeof *out), *ref = malloc(n * sizeof *ref);
         s_fill(x, n, 11 + c, -3.0f, 3.0f);
         s_fill(w, n, 97 + c, 0.5f, 1.5f);
         const float eps = 1e-5f;
         t->rmsnorm(out, x, w, n, eps);
+        um_k_rmsnorm_ref(ref, x, w, n, eps);
 
         double sum_sq = 0.0;
         for (int32_t i = 0; i < n; i++)
             sum_sq += (double)x[i] * x[i];
         double inv_rms = 1.0 / sqrt(sum_sq / n + eps);
+        /* The f32 sum of squares (one sign) is off by s_f32_sum_rel(n), which moves
+         * 1 / sqrt by half that. The division, sqrt and two products add a few roundings. */
+        double rel = s_f32_sum_rel(n) + 8 * S_ULP_F32;
         for (int32_t i = 0; i < n; i++) {
             double expected = x[i] * inv_rms * w[i];
-            /* The f32 sum of n squares has relative error below n * FLT_EPSILON; the
-             * rsqrt and two products add a few ulp. 4096 * 1.2e-7 = 5e-4 is the worst
-             * case; random signs keep the real error near sqrt(n) ulp, so 1e-5 relative
-             * leaves a margin without hiding a wrong formula. */
-            ck_assert_msg(fabs(out[i] - expected) <= 1e-5 * fabs(expected) + 1e-6,
-                          "%s rmsnorm n=%d i=%d: got %.9g, expected %.9g", t->isa, n, i,
-                          out[i], expected);
+            S_ASSERT_CLOSE("rmsnorm", t, n, i, out[i], expected, rel * fabs(expected) + 1e-30);
+            S_ASSERT_CLOSE("rmsnorm vs scalar", t, n, i, out[i], ref[i],
+                           2 * rel * fabs(expected) + 1e-30);
         }
         free(x);
         free(w);
         free(out);
+        free(ref);
+    }
+}
+END_TEST
+
+START_TEST(layernorm_matches_double)
+{
+    const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
+    for (size_t c = 0; c < S_N_LENGTHS; c++) {
+        int32_t n = s_lengths[c];
+        float *x = malloc(n * sizeof *x), *w = malloc(n * sizeof *w), *b = malloc(n * sizeof *b);
+        float *out = malloc(n * sizeof *out), *ref = malloc(n * sizeof *ref);
+        /* An offset of 10 checks that the variance is taken around the mean. */
+        s_fill(x, n, 13 + c, 9.0f, 11.0f);
+        s_fill(w, n, 17 + c, 0.5f, 1.5f);
+        s_fill(b, n, 19 + c, -1.0f, 1.0f);
+        const float eps = 1e-5f;
+
+        double sum = 0.0, sum_abs = 0.0;
+        for (int32_t i = 0; i < n; i++) {
+            sum += x[i];
+            sum_abs += fabs(x[i]);
+        }
+        double mean = sum / n, sq = 0.0;
+        for (int32_t i = 0; i < n; i++)
+            sq += (x[i] - mean) * (x[i] - mean);
+        double inv_std = 1.0 / sqrt(sq / n + eps);
+
+        for (int with_bias = 0; with_bias <= 1; with_bias++) {
+            const float *bias = with_bias ? b : NULL;
+            t->layernorm(out, x, w, bias, n, eps);
+            um_k_layernorm_ref(ref, x, w, bias, n, eps);
+            for (int32_t i = 0; i < n; i++) {
+                double y = (x[i] - mean) * inv_std * w[i];
+                double expected = with_bias ? y + b[i] : y;
+                /* The f32 mean is off by about s_f32_sum_rel(n) of the mean magnitude,
+                 * which shifts every centred value by that much times inv_std * w. The
+                 * f32 sum of centred squares moves inv_std as in rmsnorm. The bias adds
+                 * one rounding of its magnitude. */
+                double tol = s_f32_sum_rel(n) * (sum_abs / n) * inv_std * w[i] +
+                             (s_f32_sum_rel(n) + 8 * S_ULP_F32) * fabs(y) +
+                             (with_bias ? 2 * S_ULP_F32 * (fabs(b[i]) + fabs(expected)) : 0.0) +
+                             1e-30;
+                S_ASSERT_CLOSE(with_bias ? "layernorm+bias" : "layernorm", t, n, i, out[i],
+                               expected, tol);
+                S_ASSERT_CLOSE("layernorm vs scalar", t, n, i, out[i], ref[i], 2 * tol);
+            }
+        }
+        free(x);
+        free(w);
+        free(b);
+        free(out);
+        free(ref);
     }
 }
 END_TEST
@@ -95,15 +277,19 @@ END_TEST
 START_TEST(rope_matches_double)
 {
     const um_kernel_table_t *t = s_table(_i);
-    const int32_t head_dims[] = {2, 16, 64, 128};
+    if (!t)
+        return;
+    /* 34 and 66 leave pairs beyond the 8- and 16-float vectors. 128 is LLaDA's. */
+    const int32_t head_dims[] = {2, 16, 34, 64, 66, 128};
     const int32_t positions[] = {0, 1, 17, 4095};
-    for (size_t h = 0; h < 4; h++) {
+    for (size_t h = 0; h < sizeof head_dims / sizeof head_dims[0]; h++) {
         int32_t hd = head_dims[h], half = hd / 2;
         for (size_t p = 0; p < 4; p++) {
             int32_t pos = positions[p];
-            float x[128], original[128], cos_sin[128];
+            float x[128], ref[128], original[128], cos_sin[128];
             s_fill(original, hd, 5 + h * 10 + p, -2.0f, 2.0f);
             memcpy(x, original, hd * sizeof *x);
+            memcpy(ref, original, hd * sizeof *ref);
 
             double angle[64];
             for (int32_t i = 0; i < half; i++) {
@@ -112,6 +298,7 @@ START_TEST(rope_matches_double)
                 cos_sin[2 * i + 1] = (float)sin(angle[i]);
             }
             t->rope(x, cos_sin, hd);
+            um_k_rope_ref(ref, cos_sin, hd);
 
             for (int32_t i = 0; i < half; i++) {
                 double a = original[i], b = original[i + half];
@@ -119,70 +306,104 @@ START_TEST(rope_matches_double)
                 /* cos and sin are rounded to f32 (relative 6e-8) and each output is two
                  * f32 products and a sum of values below 2 in magnitude: 1e-6 absolute
                  * covers that with a 4x margin. */
-                ck_assert_msg(fabs(x[i] - (a * c - b * s)) <= 1e-6,
-                              "%s rope hd=%d pos=%d i=%d: got %.9g, expected %.9g", t->isa,
-                              hd, pos, i, x[i], a * c - b * s);
-                ck_assert_msg(fabs(x[i + half] - (b * c + a * s)) <= 1e-6,
-                              "%s rope hd=%d pos=%d i=%d: got %.9g, expected %.9g", t->isa,
-                              hd, pos, i + half, x[i + half], b * c + a * s);
+                S_ASSERT_CLOSE("rope", t, hd, i, x[i], a * c - b * s, 1e-6);
+                S_ASSERT_CLOSE("rope", t, hd, i + half, x[i + half], b * c + a * s, 1e-6);
+                S_ASSERT_CLOSE("rope vs scalar", t, hd, i, x[i], ref[i], 2e-6);
+                S_ASSERT_CLOSE("rope vs scalar", t, hd, i + half, x[i + half], ref[i + half], 2e-6);
             }
         }
     }
 }
 END_TEST
 
+/* Softmax of x in double, written to expected. */
+static void s_softmax_double(const float *x, int32_t n, double *expected)
+{
+    double max = -INFINITY, sum = 0.0;
+    for (int32_t i = 0; i < n; i++)
+        max = fmax(max, x[i]);
+    for (int32_t i = 0; i < n; i++)
+        sum += expected[i] = exp(x[i] - max);
+    for (int32_t i = 0; i < n; i++)
+        expected[i] /= sum;
+}
+
 START_TEST(softmax_matches_double)
 {
     const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
     for (size_t c = 0; c < S_N_LENGTHS; c++) {
         int32_t n = s_lengths[c];
-        float *x = malloc(n * sizeof *x);
+        float *x = malloc(n * sizeof *x), *ref = malloc(n * sizeof *ref);
         double *expected = malloc(n * sizeof *expected);
         /* Offsets near 80 would overflow expf without the max subtraction. */
         s_fill(x, n, 23 + c, 70.0f, 90.0f);
-        double max = x[0], sum = 0.0;
-        for (int32_t i = 1; i < n; i++)
-            max = fmax(max, x[i]);
-        for (int32_t i = 0; i < n; i++)
-            sum += expected[i] = exp(x[i] - max);
+        /* Every seventh entry is banned (-inf), as a sampler's mask does. */
+        for (int32_t i = 5; i < n; i += 7)
+            x[i] = -INFINITY;
+        s_softmax_double(x, n, expected);
+        memcpy(ref, x, n * sizeof *x);
         t->softmax(x, n);
+        um_k_softmax_ref(ref, n);
 
-        double total = 0.0;
+        /* Each output is an f32 exp of a value <= 0 (within 8e-8 relative), divided by
+         * an f32 sum of n positive terms (s_f32_sum_rel(n)). Inputs lie within 20 of the
+         * maximum, so no term is small enough to flush to zero. */
+        double rel = s_f32_sum_rel(n) + 8 * S_ULP_F32, total = 0.0;
         for (int32_t i = 0; i < n; i++) {
-            expected[i] /= sum;
             total += x[i];
-            /* Each output is expf of a value <= 0 (a few ulp) divided by an f32 sum of
-             * n terms (relative error below n * FLT_EPSILON, in practice sqrt(n) ulp):
-             * 1e-5 relative plus 1e-9 absolute for the tiny terms. */
-            ck_assert_msg(fabs(x[i] - expected[i]) <= 1e-5 * expected[i] + 1e-9,
-                          "%s softmax n=%d i=%d: got %.9g, expected %.9g", t->isa, n, i,
-                          x[i], expected[i]);
+            S_ASSERT_CLOSE("softmax", t, n, i, x[i], expected[i], rel * expected[i]);
+            S_ASSERT_CLOSE("softmax vs scalar", t, n, i, x[i], ref[i], 2 * rel * expected[i]);
         }
-        ck_assert_msg(fabs(total - 1.0) <= 1e-4, "%s softmax n=%d sums to %.9g", t->isa, n,
-                      total);
+        S_CHECK(fabs(total - 1.0) <= rel, "%s softmax n=%d sums to %.9g", t->isa, n, total);
         free(x);
+        free(ref);
         free(expected);
+    }
+
+    /* One finite entry among -inf: all the mass on it, at the start, middle and end. */
+    float row[33];
+    for (int at = 0; at < 33; at += 16) {
+        for (int i = 0; i < 33; i++)
+            row[i] = i == at ? -3.5f : -INFINITY;
+        t->softmax(row, 33);
+        for (int i = 0; i < 33; i++)
+            S_CHECK(row[i] == (i == at ? 1.0f : 0.0f), "%s softmax one-hot at %d: "
+                          "row[%d] = %g", t->isa, at, i, row[i]);
     }
 }
 END_TEST
 
+/* ------------------------------------------------------------------------- */
+/* Element-wise kernels                                                       */
+
 START_TEST(silu_mul_matches_double)
 {
     const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
     for (size_t c = 0; c < S_N_LENGTHS; c++) {
         int32_t n = s_lengths[c];
         float *gate = malloc(n * sizeof *gate), *up = malloc(n * sizeof *up);
-        float *out = malloc(n * sizeof *out);
+        float *out = malloc(n * sizeof *out), *ref = malloc(n * sizeof *ref);
         s_fill(gate, n, 31 + c, -20.0f, 20.0f);
         s_fill(up, n, 37 + c, -2.0f, 2.0f);
+        /* Gates where e^-g overflows f32 (the result is -0) and where it underflows. */
+        gate[0] = -100.0f;
+        if (n > 2)
+            gate[n - 1] = 100.0f;
         t->silu_mul(out, gate, up, n);
+        um_k_silu_mul_ref(ref, gate, up, n);
         for (int32_t i = 0; i < n; i++) {
             double g = gate[i];
             double expected = g / (1.0 + exp(-g)) * up[i];
-            /* expf, one division and two products: a few ulp, so 1e-6 relative. */
-            ck_assert_msg(fabs(out[i] - expected) <= 1e-6 * fabs(expected) + 1e-12,
-                          "%s silu_mul n=%d i=%d: got %.9g, expected %.9g", t->isa, n, i,
-                          out[i], expected);
+            /* An f32 exp (within 8e-8 relative), one division and two products stay
+             * within 1e-6 relative. Results below 1e-37 are flushed to 0 in f32, hence
+             * the absolute term. */
+            S_ASSERT_CLOSE("silu_mul", t, n, i, out[i], expected, 1e-6 * fabs(expected) + 1e-37);
+            S_ASSERT_CLOSE("silu_mul vs scalar", t, n, i, out[i], ref[i],
+                           2e-6 * fabs(expected) + 1e-37);
         }
 
         /* In place over the gate, as the forward pass calls it. */
@@ -190,11 +411,111 @@ START_TEST(silu_mul_matches_double)
         memcpy(copy, gate, n * sizeof *copy);
         t->silu_mul(copy, copy, up, n);
         for (int32_t i = 0; i < n; i++)
-            ck_assert_float_eq(copy[i], out[i]);
+            S_CHECK(s_same_float(copy[i], out[i]), "%s silu_mul in place n=%d i=%d: "
+                          "%g != %g", t->isa, n, i, copy[i], out[i]);
         free(copy);
         free(gate);
         free(up);
         free(out);
+        free(ref);
+    }
+}
+END_TEST
+
+/* Inputs for the GELU tests: a random spread, zeros, tiny and large values. */
+static float *s_gelu_inputs(int32_t n, uint64_t seed)
+{
+    float *x = malloc(n * sizeof *x);
+    s_fill(x, n, seed, -12.0f, 12.0f);
+    const float special[] = {0.0f, -0.0f, 1e-30f, -1e-30f, 0.5f, -0.5f, 3.0f, -3.0f, -9.0f, 50.0f};
+    for (int32_t i = 0; i < n && i < 10; i++)
+        x[(int32_t)((int64_t)i * 9973 % n)] = special[i];
+    return x;
+}
+
+/*
+ * Tolerance of the reference GELUs. They form 1 + erff or 1 + tanhf in f32, which is off
+ * by up to about 2 roundings of 1 (2.4e-7) absolute, so the output is off by x/2 times
+ * that. Other roundings add 1e-6 relative. The SIMD kernels avoid that cancellation, so
+ * each test checks them against a tighter, relative tolerance of their own.
+ */
+static double s_gelu_ref_tol(double x, double expected)
+{
+    return 1e-6 * fabs(expected) + 1.5e-7 * fabs(x) + 1e-37;
+}
+
+START_TEST(gelu_erf_matches_double)
+{
+    const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
+    int scalar = t == um_kernels_scalar();
+    for (size_t c = 0; c < S_N_LENGTHS; c++) {
+        int32_t n = s_lengths[c];
+        float *x = s_gelu_inputs(n, 41 + c);
+        float *out = malloc(n * sizeof *out), *ref = malloc(n * sizeof *ref);
+        t->gelu_erf(out, x, n);
+        um_k_gelu_erf_ref(ref, x, n);
+        for (int32_t i = 0; i < n; i++) {
+            double v = x[i];
+            /* erfc keeps the relative accuracy of the negative side. */
+            double expected = v < 0 ? 0.5 * v * erfc(-v / sqrt(2.0))
+                                    : 0.5 * v * (1.0 + erf(v / sqrt(2.0)));
+            /* SIMD: erfc within 4.2e-7 relative plus a few roundings, so 1e-6 relative.
+             * z = x / sqrt(2) is rounded in f32 (2^-24 relative) and erfc's relative
+             * sensitivity to z is 2 z^2 = x^2, which adds x^2 2^-24, doubled for margin.
+             * Outputs below 1e-36 are flushed or subnormal in f32. */
+            double tol = scalar ? s_gelu_ref_tol(v, expected)
+                                : (1e-6 + v * v * 0x1p-23) * fabs(expected) + 1e-36;
+            S_ASSERT_CLOSE("gelu_erf", t, n, i, out[i], expected, tol);
+            S_ASSERT_CLOSE("gelu_erf vs scalar", t, n, i, out[i], ref[i],
+                           tol + s_gelu_ref_tol(v, expected));
+        }
+        /* In place, as the forward pass may call it. */
+        t->gelu_erf(x, x, n);
+        for (int32_t i = 0; i < n; i++)
+            S_CHECK(s_same_float(x[i], out[i]), "%s gelu_erf in place n=%d i=%d", t->isa,
+                          n, i);
+        free(x);
+        free(out);
+        free(ref);
+    }
+}
+END_TEST
+
+START_TEST(gelu_tanh_matches_double)
+{
+    const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
+    int scalar = t == um_kernels_scalar();
+    const double k = sqrt(2.0 / M_PI);
+    for (size_t c = 0; c < S_N_LENGTHS; c++) {
+        int32_t n = s_lengths[c];
+        float *x = s_gelu_inputs(n, 43 + c);
+        float *out = malloc(n * sizeof *out), *ref = malloc(n * sizeof *ref);
+        t->gelu_tanh(out, x, n);
+        um_k_gelu_tanh_ref(ref, x, n);
+        for (int32_t i = 0; i < n; i++) {
+            double v = x[i];
+            double u = k * (v + 0.044715 * v * v * v);
+            /* 0.5 (1 + tanh u) = 1 / (1 + e^-2u), without cancellation for u < 0. */
+            double expected = v / (1.0 + exp(-2.0 * u));
+            /* SIMD: u is formed in f32 (a few roundings, 5e-7 relative), and the output's
+             * relative sensitivity to u is at most 2|u|. The exp and division add 1e-6. */
+            double tol = scalar ? s_gelu_ref_tol(v, expected)
+                                : (1e-6 + 5e-7 * fabs(u)) * fabs(expected) + 1e-36;
+            S_ASSERT_CLOSE("gelu_tanh", t, n, i, out[i], expected, tol);
+            S_ASSERT_CLOSE("gelu_tanh vs scalar", t, n, i, out[i], ref[i],
+                           tol + s_gelu_ref_tol(v, expected));
+        }
+        t->gelu_tanh(x, x, n);
+        for (int32_t i = 0; i < n; i++)
+            S_CHECK(s_same_float(x[i], out[i]), "%s gelu_tanh in place n=%d i=%d",
+                          t->isa, n, i);
+        free(x);
+        free(out);
+        free(ref);
     }
 }
 END_TEST
@@ -202,6 +523,8 @@ END_TEST
 START_TEST(add_is_exact)
 {
     const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
     for (size_t c = 0; c < S_N_LENGTHS; c++) {
         int32_t n = s_lengths[c];
         float *out = malloc(n * sizeof *out), *x = malloc(n * sizeof *x);
@@ -212,7 +535,8 @@ START_TEST(add_is_exact)
         t->add(out, x, n);
         /* One f32 addition per element, so the result is the correctly rounded sum. */
         for (int32_t i = 0; i < n; i++)
-            ck_assert_float_eq(out[i], (float)((double)before[i] + (double)x[i]));
+            S_CHECK(out[i] == (float)((double)before[i] + (double)x[i]),
+                          "%s add n=%d i=%d: got %.9g", t->isa, n, i, out[i]);
         free(out);
         free(x);
         free(before);
@@ -237,6 +561,8 @@ static double s_bf16_decode(uint16_t bits)
 START_TEST(bf16_to_f32_exact)
 {
     const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
     /* Every bf16 bit pattern, so normals, subnormals, zeros and infinities are covered. */
     const size_t n = 65536;
     uint16_t *in = malloc(n * sizeof *in);
@@ -247,39 +573,179 @@ START_TEST(bf16_to_f32_exact)
     for (size_t i = 0; i < n; i++) {
         double expected = s_bf16_decode(in[i]);
         if (isnan(expected)) {
-            ck_assert_msg(isnan(out[i]), "%s bf16 0x%04zx: got %g, expected NaN", t->isa, i,
+            S_CHECK(isnan(out[i]), "%s bf16 0x%04zx: got %g, expected NaN", t->isa, i,
                           out[i]);
             continue;
         }
-        ck_assert_msg((double)out[i] == expected && !signbit(out[i]) == !signbit(expected),
+        S_CHECK((double)out[i] == expected && !signbit(out[i]) == !signbit(expected),
                       "%s bf16 0x%04zx: got %.9g, expected %.9g", t->isa, i, out[i], expected);
     }
     ck_assert_float_eq(out[0x3f80], 1.0f);
     ck_assert_float_eq(out[0xc000], -2.0f);
+
+    /* Ragged lengths from an odd offset: the same bits as the whole-array conversion. */
+    float *part = malloc(n * sizeof *part);
+    for (size_t c = 0; c < S_N_LENGTHS && (size_t)s_lengths[c] < n; c++) {
+        size_t len = (size_t)s_lengths[c];
+        t->bf16_to_f32(part, in + 7, len);
+        for (size_t i = 0; i < len; i++)
+            S_CHECK(memcmp(&part[i], &out[i + 7], sizeof(float)) == 0,
+                          "%s bf16 n=%zu i=%zu differs from the whole-array result", t->isa,
+                          len, i);
+    }
+    free(part);
     free(in);
     free(out);
 }
 END_TEST
 
+/*
+ * bf16 rounding of f32 bits in double arithmetic: the nearer of the two bf16 values
+ * around x, the even one on a tie. Above the largest finite bf16 the next value up is
+ * 2^128, whose bf16 pattern is inf, so rounding there gives inf as IEEE 754 does.
+ */
+static uint16_t s_bf16_round_double(uint32_t bits)
+{
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    if (isnan(f))
+        return (uint16_t)((bits >> 16) | 0x40);
+    if (isinf(f))
+        return (uint16_t)(bits >> 16);
+    uint16_t down = (uint16_t)(bits >> 16), up = (uint16_t)(down + 1);
+    double mag = fabs((double)f);
+    double mag_down = fabs(s_bf16_decode(down));
+    double mag_up = (up & 0x7fff) == 0x7f80 ? ldexp(1.0, 128) : fabs(s_bf16_decode(up));
+    double below = mag - mag_down, above = mag_up - mag;
+    if (below < above || (below == above && (down & 1) == 0))
+        return down;
+    return up;
+}
+
+START_TEST(f32_to_bf16_rounds_to_nearest_even)
+{
+    const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
+    static const struct {
+        uint32_t in;
+        uint16_t out;
+    } cases[] = {
+        {0x3f800000u, 0x3f80}, /* 1.0, exact */
+        {0x3f808000u, 0x3f80}, /* tie between 0x3f80 and 0x3f81: even is 0x3f80 */
+        {0x3f818000u, 0x3f82}, /* tie between 0x3f81 and 0x3f82: even is 0x3f82 */
+        {0x3f808001u, 0x3f81}, /* just above the tie */
+        {0x3f807fffu, 0x3f80}, /* just below the tie */
+        {0xbf818000u, 0xbf82}, /* negative tie to even */
+        {0x7f7fffffu, 0x7f80}, /* FLT_MAX rounds up to inf */
+        {0x7f7f7fffu, 0x7f7f}, /* below the midpoint stays finite */
+        {0x7f800000u, 0x7f80}, /* inf */
+        {0xff800000u, 0xff80}, /* -inf */
+        {0x7fc00000u, 0x7fc0}, /* quiet NaN */
+        {0x7f800001u, 0x7fc0}, /* signalling NaN with a low payload: still NaN, quiet */
+        {0xff80ffffu, 0xffc0}, /* negative NaN whose rounding would carry into the sign */
+        {0x7fffffffu, 0x7fff}, /* NaN with every payload bit */
+        {0x00000000u, 0x0000}, /* +0 */
+        {0x80000000u, 0x8000}, /* -0 */
+        {0x00018000u, 0x0002}, /* subnormal tie to even */
+        {0x00008000u, 0x0000}, /* smallest subnormal tie: to even 0 */
+    };
+    const size_t n_cases = sizeof cases / sizeof cases[0];
+    float in[sizeof cases / sizeof cases[0]];
+    uint16_t out[sizeof cases / sizeof cases[0]];
+    for (size_t i = 0; i < n_cases; i++)
+        memcpy(&in[i], &cases[i].in, sizeof in[i]);
+    t->f32_to_bf16(out, in, n_cases);
+    for (size_t i = 0; i < n_cases; i++) {
+        S_CHECK(out[i] == cases[i].out, "%s f32_to_bf16(0x%08x) = 0x%04x, expected 0x%04x",
+                      t->isa, cases[i].in, out[i], cases[i].out);
+        ck_assert_uint_eq(s_bf16_round_double(cases[i].in), cases[i].out);
+    }
+
+    /* Random bit patterns (NaNs and infinities included), every ragged length, against
+     * the double rounding and bit for bit against the reference. */
+    const int32_t n = 126464;
+    uint32_t *bits = malloc(n * sizeof *bits);
+    float *values = malloc(n * sizeof *values);
+    uint16_t *got = malloc(n * sizeof *got), *ref = malloc(n * sizeof *ref);
+    uint64_t state = 91;
+    for (int32_t i = 0; i < n; i++) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        bits[i] = (uint32_t)(state >> 32);
+        /* A quarter of the values sit exactly on a tie. */
+        if (i % 4 == 0)
+            bits[i] = (bits[i] & 0xffff0000u) | 0x8000u;
+    }
+    memcpy(values, bits, n * sizeof *values);
+    for (size_t c = 0; c < S_N_LENGTHS; c++) {
+        int32_t len = s_lengths[c];
+        t->f32_to_bf16(got, values, (size_t)len);
+        um_k_f32_to_bf16_ref(ref, values, (size_t)len);
+        for (int32_t i = 0; i < len; i++) {
+            S_CHECK(got[i] == s_bf16_round_double(bits[i]), "%s f32_to_bf16 n=%d "
+                          "i=%d: 0x%08x gave 0x%04x, expected 0x%04x", t->isa, len, i, bits[i],
+                          got[i], s_bf16_round_double(bits[i]));
+            S_CHECK(got[i] == ref[i], "%s f32_to_bf16 n=%d i=%d: 0x%04x, scalar 0x%04x",
+                          t->isa, len, i, got[i], ref[i]);
+        }
+    }
+    free(bits);
+    free(values);
+    free(got);
+    free(ref);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------- */
+/* Vocabulary reductions                                                      */
+
+/* Index of the first maximum in double, skipping NaNs after index 0 like the contract. */
+static int32_t s_argmax_double(const float *x, int32_t n)
+{
+    int32_t best = 0;
+    for (int32_t i = 1; i < n; i++)
+        if ((double)x[i] > (double)x[best])
+            best = i;
+    return best;
+}
+
 START_TEST(argmax_lowest_index_on_ties)
 {
     const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
     for (size_t c = 0; c < S_N_LENGTHS; c++) {
         int32_t n = s_lengths[c];
         float *x = malloc(n * sizeof *x);
         s_fill(x, n, 53 + c, -1.0f, 1.0f);
-        int32_t expected = 0;
-        for (int32_t i = 1; i < n; i++)
-            if ((double)x[i] > (double)x[expected])
-                expected = i;
-        ck_assert_int_eq(t->argmax(x, n), expected);
+        ck_assert_int_eq(t->argmax(x, n), s_argmax_double(x, n));
+        ck_assert_int_eq(t->argmax(x, n), um_k_argmax_ref(x, n));
 
-        /* Put the maximum at two later positions: the lower one must win. */
+        /* The maximum at the last position alone, then also at the first. */
+        x[n - 1] = 5.0f;
+        ck_assert_int_eq(t->argmax(x, n), n - 1);
+        x[0] = 5.0f;
+        ck_assert_int_eq(t->argmax(x, n), 0);
+        /* Ties in the middle and at the end: the lower one wins. */
         if (n >= 3) {
-            x[n - 1] = 5.0f;
+            x[0] = 0.0f;
             x[n / 2] = 5.0f;
             ck_assert_int_eq(t->argmax(x, n), n / 2);
         }
+        /* -inf mixed in and a NaN after index 0 never win. */
+        for (int32_t i = 1; i < n; i += 3)
+            x[i] = -INFINITY;
+        if (n >= 3)
+            x[n - 2] = NAN;
+        ck_assert_int_eq(t->argmax(x, n), s_argmax_double(x, n));
+        ck_assert_int_eq(t->argmax(x, n), um_k_argmax_ref(x, n));
+        /* A NaN at index 0: nothing compares greater, so the reference returns 0. */
+        x[0] = NAN;
+        ck_assert_int_eq(t->argmax(x, n), 0);
+        /* A row of only -inf gives 0. */
+        for (int32_t i = 0; i < n; i++)
+            x[i] = -INFINITY;
+        ck_assert_int_eq(t->argmax(x, n), 0);
         free(x);
     }
 
@@ -290,23 +756,57 @@ START_TEST(argmax_lowest_index_on_ties)
 }
 END_TEST
 
+/* log(sum(exp(x))) in long double with the max shift, for any range of values. */
+static double s_logsumexp_long_double(const float *x, int32_t n)
+{
+    long double max = -INFINITY, sum = 0.0L;
+    for (int32_t i = 0; i < n; i++)
+        if (x[i] > max)
+            max = x[i];
+    if (isinf(max))
+        return (double)max;
+    for (int32_t i = 0; i < n; i++)
+        sum += expl((long double)x[i] - max);
+    return (double)(max + logl(sum));
+}
+
 START_TEST(logsumexp_matches_long_double)
 {
     const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
     for (size_t c = 0; c < S_N_LENGTHS; c++) {
         int32_t n = s_lengths[c];
         float *x = malloc(n * sizeof *x);
-        s_fill(x, n, 61 + c, -30.0f, 30.0f);
-        /* Values within +-30 allow the direct formula, without the max shift, in long double. */
-        long double sum = 0.0L;
+        for (int variant = 0; variant < 3; variant++) {
+            /* Plain logits, then -inf mixed in, then huge logits, where e^x overflows
+             * without the max shift. */
+            s_fill(x, n, 61 + c + 100 * variant, -30.0f, 30.0f);
+            if (variant == 1)
+                for (int32_t i = 2; i < n; i += 5)
+                    x[i] = -INFINITY;
+            if (variant == 2)
+                for (int32_t i = 0; i < n; i++)
+                    x[i] = 1e4f + x[i];
+            double expected = s_logsumexp_long_double(x, n);
+            double got = t->logsumexp(x, n), ref = um_k_logsumexp_ref(x, n);
+            /* Accumulated in double with an exp within 1.4e-16 relative: n terms give a
+             * relative error near n * 1.1e-16 at worst, so 1e-12 covers n = 126464. */
+            double tol = 1e-12 * fabs(expected) + 1e-12;
+            S_CHECK(fabs(got - expected) <= tol, "%s logsumexp n=%d variant %d: got "
+                          "%.17g, expected %.17g", t->isa, n, variant, got, expected);
+            S_CHECK(fabs(got - ref) <= 2 * tol, "%s logsumexp n=%d variant %d: got "
+                          "%.17g, scalar %.17g", t->isa, n, variant, got, ref);
+        }
+
+        /* One finite entry among -inf gives that entry, and tiny values give log(n). */
         for (int32_t i = 0; i < n; i++)
-            sum += expl((long double)x[i]);
-        double expected = (double)logl(sum);
-        double got = t->logsumexp(x, n);
-        /* Accumulated in double: n terms give a relative error near n * 1.1e-16, so
-         * 1e-12 relative covers n = 4096 with a margin. */
-        ck_assert_msg(fabs(got - expected) <= 1e-12 * fabs(expected) + 1e-12,
-                      "%s logsumexp n=%d: got %.17g, expected %.17g", t->isa, n, got, expected);
+            x[i] = -INFINITY;
+        x[n - 1] = -7.25f;
+        ck_assert_double_eq(t->logsumexp(x, n), -7.25);
+        for (int32_t i = 0; i < n; i++)
+            x[i] = 1e-30f;
+        ck_assert_double_eq_tol(t->logsumexp(x, n), log((double)n) + 1e-30, 1e-12);
         free(x);
     }
 
@@ -319,6 +819,362 @@ START_TEST(logsumexp_matches_long_double)
     const float no_mass[] = {-INFINITY, -INFINITY};
     double empty = t->logsumexp(no_mass, 2);
     ck_assert(isinf(empty) && empty < 0);
+}
+END_TEST
+
+/*
+ * um_vocab_stats_t in double from the f32 products scale * x, which the contract fixes as
+ * the distribution's logits: top two and argmax by the same comparisons, the sums in long
+ * double.
+ */
+static void s_vocab_stats_double(const float *x, int32_t n, float scale, um_vocab_stats_t *out)
+{
+    double max = -INFINITY, second = -INFINITY;
+    int32_t arg = 0;
+    for (int32_t i = 0; i < n; i++) {
+        double v = (float)(scale * x[i]);
+        if (v > max) {
+            second = max;
+            max = v;
+            arg = i;
+        } else if (v > second) {
+            second = v;
+        }
+    }
+    out->max = (float)max;
+    out->argmax = arg;
+    out->second = (float)second;
+    if (max == -INFINITY) {
+        out->lse = -INFINITY;
+        out->p_max = out->margin = out->entropy = 0.0;
+        return;
+    }
+    long double s = 0.0L, entropy = 0.0L;
+    for (int32_t i = 0; i < n; i++)
+        s += expl((long double)(float)(scale * x[i]) - max);
+    for (int32_t i = 0; i < n; i++) {
+        long double logp = (long double)(float)(scale * x[i]) - max - logl(s);
+        if (isfinite(logp))
+            entropy -= expl(logp) * logp;
+    }
+    out->lse = (double)(max + logl(s));
+    out->p_max = (double)(1.0L / s);
+    out->margin = (double)((1.0L - expl((long double)second - max)) / s);
+    out->entropy = (double)entropy;
+}
+
+/* Compare one vocab_stats result with the double computation and with the reference. */
+static void s_check_vocab_stats(const um_kernel_table_t *t, const char *what, const float *x,
+                                int32_t n, float scale)
+{
+    um_vocab_stats_t got, ref, expected;
+    t->vocab_stats(x, n, scale, &got);
+    um_k_vocab_stats_ref(x, n, scale, &ref);
+    s_vocab_stats_double(x, n, scale, &expected);
+
+    /* The top two and the argmax come from the same f32 products and comparisons. */
+    S_CHECK(got.argmax == expected.argmax && got.argmax == ref.argmax,
+                  "%s vocab_stats %s n=%d: argmax %d, expected %d, scalar %d", t->isa, what, n,
+                  got.argmax, expected.argmax, ref.argmax);
+    S_CHECK(s_same_float(got.max, expected.max) && s_same_float(got.max, ref.max),
+                  "%s vocab_stats %s n=%d: max %.9g, expected %.9g", t->isa, what, n, got.max,
+                  expected.max);
+    S_CHECK(s_same_float(got.second, expected.second) && s_same_float(got.second, ref.second),
+                  "%s vocab_stats %s n=%d: second %.9g, expected %.9g", t->isa, what, n,
+                  got.second, expected.second);
+
+    if (expected.max == -INFINITY) {
+        ck_assert(isinf(got.lse) && got.lse < 0);
+        ck_assert(got.p_max == 0.0 && got.margin == 0.0 && got.entropy == 0.0);
+        return;
+    }
+    /*
+     * SIMD kernels sum e^(v - max) with an f32 exp (8e-8 relative), an f32 v - max, and f32
+     * partial sums of at most 16 vectors before they go to f64 (16 roundings at most). So
+     * the sum s is within 2e-6 relative, which is 2e-6 absolute in lse and relative in
+     * p_max and margin. The entropy's t / s term is a weighted mean of v - max with terms
+     * off by the same relative amounts, so entropy is off by 2e-6 times (1 + entropy). The
+     * reference, in double, is far inside these.
+     */
+    const double rel = 2e-6;
+    double p_second = expected.p_max - expected.margin;
+    S_CHECK(fabs(got.lse - expected.lse) <= rel + 1e-15 * fabs(expected.lse),
+                  "%s vocab_stats %s n=%d: lse %.12g, expected %.12g", t->isa, what, n, got.lse,
+                  expected.lse);
+    S_CHECK(fabs(got.p_max - expected.p_max) <= rel * expected.p_max,
+                  "%s vocab_stats %s n=%d: p_max %.12g, expected %.12g", t->isa, what, n,
+                  got.p_max, expected.p_max);
+    S_CHECK(fabs(got.margin - expected.margin) <= rel * (expected.p_max + p_second) + 1e-300,
+                  "%s vocab_stats %s n=%d: margin %.12g, expected %.12g", t->isa, what, n,
+                  got.margin, expected.margin);
+    S_CHECK(fabs(got.entropy - expected.entropy) <= rel * (1.0 + expected.entropy),
+                  "%s vocab_stats %s n=%d: entropy %.12g, expected %.12g", t->isa, what, n,
+                  got.entropy, expected.entropy);
+    S_CHECK(fabs(got.lse - ref.lse) <= 2 * rel + 1e-15 * fabs(ref.lse),
+                  "%s vocab_stats %s n=%d: lse %.12g, scalar %.12g", t->isa, what, n, got.lse,
+                  ref.lse);
+    S_CHECK(fabs(got.entropy - ref.entropy) <= 2 * rel * (1.0 + expected.entropy),
+                  "%s vocab_stats %s n=%d: entropy %.12g, scalar %.12g", t->isa, what, n,
+                  got.entropy, ref.entropy);
+}
+
+START_TEST(vocab_stats_matches_double)
+{
+    const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
+    const float scales[] = {1.0f, 0.7f, 2.0f};
+    for (size_t c = 0; c < S_N_LENGTHS; c++) {
+        int32_t n = s_lengths[c];
+        float *x = malloc(n * sizeof *x);
+        for (size_t k = 0; k < 3; k++) {
+            s_fill(x, n, 71 + c + 10 * k, -20.0f, 20.0f);
+            s_check_vocab_stats(t, "random", x, n, scales[k]);
+        }
+
+        /* Banned tokens (-inf) mixed in. */
+        s_fill(x, n, 81 + c, -20.0f, 20.0f);
+        for (int32_t i = 0; i < n; i += 3)
+            x[i] = -INFINITY;
+        s_check_vocab_stats(t, "-inf mixed", x, n, 1.0f);
+
+        /* NaNs never enter the top two or the argmax, as in the reference, and they make
+         * the sums NaN (unless no value is finite, where the reference returns early). */
+        s_fill(x, n, 82 + c, -20.0f, 20.0f);
+        for (int32_t i = n / 2; i < n; i += 4)
+            x[i] = NAN;
+        um_vocab_stats_t with_nan, ref_nan;
+        t->vocab_stats(x, n, 1.0f, &with_nan);
+        um_k_vocab_stats_ref(x, n, 1.0f, &ref_nan);
+        ck_assert_int_eq(with_nan.argmax, ref_nan.argmax);
+        ck_assert_msg(with_nan.max == ref_nan.max && with_nan.second == ref_nan.second,
+                      "%s vocab_stats with NaNs n=%d: top two %.9g %.9g, scalar %.9g %.9g",
+                      t->isa, n, with_nan.max, with_nan.second, ref_nan.max, ref_nan.second);
+        ck_assert_msg(!isnan(with_nan.lse) == !isnan(ref_nan.lse) &&
+                          !isnan(with_nan.entropy) == !isnan(ref_nan.entropy),
+                      "%s vocab_stats with NaNs n=%d: lse %g entropy %g, scalar %g %g", t->isa,
+                      n, with_nan.lse, with_nan.entropy, ref_nan.lse, ref_nan.entropy);
+
+        /* A peaked row: one logit far above the rest, as a confident model gives. */
+        s_fill(x, n, 83 + c, -5.0f, 5.0f);
+        x[n / 3] = 40.0f;
+        s_check_vocab_stats(t, "peaked", x, n, 1.0f);
+
+        /* The maximum at the first and the last position (a tie), then at the last only. */
+        s_fill(x, n, 85 + c, -5.0f, 5.0f);
+        x[0] = x[n - 1] = 9.0f;
+        s_check_vocab_stats(t, "tie first and last", x, n, 1.0f);
+        x[0] = 0.0f;
+        s_check_vocab_stats(t, "max last", x, n, 1.0f);
+
+        /* Huge and tiny logits. */
+        s_fill(x, n, 87 + c, -1.0f, 1.0f);
+        for (int32_t i = 0; i < n; i++)
+            x[i] *= 1e4f;
+        s_check_vocab_stats(t, "huge", x, n, 1.0f);
+        for (int32_t i = 0; i < n; i++)
+            x[i] *= 1e-34f;
+        s_check_vocab_stats(t, "tiny", x, n, 1.0f);
+
+        /* All -inf except one entry, at the start, the middle and the end, then all -inf. */
+        const int32_t at[] = {0, n / 2, n - 1};
+        for (int a = 0; a < 3; a++) {
+            for (int32_t i = 0; i < n; i++)
+                x[i] = -INFINITY;
+            x[at[a]] = 3.0f;
+            s_check_vocab_stats(t, "one finite", x, n, 1.0f);
+            um_vocab_stats_t got;
+            t->vocab_stats(x, n, 1.0f, &got);
+            ck_assert_int_eq(got.argmax, at[a]);
+            ck_assert_double_eq_tol(got.p_max, 1.0, 1e-12);
+            ck_assert_double_eq_tol(got.entropy, 0.0, 1e-12);
+        }
+        for (int32_t i = 0; i < n; i++)
+            x[i] = -INFINITY;
+        s_check_vocab_stats(t, "all -inf", x, n, 1.0f);
+        free(x);
+    }
+}
+END_TEST
+
+/* The reference formula for one token's Gumbel score, in double with libm. */
+static double s_gumbel_score(const float *x, int32_t i, double temperature, uint64_t key,
+                             uint64_t base)
+{
+    double u = um_rng_uniform_key(key, base + (uint64_t)i);
+    return (double)x[i] / temperature - log(-log(u));
+}
+
+/* Fails unless got picks the same token as expected, or one whose score is within
+ * 1e-12 relative, because vector logs may differ from libm's in the last bits. */
+static void s_check_gumbel_pick(const um_kernel_table_t *t, const char *what, const float *x,
+                                int32_t n, double temperature, uint64_t key, uint64_t base,
+                                int32_t got, int32_t expected)
+{
+    S_CHECK(got >= 0 && got < n, "%s gumbel %s n=%d: index %d out of range", t->isa,
+                  what, n, got);
+    if (got == expected)
+        return;
+    double a = s_gumbel_score(x, got, temperature, key, base);
+    double b = s_gumbel_score(x, expected, temperature, key, base);
+    S_CHECK(fabs(a - b) <= 1e-12 * fabs(b), "%s gumbel %s n=%d: picked %d (score "
+                  "%.17g), expected %d (score %.17g)", t->isa, what, n, got, a, expected, b);
+}
+
+START_TEST(gumbel_argmax_matches_double)
+{
+    const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
+    const double temperatures[] = {1.0, 0.3, 7.5};
+    for (size_t c = 0; c < S_N_LENGTHS; c++) {
+        int32_t n = s_lengths[c];
+        float *x = malloc(n * sizeof *x);
+        for (size_t k = 0; k < 3; k++) {
+            uint64_t key = um_rng_key(1234 + c, UM_RNG_STREAM_GUMBEL(k));
+            uint64_t base = (uint64_t)k * 126464u;
+            s_fill(x, n, 101 + c + 7 * k, -10.0f, 10.0f);
+            /* Banned tokens in one of the three rounds. */
+            if (k == 1)
+                for (int32_t i = 0; i < n; i += 2)
+                    x[i] = -INFINITY;
+
+            /* The double loop, written out: first index of the largest score. */
+            int32_t expected = 0;
+            double best = -INFINITY;
+            for (int32_t i = 0; i < n; i++) {
+                if (x[i] == -INFINITY)
+                    continue;
+                double score = s_gumbel_score(x, i, temperatures[k], key, base);
+                if (score > best) {
+                    best = score;
+                    expected = i;
+                }
+            }
+            int32_t got = t->gumbel_argmax(x, n, temperatures[k], key, base);
+            s_check_gumbel_pick(t, "random", x, n, temperatures[k], key, base, got, expected);
+            s_check_gumbel_pick(t, "vs scalar", x, n, temperatures[k], key, base, got,
+                                um_k_gumbel_argmax_ref(x, n, temperatures[k], key, base));
+            if (best > -INFINITY)
+                S_CHECK(x[got] != -INFINITY, "%s gumbel n=%d picked a banned token %d",
+                              t->isa, n, got);
+        }
+
+        /* Only one token allowed, at the start, the middle and the end, then none (0). */
+        const int32_t at[] = {0, n / 2, n - 1};
+        for (int a = 0; a < 3; a++) {
+            for (int32_t i = 0; i < n; i++)
+                x[i] = -INFINITY;
+            x[at[a]] = -50.0f;
+            ck_assert_int_eq(t->gumbel_argmax(x, n, 1.0, 99, 0), at[a]);
+        }
+        for (int32_t i = 0; i < n; i++)
+            x[i] = -INFINITY;
+        ck_assert_int_eq(t->gumbel_argmax(x, n, 1.0, 99, 0), 0);
+
+        /* A logit 1e4 above the rest wins against any noise the generator can draw. */
+        s_fill(x, n, 107 + c, -1.0f, 1.0f);
+        x[n - 1] = 1e4f;
+        ck_assert_int_eq(t->gumbel_argmax(x, n, 1.0, 5, 77), n - 1);
+        free(x);
+    }
+}
+END_TEST
+
+/*
+ * Two allowed tokens i and j whose scores differ by only delta: x[i] = 1, x[j] = 0 and a
+ * temperature chosen so that 1 / T + g_i - g_j = delta, g the Gumbel noise of each token.
+ * The kernel must pick i for delta > 0 and j for delta < 0. With delta = 1e-10 this
+ * catches noise off by more than about 1e-11, far below what random rows can show.
+ */
+START_TEST(gumbel_argmax_resolves_near_ties)
+{
+    const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
+    const int32_t n = 67;
+    float x[67];
+    uint64_t state = 5;
+    for (int trial = 0; trial < 400; trial++) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        uint64_t key = um_rng_key(state, UM_RNG_STREAM_GUMBEL(trial)), base = state >> 40;
+        int32_t i = (int32_t)((state >> 8) % n), j = (int32_t)((state >> 20) % n);
+        if (i == j)
+            continue;
+        double g_i = -log(-log(um_rng_uniform_key(key, base + (uint64_t)i)));
+        double g_j = -log(-log(um_rng_uniform_key(key, base + (uint64_t)j)));
+        double delta = trial % 2 ? 1e-10 : -1e-10;
+        /* 1 / T must be positive: give the 1 to whichever token has the smaller noise. */
+        if (g_j - g_i + delta <= 0) {
+            int32_t swap = i;
+            i = j;
+            j = swap;
+            double g = g_i;
+            g_i = g_j;
+            g_j = g;
+        }
+        double temperature = 1.0 / (g_j - g_i + delta);
+        for (int32_t k = 0; k < n; k++)
+            x[k] = -INFINITY;
+        x[i] = 1.0f;
+        x[j] = 0.0f;
+        int32_t expected = delta > 0 ? i : j;
+        int32_t got = t->gumbel_argmax(x, n, temperature, key, base);
+        S_CHECK(got == expected, "%s gumbel near tie %d: picked %d, expected %d (tokens %d and "
+                "%d, delta %g)", t->isa, trial, got, expected, i, j, delta);
+    }
+}
+END_TEST
+
+/* ------------------------------------------------------------------------- */
+/* Ragged tails stay inside the row                                           */
+
+/* Every op on rows that end at an inaccessible page, for every length up to two AVX-512
+ * vectors plus one: a kernel that touches memory past the end faults here. */
+START_TEST(tails_stay_inside_row)
+{
+    const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
+    for (int32_t n = 1; n <= 33; n++) {
+        size_t bytes = (size_t)n * sizeof(float);
+        s_guarded_t gx = s_guarded_new(bytes), gy = s_guarded_new(bytes);
+        s_guarded_t gw = s_guarded_new(bytes), gout = s_guarded_new(bytes);
+        s_guarded_t gh = s_guarded_new((size_t)n * sizeof(uint16_t));
+        float *x = gx.row, *y = gy.row, *w = gw.row, *out = gout.row;
+        uint16_t *h = gh.row;
+        s_fill(x, n, 200 + n, -2.0f, 2.0f);
+        s_fill(y, n, 300 + n, -2.0f, 2.0f);
+        s_fill(w, n, 400 + n, 0.5f, 1.5f);
+
+        t->rmsnorm(out, x, w, n, 1e-5f);
+        t->layernorm(out, x, w, y, n, 1e-5f);
+        t->silu_mul(out, x, y, n);
+        t->gelu_erf(out, x, n);
+        t->gelu_tanh(out, x, n);
+        t->add(out, x, n);
+        t->f32_to_bf16(h, x, (size_t)n);
+        t->bf16_to_f32(out, h, (size_t)n);
+        memcpy(out, x, bytes);
+        t->softmax(out, n);
+        ck_assert_int_eq(t->argmax(x, n), um_k_argmax_ref(x, n));
+        ck_assert(isfinite(t->logsumexp(x, n)));
+        um_vocab_stats_t st;
+        t->vocab_stats(x, n, 1.0f, &st);
+        ck_assert_int_eq(st.argmax, um_k_argmax_ref(x, n));
+        int32_t g = t->gumbel_argmax(x, n, 1.0, 3, 0);
+        ck_assert(g >= 0 && g < n);
+        /* rope reads n cos/sin pairs for a head of 2 * (n / 2) values. */
+        int32_t hd = n & ~1;
+        if (hd > 0)
+            t->rope((float *)gout.row + (n - hd), (const float *)gy.row + (n - hd), hd);
+
+        s_guarded_free(&gx);
+        s_guarded_free(&gy);
+        s_guarded_free(&gw);
+        s_guarded_free(&gout);
+        s_guarded_free(&gh);
+    }
 }
 END_TEST
 
@@ -519,17 +1375,35 @@ Suite *um_kernels_suite(void)
 {
     Suite *s = suite_create("kernels");
 
-    TCase *tc = tcase_create("elementwise");
-    tcase_set_timeout(tc, 30);
-    tcase_add_test(tc, kernel_table_scalar);
-    tcase_add_loop_test(tc, rmsnorm_matches_double, 0, S_N_TABLES);
-    tcase_add_loop_test(tc, rope_matches_double, 0, S_N_TABLES);
-    tcase_add_loop_test(tc, softmax_matches_double, 0, S_N_TABLES);
-    tcase_add_loop_test(tc, silu_mul_matches_double, 0, S_N_TABLES);
-    tcase_add_loop_test(tc, add_is_exact, 0, S_N_TABLES);
-    tcase_add_loop_test(tc, bf16_to_f32_exact, 0, S_N_TABLES);
-    tcase_add_loop_test(tc, argmax_lowest_index_on_ties, 0, S_N_TABLES);
-    tcase_add_loop_test(tc, logsumexp_matches_long_double, 0, S_N_TABLES);
+    TCase *tc = tcase_create("select");
+    tcase_set_timeout(tc, 10);
+    tcase_add_test(tc, kernel_table_selected);
+    tcase_add_test(tc, kernels_select_validates_cap);
+    suite_add_tcase(s, tc);
+
+    /* Loop index: the um_isa_t value; ISAs this host cannot run return early. */
+    tc = tcase_create("elementwise");
+    tcase_set_timeout(tc, 60);
+    tcase_add_loop_test(tc, rmsnorm_matches_double, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, layernorm_matches_double, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, rope_matches_double, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, softmax_matches_double, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, silu_mul_matches_double, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, gelu_erf_matches_double, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, gelu_tanh_matches_double, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, add_is_exact, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, bf16_to_f32_exact, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, f32_to_bf16_rounds_to_nearest_even, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, tails_stay_inside_row, 0, UM_ISA_COUNT);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("reductions");
+    tcase_set_timeout(tc, 60);
+    tcase_add_loop_test(tc, argmax_lowest_index_on_ties, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, logsumexp_matches_long_double, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, vocab_stats_matches_double, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, gumbel_argmax_matches_double, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, gumbel_argmax_resolves_near_ties, 0, UM_ISA_COUNT);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("gemm");
