@@ -1,11 +1,13 @@
 /*
  * Byte-level BPE tokenizer plugin: reads a Hugging Face tokenizer.json with a BPE
  * model and a ByteLevel pre-tokenizer (GPT-2, LLaMA-3, LLaDA and the bundled
- * TinyStories model) and encodes text to ids and back.
+ * TinyStories model), or the vocabulary and merges as separate files (GPT-2's
+ * encoder.json and vocab.bpe, or vocab.json and merges.txt), and encodes text to ids
+ * and back.
  *
  * This file contains the memory helpers, the vocabulary and merge hash tables,
  * GPT-2's byte-to-unicode map, UTF-8 checks, decode and the plugin descriptor. Loading is in
- * bpe_json.c and encoding in bpe_encode.c; bpe.h describes the shared structure and
+ * bpe_json.c and bpe_files.c, encoding in bpe_encode.c; bpe.h describes the shared structure and
  * its threading rule. All memory comes from the host's alloc and free, except what
  * jansson allocates while a file is parsed.
  */
@@ -13,6 +15,7 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 /* ------------------------------------------------------------------------- */
 /* Memory                                                                    */
@@ -413,6 +416,7 @@ static char *s_tokenizer_path(const um_host_t *host, const char *model_dir)
     return path;
 }
 
+/* tokenizer.json decides when it exists; the file pairs score lower. */
 static int s_probe(const char *model_dir)
 {
     if (!model_dir)
@@ -421,7 +425,9 @@ static int s_probe(const char *model_dir)
     int n = snprintf(path, sizeof path, "%s/tokenizer.json", model_dir);
     if (n < 0 || (size_t)n >= sizeof path)
         return 0;
-    return um_bpe_probe_json(path);
+    if (access(path, F_OK) == 0)
+        return um_bpe_probe_json(path);
+    return um_bpe_probe_files(model_dir);
 }
 
 static int s_load(const um_host_t *host, const char *model_dir, void **tok, char *err,
@@ -450,7 +456,8 @@ static int s_load(const um_host_t *host, const char *model_dir, void **tok, char
         snprintf(err, errlen, "bpe: out of memory loading %s", model_dir);
         return UM_ENOMEM;
     }
-    int rc = um_bpe_load_json(bpe, path, err, errlen);
+    int rc = access(path, F_OK) == 0 ? um_bpe_load_json(bpe, path, err, errlen)
+                                     : um_bpe_load_files(bpe, model_dir, err, errlen);
     if (rc == UM_OK) {
         bpe->cache = um_bpe_alloc(bpe, UM_BPE_CACHE_SLOTS * sizeof *bpe->cache);
         if (bpe->cache) {
@@ -462,7 +469,7 @@ static int s_load(const um_host_t *host, const char *model_dir, void **tok, char
     }
     if (rc == UM_OK)
         UM_BPE_LOG(bpe, UM_LOG_INFO, "loaded %s: %d ids, %u merges, %d added tokens, "
-                   "%d pre-tokenizer steps", path, (int)bpe->n_tokens, bpe->n_merges,
+                   "%d pre-tokenizer steps", model_dir, (int)bpe->n_tokens, bpe->n_merges,
                    (int)bpe->n_added, bpe->n_steps);
     host->free(path);
     if (rc) {
@@ -540,7 +547,8 @@ static const um_plugin_desc_t s_desc = {
     .kind = UM_PLUGIN_TOKENIZER,
     .name = UM_BPE_NAME,
     .version = "1.0.0",
-    .description = "byte-level BPE from a Hugging Face tokenizer.json (GPT-2, LLaMA-3, LLaDA)",
+    .description = "byte-level BPE from tokenizer.json, encoder.json + vocab.bpe or vocab.json + "
+                   "merges.txt (GPT-2, LLaMA-3, LLaDA)",
     .tokenizer = &s_ops,
 };
 

@@ -1,14 +1,15 @@
 /*
  * Internal interface of the byte-level BPE tokenizer plugin (not installed).
  *
- * A um_bpe_t contains everything one loaded tokenizer.json needs: the tokens by id,
+ * A um_bpe_t contains everything one loaded vocabulary needs: the tokens by id,
  * a hash table from vocabulary entries to ids, the ranked merges keyed by the ids
  * of their two parts, the added tokens, the compiled pre-tokenizer regexes and the
  * scratch buffers and word cache that encode and decode reuse.
  *
- * The files of this folder split the work by data flow: bpe_json.c reads the file
- * into a um_bpe_t, bpe_encode.c turns text into ids, bpe.c contains the tables, decode
- * and the plugin descriptor.
+ * The files of this folder split the work by data flow. bpe_json.c reads a
+ * tokenizer.json into a um_bpe_t, and bpe_files.c turns separate vocabulary and merges
+ * files into such a document. bpe_encode.c turns text into ids. bpe.c contains the
+ * tables, decode and the plugin descriptor.
  *
  * Threading: a um_bpe_t is immutable after loading except for its scratch buffers
  * and word cache, so the host must use each one from one thread at a time (which
@@ -41,6 +42,16 @@
 #define UM_BPE_GPT2_PATTERN                                                   \
     "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)" \
     "|\\s+"
+
+/*
+ * The pattern LLaMA-3 splits words with (tiktoken's cl100k_base pattern, as in its
+ * tokenizer.json). Unlike GPT-2's, contractions match in any case, a letter run may
+ * start with one character that is no letter, digit or line break, and digits group
+ * in runs of at most three, never after a space.
+ */
+#define UM_BPE_LLAMA3_PATTERN                                                         \
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"              \
+    "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 
 /* Word cache: direct-mapped, each slot overwritten by the next word hashed to it. */
 #define UM_BPE_CACHE_SLOTS 16384 /* power of two; 64 bytes each, 1 MiB per tokenizer */
@@ -200,6 +211,8 @@ size_t um_bpe_utf8_next(const unsigned char *s, size_t n, uint32_t *cp);
 
 /* ---- bpe_json.c: loading ---- */
 
+struct json_t;
+
 /*
  * Fill bpe (already zeroed, host set) from the tokenizer.json at path. Returns 0,
  * or UM_ENOTFOUND / UM_EIO when the file cannot be read, UM_EFORMAT when a field is
@@ -209,10 +222,31 @@ size_t um_bpe_utf8_next(const unsigned char *s, size_t n, uint32_t *cp);
 int um_bpe_load_json(um_bpe_t *bpe, const char *path, char *err, size_t errlen);
 
 /*
+ * Fill bpe like um_bpe_load_json, from a tokenizer.json document already parsed;
+ * messages name path. doc stays the caller's.
+ */
+int um_bpe_load_doc(um_bpe_t *bpe, struct json_t *doc, const char *path, char *err,
+                    size_t errlen);
+
+/*
  * Score how well this plugin reads the tokenizer.json at path: 90 when model.type
  * is "BPE" and the pre_tokenizer or decoder has a ByteLevel step, else 0.
  */
 int um_bpe_probe_json(const char *path);
+
+/* ---- bpe_files.c: the vocabulary and merges as separate files ---- */
+
+/*
+ * Fill bpe (already zeroed, host set) from model_dir's encoder.json and vocab.bpe
+ * (GPT-2's release) or, failing those, vocab.json and merges.txt (with
+ * special_tokens.txt or tokenizer_config.json for added tokens). Returns 0, or
+ * UM_ENOTFOUND when neither pair exists, UM_EIO, UM_EFORMAT for a malformed file (err
+ * names the file and the line or entry), UM_ENOMEM. The caller frees bpe on failure.
+ */
+int um_bpe_load_files(um_bpe_t *bpe, const char *model_dir, char *err, size_t errlen);
+
+/* Score model_dir: 80 when encoder.json + vocab.bpe or vocab.json + merges.txt exist, else 0. */
+int um_bpe_probe_files(const char *model_dir);
 
 /* ---- bpe_encode.c ---- */
 

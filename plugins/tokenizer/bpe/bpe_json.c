@@ -582,7 +582,15 @@ int um_bpe_load_json(um_bpe_t *bpe, const char *path, char *err, size_t errlen)
     json_t *doc = s_open(&ctx, &rc);
     if (!doc)
         return rc;
+    rc = um_bpe_load_doc(bpe, doc, path, err, errlen);
+    json_decref(doc);
+    return rc;
+}
 
+int um_bpe_load_doc(um_bpe_t *bpe, json_t *doc, const char *path, char *err, size_t errlen)
+{
+    s_ctx_t ctx = {bpe, path, err, errlen};
+    int rc = UM_OK;
     json_t *model = json_object_get(doc, "model");
     json_t *added = json_object_get(doc, "added_tokens");
     if (!json_is_object(model))
@@ -627,7 +635,6 @@ int um_bpe_load_json(um_bpe_t *bpe, const char *path, char *err, size_t errlen)
                     "reads only byte-level BPE");
 
 done:
-    json_decref(doc);
     return rc;
 }
 
