@@ -282,7 +282,7 @@ typedef enum um_attention_backend {
  */
 int um_attention_select(const char *name, char *err, size_t errlen);
 
-/* The selected backend's name: "onednn" or "libxsmm X.Y". */
+/* The selected backend's name: "onednn" or "libxsmm (target ARCH)". */
 const char *um_attention_backend_name(void);
 
 /* Floats of score buffer um_attention needs for n_threads threads. */

@@ -11,11 +11,17 @@
  */
 #include "kernels.h"
 
+#include <stdio.h>
+
 #include <libxsmm_source.h>
 
 const char *um_xsmm_version(void)
 {
-    return LIBXSMM_VERSION;
+    /* Debian's headers carry no usable version number (LIBXSMM_VERSION is empty), so
+     * report the code path libxsmm generates for instead, e.g. "hsw" or "cpx". */
+    static char version[48];
+    snprintf(version, sizeof version, "(target %s)", libxsmm_get_target_arch());
+    return version;
 }
 
 um_xsmm_kernel_t um_xsmm_dispatch(int32_t m, int32_t n, int32_t k, int32_t lda, int32_t ldb,
