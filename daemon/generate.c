@@ -1,10 +1,12 @@
 /*
- * LLaDA's masked-diffusion sampler (see generate.h and docs/sampler.md).
+ * The masked-diffusion sampler (see generate.h and docs/sampling.md).
  *
- * Per step: predict a token for every candidate position (masked and left of the
- * end of the active block), score them, let the remasking plugin pick which to
- * commit, commit those. The LM head runs only on candidate rows, which gives the
- * same tokens as computing every row because no other row is read.
+ * Per step: find the candidates (masked positions left of the end of the active
+ * block) and ask the schedule for a quota. Run one forward pass; with guidance, the
+ * unconditional canvas is a second sequence of the same pass. Predict a token and its
+ * scores for every candidate (sample.c), let the remasking plugin pick which to commit,
+ * commit those, and check for an early stop. The LM head runs only on candidate rows,
+ * which gives the same tokens as computing every row because no other row is read.
  */
 #include "generate.h"
 
@@ -13,17 +15,69 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "kernels.h"
 #include "log.h"
 #include "plugins.h"
 #include "rng.h"
+#include "sample.h"
 
 static double s_now_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Checks                                                                     */
+
+static int s_check_sampling(const um_gen_params_t *p, const char **field, char *err,
+                            size_t errlen)
+{
+    if (!isfinite(p->temperature) || p->temperature < 0
+        || (p->temperature > 0 && p->temperature < UM_SAMPLE_MIN_TEMPERATURE)
+        || p->temperature > UM_SAMPLE_MAX_TEMPERATURE) {
+        *field = "temperature";
+        snprintf(err, errlen, "temperature must be 0 or a number in [%g, %g], got %g: use 0 "
+                 "for greedy decoding", UM_SAMPLE_MIN_TEMPERATURE, UM_SAMPLE_MAX_TEMPERATURE,
+                 p->temperature);
+        return UM_ERANGE;
+    }
+    if (p->top_k < 0) {
+        *field = "top_k";
+        snprintf(err, errlen, "top_k must be at least 0, got %d: use 0 to keep every token",
+                 p->top_k);
+        return UM_ERANGE;
+    }
+    if (!isfinite(p->top_p) || p->top_p < 0 || p->top_p > 1) {
+        *field = "top_p";
+        snprintf(err, errlen, "top_p must be a number in (0, 1], got %g: use 1 to keep every "
+                 "token, or a nucleus mass such as 0.95", p->top_p);
+        return UM_ERANGE;
+    }
+    if (p->schedule != UM_SCHEDULE_QUOTA && p->schedule != UM_SCHEDULE_TIMESTEP) {
+        *field = "schedule";
+        snprintf(err, errlen, "unknown schedule %d: use quota or timestep", (int)p->schedule);
+        return UM_EINVAL;
+    }
+    if (!isfinite(p->eps) || p->eps < 0 || p->eps >= 1) {
+        *field = "eps";
+        snprintf(err, errlen, "eps must be a number in [0, 1), got %g: Dream uses 0.001",
+                 p->eps);
+        return UM_ERANGE;
+    }
+    if (!isfinite(p->cfg_scale) || p->cfg_scale < 0 || p->cfg_scale > UM_GEN_MAX_CFG_SCALE) {
+        *field = "cfg_scale";
+        snprintf(err, errlen, "cfg_scale must be a number in [0, %g], got %g: use 0 to turn "
+                 "classifier-free guidance off, or a scale such as 1 to 3",
+                 UM_GEN_MAX_CFG_SCALE, p->cfg_scale);
+        return UM_ERANGE;
+    }
+    return 0;
 }
 
 int um_gen_check(const um_model_config_t *cfg, int32_t n_prompt, const um_gen_params_t *p,
@@ -49,19 +103,9 @@ int um_gen_check(const um_model_config_t *cfg, int32_t n_prompt, const um_gen_pa
                  "denoising steps, e.g. equal to gen_length", p->steps);
         return UM_ERANGE;
     }
-    if (!isfinite(p->temperature) || p->temperature < 0) {
-        *field = "temperature";
-        snprintf(err, errlen, "temperature must be a finite number >= 0, got %g: use 0 for "
-                 "greedy decoding", p->temperature);
-        return UM_ERANGE;
-    }
-    if (!isfinite(p->cfg_scale) || p->cfg_scale < 0 || p->cfg_scale > UM_GEN_MAX_CFG_SCALE) {
-        *field = "cfg_scale";
-        snprintf(err, errlen, "cfg_scale must be a number in [0, %g], got %g: use 0 to turn "
-                 "classifier-free guidance off, or a scale such as 1 to 3",
-                 UM_GEN_MAX_CFG_SCALE, p->cfg_scale);
-        return UM_ERANGE;
-    }
+    int rc = s_check_sampling(p, field, err, errlen);
+    if (rc != 0)
+        return rc;
     if (n_prompt >= cfg->max_sequence_length) {
         *field = "prompt";
         snprintf(err, errlen, "the prompt is %d tokens, and the model has %d positions in all: "
@@ -79,6 +123,12 @@ int um_gen_check(const um_model_config_t *cfg, int32_t n_prompt, const um_gen_pa
                                                          : 0);
         return UM_ERANGE;
     }
+    if ((p->ban_eos || p->early_stop) && cfg->eos_token_id < 0) {
+        *field = p->ban_eos ? "ban_eos" : "early_stop";
+        snprintf(err, errlen, "%s needs an end-of-text token, and the model's config.json has "
+                 "no eos_token_id: add it there or leave %s off", *field, *field);
+        return UM_EINVAL;
+    }
     if (!p->remask) {
         *field = "remasking";
         snprintf(err, errlen, "no remasking policy given");
@@ -86,6 +136,9 @@ int um_gen_check(const um_model_config_t *cfg, int32_t n_prompt, const um_gen_pa
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------------- */
+/* Schedules                                                                  */
 
 /* Steps of block b: an even split, the first steps % n_blocks blocks take one more, at least 1. */
 static int32_t s_block_steps(int32_t steps, int32_t n_blocks, int32_t b)
@@ -101,57 +154,66 @@ static int32_t s_quota(int32_t n_masked, int32_t n_steps, int32_t i)
 }
 
 /*
- * Predict the token of one row and its probability. Greedy at temperature 0;
- * otherwise Gumbel-max in float64: argmax of logit / T - log(-log u), which picks
- * the same token as LLaDA's exp(logit) / (-log u)^T without overflowing exp.
+ * Times of step i of n: t_i = 1 - i (1 - eps) / n, Dream's linspace(1, eps, n + 1) in
+ * float64. The quota schedule reports its linear times with eps 0.
  */
-static void s_predict(const float *row, int32_t n_vocab, int32_t mask_id, double temperature,
-                      uint64_t key, uint64_t base, int32_t *token, double *prob)
+static double s_time(int32_t i, int32_t n, double eps)
 {
-    int32_t best = -1;
-    if (temperature == 0) {
-        float bv = -INFINITY;
-        for (int32_t v = 0; v < n_vocab; v++)
-            if (v != mask_id && (best < 0 || row[v] > bv)) {
-                bv = row[v];
-                best = v;
-            }
-    } else {
-        double bv = -INFINITY;
-        for (int32_t v = 0; v < n_vocab; v++) {
-            if (v == mask_id)
-                continue;
-            double u = um_rng_uniform_key(key, base + (uint64_t)v);
-            double g = (double)row[v] / temperature - log(-log(u));
-            if (best < 0 || g > bv) {
-                bv = g;
-                best = v;
-            }
-        }
-    }
-    /* Softmax over the raw logits without the mask token, in float64. */
-    double mx = -INFINITY;
-    for (int32_t v = 0; v < n_vocab; v++)
-        if (v != mask_id && row[v] > mx)
-            mx = row[v];
-    double sum = 0;
-    for (int32_t v = 0; v < n_vocab; v++)
-        if (v != mask_id)
-            sum += exp((double)row[v] - mx);
-    *token = best;
-    *prob = exp((double)row[best] - mx) / sum;
+    return 1.0 - (double)i * (1.0 - eps) / (double)n;
 }
 
+/* Dream's count: floor(n_masked * (1 - s / t)) in float64. */
+static int32_t s_timestep_quota(int32_t n_masked, double t, double s)
+{
+    double x = (double)n_masked * (1.0 - s / t);
+    return x <= 0 ? 0 : (int32_t)floor(x);
+}
+
+/*
+ * The first step after i, of a block's n steps, whose quota is at least 1 while
+ * n_masked masks stay: the last step always commits. LLaDA's quotas never grow again
+ * within a block, so after a 0 only the last step remains. Dream's count
+ * floor(n_masked (1 - s / t)) grows with the step, so a binary search finds the first
+ * step where it reaches 1.
+ */
+static int32_t s_next_committing_step(um_schedule_t schedule, int32_t n_masked, int32_t i,
+                                      int32_t n_steps, double eps)
+{
+    int32_t last = n_steps - 1;
+    if (schedule != UM_SCHEDULE_TIMESTEP)
+        return last;
+    int32_t lo = i + 1, hi = last; /* the step sought is in [lo, hi] */
+    while (lo < hi) {
+        int32_t mid = lo + (hi - lo) / 2;
+        if (s_timestep_quota(n_masked, s_time(mid, n_steps, eps), s_time(mid + 1, n_steps, eps))
+            >= 1)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Working memory                                                             */
+
 typedef struct s_work {
-    int32_t *ids;     /* (n_seq, L) forward input */
-    int32_t *rows;    /* forward rows to compute */
-    float *logits;    /* (n_rows, embedding_size) */
-    int32_t *cand;    /* candidate positions */
-    int32_t *token;   /* predicted token per candidate */
-    double *prob;     /* probability per candidate */
-    int32_t *commit;  /* indices into cand */
-    int32_t *committed; /* positions committed this step, ascending */
-    unsigned char *seen;
+    int32_t *ids;          /* (n_seq, L) forward input */
+    int32_t *rows;         /* (n_seq * max_cand) forward rows to compute */
+    float *logits;         /* (n_seq * max_cand, E) */
+    int32_t *cand;         /* (max_cand) candidate positions */
+    int32_t *token;        /* (max_cand) per candidate: predicted token */
+    double *prob;          /* (max_cand) LLaDA confidence */
+    double *sampled_prob;  /* (max_cand) q at the token */
+    double *margin;        /* (max_cand) */
+    double *entropy;       /* (max_cand) */
+    uint8_t *demoted;      /* (max_cand) */
+    int32_t *commit;       /* (max_cand) indices into cand */
+    int32_t *committed;    /* (L) positions committed this step, ascending */
+    unsigned char *seen;   /* (max_cand) */
+    unsigned char *prompt_token; /* (L) 1 where the prompt had a token (not a mask) */
+    um_sample_scratch_t *scratch; /* (n_threads) */
+    int n_threads;
 } s_work_t;
 
 static void s_work_free(s_work_t *w)
@@ -162,15 +224,257 @@ static void s_work_free(s_work_t *w)
     free(w->cand);
     free(w->token);
     free(w->prob);
+    free(w->sampled_prob);
+    free(w->margin);
+    free(w->entropy);
+    free(w->demoted);
     free(w->commit);
     free(w->committed);
     free(w->seen);
+    free(w->prompt_token);
+    for (int i = 0; w->scratch && i < w->n_threads; i++)
+        um_sample_scratch_free(&w->scratch[i]);
+    free(w->scratch);
+}
+
+static int s_work_alloc(s_work_t *w, int32_t n_seq, int32_t L, int32_t max_cand, int32_t E,
+                        int32_t V)
+{
+    size_t nc = (size_t)(max_cand > 0 ? max_cand : 1);
+    w->ids = malloc((size_t)n_seq * L * sizeof *w->ids);
+    w->rows = malloc((size_t)n_seq * nc * sizeof *w->rows);
+    w->logits = malloc((size_t)n_seq * nc * E * sizeof *w->logits);
+    w->cand = malloc(nc * sizeof *w->cand);
+    w->token = malloc(nc * sizeof *w->token);
+    w->prob = malloc(nc * sizeof *w->prob);
+    w->sampled_prob = malloc(nc * sizeof *w->sampled_prob);
+    w->margin = malloc(nc * sizeof *w->margin);
+    w->entropy = malloc(nc * sizeof *w->entropy);
+    w->demoted = malloc(nc);
+    w->commit = malloc(nc * sizeof *w->commit);
+    w->committed = malloc((size_t)L * sizeof *w->committed);
+    w->seen = malloc(nc);
+    w->prompt_token = calloc((size_t)L, 1);
+#ifdef _OPENMP
+    w->n_threads = omp_get_max_threads();
+#else
+    w->n_threads = 1;
+#endif
+    w->scratch = calloc((size_t)w->n_threads, sizeof *w->scratch);
+    if (!w->ids || !w->rows || !w->logits || !w->cand || !w->token || !w->prob
+        || !w->sampled_prob || !w->margin || !w->entropy || !w->demoted || !w->commit
+        || !w->committed || !w->seen || !w->prompt_token || !w->scratch)
+        return UM_ENOMEM;
+    for (int i = 0; i < w->n_threads; i++)
+        if (um_sample_scratch_init(&w->scratch[i], V) != 0)
+            return UM_ENOMEM;
+    return 0;
 }
 
 static int s_cmp_i32(const void *a, const void *b)
 {
     int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
     return (x > y) - (x < y);
+}
+
+/* ------------------------------------------------------------------------- */
+/* One step's parts                                                           */
+
+/* Everything about a generation that stays fixed over its steps. */
+typedef struct s_run {
+    um_model_t *model;
+    const um_gen_params_t *p;
+    um_remask_traits_t traits;
+    um_sample_config_t sample;
+    int32_t banned[2];
+    int32_t suppressed[2];
+    int32_t n_prompt, L, E, mask_id, eos_id;
+    int32_t n_seq;
+} s_run_t;
+
+/*
+ * Run the forward pass for the candidates and combine guidance. With cfg_scale > 0
+ * the second sequence is the canvas with every prompt token masked (masks written in
+ * the prompt keep their committed value, as LLaDA's prompt_index does), and the logits
+ * become uncond + (scale + 1) * (cond - uncond).
+ */
+static int s_forward(const s_run_t *r, s_work_t *w, const int32_t *canvas, int32_t n_cand)
+{
+    const int32_t L = r->L, E = r->E;
+    memcpy(w->ids, canvas, (size_t)L * sizeof *w->ids);
+    for (int32_t j = 0; j < n_cand; j++)
+        w->rows[j] = w->cand[j];
+    if (r->n_seq == 2) {
+        for (int32_t pos = 0; pos < L; pos++)
+            w->ids[L + pos] = w->prompt_token[pos] ? r->mask_id : canvas[pos];
+        for (int32_t j = 0; j < n_cand; j++)
+            w->rows[n_cand + j] = L + w->cand[j];
+    }
+    int rc = um_model_forward_rows(r->model, w->ids, r->n_seq, L, w->rows, r->n_seq * n_cand,
+                                   w->logits);
+    if (rc != 0 || r->n_seq == 1)
+        return rc;
+    const float s1 = (float)(r->p->cfg_scale + 1.0);
+    for (int32_t j = 0; j < n_cand; j++) {
+        float *c = w->logits + (size_t)j * E;
+        const float *u = w->logits + (size_t)(n_cand + j) * E;
+        for (int32_t v = 0; v < E; v++)
+            c[v] = u[v] + s1 * (c[v] - u[v]);
+    }
+    return 0;
+}
+
+/* Predict every candidate's token and scores, in parallel over candidates. */
+static int s_sample(const s_run_t *r, s_work_t *w, int32_t n_cand, int32_t step)
+{
+    const uint64_t key = um_rng_key(r->p->seed, UM_RNG_STREAM_GUMBEL(step));
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+    for (int32_t j = 0; j < n_cand; j++) {
+#ifdef _OPENMP
+        um_sample_scratch_t *scratch = &w->scratch[omp_get_thread_num()];
+#else
+        um_sample_scratch_t *scratch = &w->scratch[0];
+#endif
+        um_sample_result_t res;
+        int rc = um_sample_row(w->logits + (size_t)j * r->E, &r->sample, key,
+                               (uint64_t)w->cand[j] * (uint64_t)r->E, scratch, &res);
+        w->token[j] = res.token;
+        w->prob[j] = res.prob;
+        w->sampled_prob[j] = res.sampled_prob;
+        w->margin[j] = res.margin;
+        w->entropy[j] = res.entropy;
+        w->demoted[j] = res.demoted;
+        failed |= rc != 0;
+    }
+    return failed ? UM_EBACKEND : 0;
+}
+
+/*
+ * Early stop: when every position before the first generated EOS is committed and
+ * every position after it is EOS or still masked, with at least one mask, the masks
+ * after it become EOS.
+ * Committed tokens never change, so every token up to that EOS is the one a full run
+ * would give. Appends the filled positions to committed; returns how many.
+ */
+static int32_t s_early_stop(const s_run_t *r, int32_t *canvas, int32_t *committed,
+                            int32_t n_committed, int32_t *eos_position)
+{
+    int32_t first = -1;
+    for (int32_t pos = r->n_prompt; pos < r->L && first < 0; pos++)
+        if (canvas[pos] == r->eos_id)
+            first = pos;
+    if (first < 0)
+        return -1;
+    for (int32_t pos = 0; pos < first; pos++)
+        if (canvas[pos] == r->mask_id)
+            return -1;
+    int32_t n_masks = 0;
+    for (int32_t pos = first + 1; pos < r->L; pos++) {
+        if (canvas[pos] != r->eos_id && canvas[pos] != r->mask_id)
+            return -1;
+        n_masks += canvas[pos] == r->mask_id;
+    }
+    if (n_masks == 0)
+        return -1; /* nothing left to skip: the generation ends as it is */
+    int32_t n_filled = 0;
+    for (int32_t pos = first + 1; pos < r->L; pos++) {
+        if (canvas[pos] == r->mask_id) {
+            canvas[pos] = r->eos_id;
+            committed[n_committed + n_filled++] = pos;
+        }
+    }
+    *eos_position = first;
+    return n_filled;
+}
+
+/*
+ * Ask the policy which candidates to commit and check the indices it returns. At the last
+ * step of a block every candidate is committed without calling the policy. Writes indices into cand to
+ * w->commit and returns their count, or a negative UM_E* code with err filled.
+ */
+static int32_t s_select(const s_run_t *r, s_work_t *w, um_remask_step_t *rs, int last,
+                        char *err, size_t errlen)
+{
+    const int32_t n_cand = rs->n_candidates;
+    if (last) {
+        for (int32_t j = 0; j < n_cand; j++)
+            w->commit[j] = j;
+        return n_cand;
+    }
+    const um_host_t *host = um_plugin_host();
+    int32_t n_commit = 0;
+    int rc = r->p->remask->select(r->p->remask_state, host, rs, w->commit, &n_commit);
+    if (rc != 0) {
+        snprintf(err, errlen, "remasking policy failed at step %d: %s (%s)", rs->step,
+                 um_strerror(rc), um_error_name(rc));
+        return rc < 0 ? rc : UM_EPLUGIN;
+    }
+    if (n_commit < 0 || n_commit > n_cand) {
+        snprintf(err, errlen, "remasking policy returned %d commits for %d candidates at "
+                 "step %d", n_commit, n_cand, rs->step);
+        return UM_EPLUGIN;
+    }
+    if (n_commit == 0) {
+        /* Every step commits at least one token, so every generation ends. */
+        int32_t *order = w->committed; /* free until the commits are recorded */
+        if (host->rank(w->prob, w->demoted, n_cand, order) != n_cand) {
+            snprintf(err, errlen, "out of memory while ranking %d candidates", n_cand);
+            return UM_ENOMEM;
+        }
+        w->commit[0] = order[0];
+        n_commit = 1;
+    }
+    memset(w->seen, 0, (size_t)n_cand);
+    for (int32_t k = 0; k < n_commit; k++) {
+        int32_t j = w->commit[k];
+        if (j < 0 || j >= n_cand || w->seen[j]) {
+            snprintf(err, errlen, "remasking policy returned an invalid or repeated "
+                     "candidate index %d at step %d", j, rs->step);
+            return UM_EPLUGIN;
+        }
+        w->seen[j] = 1;
+    }
+    return n_commit;
+}
+
+/* ------------------------------------------------------------------------- */
+/* The loop                                                                   */
+
+static void s_run_init(s_run_t *r, um_model_t *model, const um_gen_params_t *p,
+                       int32_t n_prompt)
+{
+    const um_model_config_t *cfg = um_model_config(model);
+    *r = (s_run_t){.model = model, .p = p, .n_prompt = n_prompt};
+    r->traits = um_remask_traits(p->remask);
+    r->L = n_prompt + p->gen_length;
+    r->E = cfg->embedding_size;
+    r->mask_id = cfg->mask_token_id;
+    r->eos_id = cfg->eos_token_id;
+    r->n_seq = p->cfg_scale > 0 ? 2 : 1;
+
+    int32_t n_banned = 0, n_suppressed = 0;
+    r->banned[n_banned++] = r->mask_id;
+    if (p->ban_eos && r->eos_id >= 0)
+        r->banned[n_banned++] = r->eos_id;
+    if (p->suppress_eos) {
+        if (r->eos_id >= 0)
+            r->suppressed[n_suppressed++] = r->eos_id;
+        if (p->eot_id >= 0 && p->eot_id != r->eos_id)
+            r->suppressed[n_suppressed++] = p->eot_id;
+    }
+    r->sample = (um_sample_config_t){
+        /* Padding rows past the tokenizer's vocabulary are never predicted. */
+        .n_vocab = cfg->vocab_size < cfg->embedding_size ? cfg->vocab_size : cfg->embedding_size,
+        .temperature = p->temperature,
+        .top_k = p->top_k,
+        .top_p = p->top_p > 0 ? p->top_p : 1.0,
+        .sampler = r->traits.sampler,
+        .banned = r->banned,
+        .n_banned = n_banned,
+        .suppressed = r->suppressed,
+        .n_suppressed = n_suppressed,
+    };
 }
 
 int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
@@ -183,18 +487,15 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
     if (rc != 0)
         return rc;
 
-    const int32_t L = n_prompt + p->gen_length;
-    const int32_t V = cfg->vocab_size < cfg->embedding_size ? cfg->vocab_size
-                                                            : cfg->embedding_size;
-    const int32_t E = cfg->embedding_size;
-    const int32_t mask_id = cfg->mask_token_id;
-    const int use_cfg = p->cfg_scale > 0;
-    const int32_t n_seq = use_cfg ? 2 : 1;
+    s_run_t r;
+    s_run_init(&r, model, p, n_prompt);
+    const int32_t L = r.L, mask_id = r.mask_id;
+    const int adaptive = (r.traits.flags & UM_REMASK_ADAPTIVE) != 0;
     const int32_t block_length = p->block_length < p->gen_length ? p->block_length
                                                                  : p->gen_length;
     const int32_t n_blocks = (p->gen_length + block_length - 1) / block_length;
 
-    um_gen_stats_t st = {0};
+    um_gen_stats_t st = {.eos_position = -1};
     for (int32_t b = 0; b < n_blocks; b++)
         st.steps_planned += s_block_steps(p->steps, n_blocks, b);
     double t_start = s_now_ms();
@@ -209,23 +510,14 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
         max_cand += canvas[i] == mask_id;
 
     s_work_t w = {0};
-    w.ids = malloc((size_t)n_seq * L * sizeof *w.ids);
-    w.rows = malloc((size_t)n_seq * L * sizeof *w.rows);
-    w.logits = malloc((size_t)n_seq * max_cand * E * sizeof *w.logits);
-    w.cand = malloc((size_t)L * sizeof *w.cand);
-    w.token = malloc((size_t)L * sizeof *w.token);
-    w.prob = malloc((size_t)L * sizeof *w.prob);
-    w.commit = malloc((size_t)L * sizeof *w.commit);
-    w.committed = malloc((size_t)L * sizeof *w.committed);
-    w.seen = malloc((size_t)L);
-    if (!w.ids || !w.rows || !w.logits || !w.cand || !w.token || !w.prob || !w.commit
-        || !w.committed || !w.seen) {
+    if (s_work_alloc(&w, r.n_seq, L, max_cand, r.E, r.sample.n_vocab) != 0) {
         snprintf(err, errlen, "out of memory for a canvas of %d tokens", L);
         rc = UM_ENOMEM;
         goto done;
     }
+    for (int32_t i = 0; i < n_prompt; i++)
+        w.prompt_token[i] = prompt[i] != mask_id;
 
-    const um_host_t *host = um_plugin_host();
     int32_t step = 0;
     for (int32_t b = 0; b < n_blocks; b++) {
         const int32_t block_start = n_prompt + b * block_length;
@@ -236,66 +528,64 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
          * masks written in the prompt (infilling) compete for the same commits, and
          * counting them too means no mask survives the last block.
          */
-        int32_t n_masked = 0;
+        int32_t n_masked_block = 0;
         for (int32_t i = 0; i < block_end; i++)
-            n_masked += canvas[i] == mask_id;
+            n_masked_block += canvas[i] == mask_id;
 
         for (int32_t i = 0; i < n_steps; i++, step++) {
-            const int32_t quota = s_quota(n_masked, n_steps, i);
-            if (quota == 0) {
-                /*
-                 * Quotas never grow again within a block, so the rest of its steps commit
-                 * nothing: LLaDA runs and discards a pass for each, unmaskd skips them all,
-                 * keeping the step numbers (and so the random streams) as if they ran.
-                 */
-                step += n_steps - i;
-                break;
-            }
-            double t_step = s_now_ms();
-
             int32_t n_cand = 0;
             for (int32_t pos = 0; pos < block_end; pos++)
                 if (canvas[pos] == mask_id)
                     w.cand[n_cand++] = pos;
-            if (n_cand == 0)
-                continue;
-
-            /* Conditional sequence, then (with guidance) the same canvas with the prompt masked. */
-            memcpy(w.ids, canvas, (size_t)L * sizeof *w.ids);
-            for (int32_t j = 0; j < n_cand; j++)
-                w.rows[j] = w.cand[j];
-            if (use_cfg) {
-                for (int32_t pos = 0; pos < L; pos++)
-                    w.ids[L + pos] = pos < n_prompt ? mask_id : canvas[pos];
-                for (int32_t j = 0; j < n_cand; j++)
-                    w.rows[n_cand + j] = L + w.cand[j];
+            if (n_cand == 0) {
+                /* The block is done early (an adaptive policy): skip its other steps,
+                   keeping the step numbers, and so the random streams, as planned. */
+                step += n_steps - i;
+                break;
             }
+            const int last = i == n_steps - 1;
+            const double eps = p->schedule == UM_SCHEDULE_TIMESTEP ? p->eps : 0.0;
+            const double t = s_time(i, n_steps, eps), s = s_time(i + 1, n_steps, eps);
+            int32_t quota = p->schedule == UM_SCHEDULE_TIMESTEP
+                                ? s_timestep_quota(n_cand, t, s)
+                                : s_quota(n_masked_block, n_steps, i);
+            if (last || quota > n_cand)
+                quota = n_cand;
+            /*
+             * A step that commits nothing changes nothing: LLaDA and Dream run and discard
+             * its forward pass, unmaskd skips it, and jumps straight to the next step that
+             * commits, so even INT32_MAX steps cost only the passes that commit.
+             */
+            if (quota == 0 && !adaptive) {
+                int32_t next = s_next_committing_step(p->schedule, n_cand, i, n_steps, eps);
+                step += next - 1 - i;
+                i = next - 1;
+                continue;
+            }
+
+            double t_step = s_now_ms();
             double t_fwd = s_now_ms();
-            rc = um_model_forward_rows(model, w.ids, n_seq, L, w.rows, n_seq * n_cand, w.logits);
+            rc = s_forward(&r, &w, canvas, n_cand);
             st.forward_ms += s_now_ms() - t_fwd;
             st.forward_passes++;
+            st.steps_run++;
             if (rc != 0) {
                 snprintf(err, errlen, "forward pass failed at step %d: %s", step,
                          um_strerror(rc));
                 goto done;
             }
-            if (use_cfg) {
-                /* logits = uncond + (scale + 1) * (cond - uncond), as LLaDA defines it. */
-                const float s1 = (float)(p->cfg_scale + 1.0);
-                for (int32_t j = 0; j < n_cand; j++) {
-                    float *c = w.logits + (size_t)j * E;
-                    const float *u = w.logits + (size_t)(n_cand + j) * E;
-                    for (int32_t v = 0; v < E; v++)
-                        c[v] = u[v] + s1 * (c[v] - u[v]);
-                }
+            double t_sample = s_now_ms();
+            rc = s_sample(&r, &w, n_cand, step);
+            st.sample_ms += s_now_ms() - t_sample;
+            if (rc != 0) {
+                snprintf(err, errlen, "the model produced non-finite logits at step %d: lower "
+                         "cfg_scale or check the weights for NaN or infinity", step);
+                goto done;
             }
 
-            const uint64_t key = um_rng_key(p->seed, UM_RNG_STREAM_GUMBEL(step));
-#pragma omp parallel for schedule(dynamic, 4)
-            for (int32_t j = 0; j < n_cand; j++)
-                s_predict(w.logits + (size_t)j * E, V, mask_id, p->temperature, key,
-                          (uint64_t)w.cand[j] * (uint64_t)E, &w.token[j], &w.prob[j]);
-
+            int32_t n_masked_all = 0;
+            for (int32_t pos = 0; pos < L; pos++)
+                n_masked_all += canvas[pos] == mask_id;
             um_remask_step_t rs = {
                 .struct_size = sizeof rs,
                 .n_candidates = n_cand,
@@ -303,7 +593,7 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
                 .token = w.token,
                 .prob = w.prob,
                 .logits = w.logits,
-                .n_vocab = E,
+                .n_vocab = r.E,
                 .quota = quota,
                 .canvas_length = L,
                 .block_start = block_start,
@@ -314,47 +604,34 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
                 .seed = p->seed,
                 .rng_stream = UM_RNG_STREAM_REMASK(step),
                 .temperature = p->temperature,
+                .sampled_prob = w.sampled_prob,
+                .margin = w.margin,
+                .entropy = w.entropy,
+                .demoted = w.demoted,
+                .n_masked = n_masked_all,
+                .top_k = p->top_k,
+                .top_p = r.sample.top_p,
+                .t = t,
+                .s = s,
             };
-            int32_t n_commit = 0;
-            rc = p->remask->select(p->remask_state, host, &rs, w.commit, &n_commit);
-            if (rc != 0) {
-                snprintf(err, errlen, "remasking policy failed at step %d: %s", step,
-                         um_strerror(rc));
+            int32_t n_commit = s_select(&r, &w, &rs, last, err, errlen);
+            if (n_commit < 0) {
+                rc = n_commit;
                 goto done;
             }
-            if (n_commit < 0 || n_commit > n_cand) {
-                snprintf(err, errlen, "remasking policy returned %d commits for %d candidates",
-                         n_commit, n_cand);
-                rc = UM_EPLUGIN;
-                goto done;
-            }
-            if (n_commit == 0) /* every step commits at least one token, so generation ends */
-                n_commit = host->select_top(w.prob, n_cand, 1, w.commit);
-
-            for (int32_t j = 0; j < n_cand; j++) {
-                if (w.token[j] < 0 || isnan(w.prob[j])) {
-                    snprintf(err, errlen, "the model produced non-finite logits at step %d, "
-                             "position %d: lower cfg_scale or check the weights for NaN or "
-                             "infinity", step, w.cand[j]);
-                    rc = UM_EBACKEND;
-                    goto done;
-                }
-            }
-
-            memset(w.seen, 0, (size_t)L);
             for (int32_t k = 0; k < n_commit; k++) {
                 int32_t j = w.commit[k];
-                if (j < 0 || j >= n_cand || w.seen[j]) {
-                    snprintf(err, errlen, "remasking policy returned an invalid or repeated "
-                             "candidate index %d at step %d", j, step);
-                    rc = UM_EPLUGIN;
-                    goto done;
-                }
-                w.seen[j] = 1;
                 canvas[w.cand[j]] = w.token[j];
                 w.committed[k] = w.cand[j];
             }
-            qsort(w.committed, (size_t)n_commit, sizeof *w.committed, s_cmp_i32);
+
+            int32_t n_filled = -1;
+            if (p->early_stop)
+                n_filled = s_early_stop(&r, canvas, w.committed, n_commit, &st.eos_position);
+            int32_t n_committed = n_commit + (n_filled > 0 ? n_filled : 0);
+            qsort(w.committed, (size_t)n_committed, sizeof *w.committed, s_cmp_i32);
+            if (n_filled >= 0)
+                st.early_stop = 1;
 
             if (on_step) {
                 int32_t left = 0;
@@ -368,9 +645,10 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
                     .canvas = canvas,
                     .canvas_length = L,
                     .committed = w.committed,
-                    .n_committed = n_commit,
+                    .n_committed = n_committed,
                     .n_masked = left,
                     .step_ms = s_now_ms() - t_step,
+                    .early_stop = st.early_stop,
                 };
                 if (on_step(user, &info) != 0) {
                     rc = UM_ECANCELLED;
@@ -378,8 +656,16 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
                     goto done;
                 }
             }
+            if (st.early_stop)
+                goto finished;
         }
     }
+
+finished:
+    if (st.eos_position < 0 && r.eos_id >= 0)
+        for (int32_t pos = n_prompt; pos < L && st.eos_position < 0; pos++)
+            if (canvas[pos] == r.eos_id)
+                st.eos_position = pos;
     rc = 0;
 
 done:

@@ -1,7 +1,9 @@
 /*
- * Generation: LLaDA's masked-diffusion sampler over a loaded model, with the choice
- * of positions to commit delegated to a remasking plugin. docs/sampler.md states
- * every rule (block plan, per-step quota, sampling, guidance, tie-break).
+ * Generation: the masked-diffusion sampler over a loaded model, with the choice of
+ * positions to commit delegated to a remasking plugin. It follows LLaDA's generate()
+ * and, per request, Dream's timestep schedule and token sampling. docs/sampling.md
+ * states every rule (block plan, schedules, token sampling, guidance, end-of-text
+ * controls, tie-breaks) and where the reference engines differ.
  *
  * Threading: one generation runs on the calling thread; the model must not be used
  * by another thread meanwhile.
@@ -21,15 +23,37 @@
  */
 #define UM_GEN_MAX_CFG_SCALE 1000.0
 
+/* Default final time of the timestep schedule, as in Dream. */
+#define UM_GEN_DEFAULT_EPS 1e-3
+
+/*
+ * What one generation does. Every field after remask_state is off, or LLaDA's behaviour,
+ * when zero (eot_id is read only with suppress_eos), so callers that set only the LLaDA
+ * fields get LLaDA's generate().
+ */
 typedef struct um_gen_params {
     int32_t gen_length;   /* masked positions appended after the prompt, >= 1 */
-    int32_t block_length; /* semi-autoregressive block size, >= 1 */
-    int32_t steps;        /* denoising steps over the whole generation, >= 1 */
-    double temperature;   /* 0: greedy; > 0: float64 Gumbel-max */
+    int32_t block_length; /* semi-autoregressive block size, >= 1; the last block of a
+                             gen_length that is not a multiple is shorter */
+    int32_t steps;        /* denoising steps over the whole generation, >= 1; an upper
+                             bound for adaptive policies */
+    double temperature;   /* 0: greedy; else in [UM_SAMPLE_MIN_TEMPERATURE, MAX] */
     double cfg_scale;     /* 0: off; > 0: classifier-free guidance */
     uint64_t seed;
     const um_remask_ops_t *remask; /* policy */
     void *remask_state;            /* from remask->request_begin */
+
+    int32_t top_k;          /* 0: off */
+    double top_p;           /* in [0, 1]; 0 and 1 are off */
+    um_schedule_t schedule; /* how many commits each step requests */
+    double eps;             /* final time of the timestep schedule, in [0, 1) */
+    int32_t eot_id;         /* end-of-turn token, or -1; read only with suppress_eos. The
+                               model's config gives EOS, the tokenizer knows EOT */
+    int ban_eos;            /* EOS is never predicted (LLaDA's logits_eos_inf) */
+    int suppress_eos;       /* EOS and EOT confidence suppressed at every temperature
+                               (LLaDA's confidence_eos_eot_inf, fixed for T > 0) */
+    int early_stop;         /* stop once the first committed EOS is followed only by EOS
+                               and masks, with no mask before it; the masks become EOS */
 } um_gen_params_t;
 
 /* What one denoising step did, passed to the step callback. */
@@ -44,16 +68,22 @@ typedef struct um_step_info {
     int32_t n_committed;
     int32_t n_masked;      /* mask tokens left on the canvas */
     double step_ms;        /* wall time of this step */
+    int early_stop;        /* this step ended the generation early: the masks left after
+                              the first EOS became EOS and are listed in committed */
 } um_step_info_t;
 
 /* Called after every step that ran a forward pass; return nonzero to cancel. */
 typedef int (*um_step_fn)(void *user, const um_step_info_t *info);
 
 typedef struct um_gen_stats {
-    int32_t forward_passes;
+    int32_t forward_passes; /* one per step run; guidance shares its pass */
     int32_t steps_planned;
+    int32_t steps_run;      /* steps that ran a forward pass */
+    int32_t early_stop;     /* 1 when early_stop ended the generation */
+    int32_t eos_position;   /* canvas position of the first generated EOS, or -1 */
     double total_ms;
     double forward_ms;
+    double sample_ms;       /* token sampling and scores, in all steps */
 } um_gen_stats_t;
 
 /*

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "log.h"
 #include "rng.h"
@@ -61,6 +62,49 @@ static int32_t s_select_top(const double *score, int32_t n, int32_t k, int32_t *
     return n_written;
 }
 
+/* Whether candidate a ranks before b: group, then score descending (NaN last), then index. */
+static int s_ranks_before(const double *score, const uint8_t *demoted, int32_t a, int32_t b)
+{
+    int ga = demoted && demoted[a], gb = demoted && demoted[b];
+    if (ga != gb)
+        return ga < gb;
+    int na = isnan(score[a]), nb = isnan(score[b]);
+    if (na != nb)
+        return nb;
+    if (!na && score[a] != score[b])
+        return score[a] > score[b];
+    return a < b;
+}
+
+static int32_t s_rank(const double *score, const uint8_t *demoted, int32_t n, int32_t *order)
+{
+    if (n <= 0)
+        return 0;
+    int32_t *tmp = malloc((size_t)n * sizeof *tmp);
+    if (!tmp)
+        return UM_ENOMEM;
+    for (int32_t i = 0; i < n; i++)
+        order[i] = i;
+    /* Bottom-up merge sort: stable and O(n log n) for canvases of any length. */
+    for (int32_t width = 1; width < n; width *= 2) {
+        for (int32_t lo = 0; lo < n; lo += 2 * width) {
+            int32_t mid = lo + width < n ? lo + width : n;
+            int32_t hi = lo + 2 * width < n ? lo + 2 * width : n;
+            int32_t a = lo, b = mid, k = lo;
+            while (a < mid && b < hi)
+                tmp[k++] = s_ranks_before(score, demoted, order[b], order[a]) ? order[b++]
+                                                                              : order[a++];
+            while (a < mid)
+                tmp[k++] = order[a++];
+            while (b < hi)
+                tmp[k++] = order[b++];
+        }
+        memcpy(order, tmp, (size_t)n * sizeof *order);
+    }
+    free(tmp);
+    return n;
+}
+
 static const um_host_t s_host = {
     .struct_size = sizeof(um_host_t),
     .log = s_host_log,
@@ -68,11 +112,41 @@ static const um_host_t s_host = {
     .free = free,
     .rng_uniform = um_rng_uniform,
     .select_top = s_select_top,
+    .rank = s_rank,
 };
 
 const um_host_t *um_plugin_host(void)
 {
     return &s_host;
+}
+
+/* Whether a struct of struct_size bytes contains the whole of the field. */
+#define S_COVERS(struct_size, type, field) \
+    ((size_t)(struct_size) >= offsetof(type, field) + sizeof(((type *)0)->field))
+
+um_remask_traits_t um_remask_traits(const um_remask_ops_t *ops)
+{
+    um_remask_traits_t t = {.flags = 0, .sampler = UM_SAMPLER_GUMBEL,
+                            .schedule = UM_SCHEDULE_QUOTA};
+    if (S_COVERS(ops->struct_size, um_remask_ops_t, flags))
+        t.flags = ops->flags;
+    if (S_COVERS(ops->struct_size, um_remask_ops_t, token_sampler)
+        && ops->token_sampler == UM_SAMPLER_CATEGORICAL)
+        t.sampler = UM_SAMPLER_CATEGORICAL;
+    if (S_COVERS(ops->struct_size, um_remask_ops_t, schedule)
+        && ops->schedule == UM_SCHEDULE_TIMESTEP)
+        t.schedule = UM_SCHEDULE_TIMESTEP;
+    return t;
+}
+
+const char *um_token_sampler_name(um_token_sampler_t sampler)
+{
+    return sampler == UM_SAMPLER_CATEGORICAL ? "categorical" : "gumbel";
+}
+
+const char *um_schedule_name(um_schedule_t schedule)
+{
+    return schedule == UM_SCHEDULE_TIMESTEP ? "timestep" : "quota";
 }
 
 /* ------------------------------------------------------------------------- */
@@ -131,6 +205,16 @@ static int s_check_desc(const um_plugin_registry_t *reg, const um_plugin_desc_t 
                      "(request_begin, select, request_end, params)", d->name);
             return UM_EPLUGIN;
         }
+        if (d->abi_minor >= 1 && S_COVERS(r->struct_size, um_remask_ops_t, schedule)
+            && (r->token_sampler > UM_SAMPLER_CATEGORICAL
+                || r->schedule > UM_SCHEDULE_TIMESTEP
+                || (r->flags & ~UM_REMASK_ADAPTIVE) != 0)) {
+            snprintf(err, errlen, "remask plugin \"%s\" declares token_sampler %u, schedule "
+                     "%u or flags 0x%x that this daemon does not know: rebuild it against "
+                     "this version's <unmaskd/plugin.h>", d->name, r->token_sampler,
+                     r->schedule, r->flags);
+            return UM_EPLUGIN;
+        }
     } else if (d->kind == UM_PLUGIN_TOKENIZER) {
         const um_tokenizer_ops_t *t = d->tokenizer;
         if (!t || t->struct_size < offsetof(um_tokenizer_ops_t, is_special) + sizeof(t->is_special)
@@ -153,8 +237,28 @@ static int s_check_desc(const um_plugin_registry_t *reg, const um_plugin_desc_t 
     return 0;
 }
 
+/* The descriptor's init, or NULL when it has none or predates ABI 1.1. */
+static int (*s_desc_init(const um_plugin_desc_t *d))(const um_host_t *, char *, size_t)
+{
+    if (d->abi_minor < 1 || !S_COVERS(d->struct_size, um_plugin_desc_t, init))
+        return NULL;
+    return d->init;
+}
+
+static void (*s_desc_fini(const um_plugin_desc_t *d))(void)
+{
+    if (d->abi_minor < 1 || !S_COVERS(d->struct_size, um_plugin_desc_t, fini))
+        return NULL;
+    return d->fini;
+}
+
 int um_plugins_load_file(um_plugin_registry_t *reg, const char *path, char *err, size_t errlen)
 {
+    if (reg->n == UM_PLUGINS_MAX) {
+        snprintf(err, errlen, "the daemon holds at most %d plugins: remove unused plugin files "
+                 "from the plugin folders", UM_PLUGINS_MAX);
+        return UM_EPLUGIN;
+    }
     void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!handle) {
         snprintf(err, errlen, "cannot load: %s", dlerror());
@@ -176,22 +280,32 @@ int um_plugins_load_file(um_plugin_registry_t *reg, const char *path, char *err,
     rc = s_check_desc(reg, desc, err, errlen);
     if (rc != 0)
         goto fail;
-    if (reg->n == reg->cap) {
-        size_t cap = reg->cap ? reg->cap * 2 : 8;
-        um_plugin_t *items = realloc(reg->items, cap * sizeof *items);
-        if (!items) {
+    if (!reg->items) {
+        /* Allocated once at its full size: entries must never move (see plugins.h). */
+        reg->items = calloc(UM_PLUGINS_MAX, sizeof *reg->items);
+        if (!reg->items) {
             rc = UM_ENOMEM;
             snprintf(err, errlen, "out of memory");
             goto fail;
         }
-        reg->items = items;
-        reg->cap = cap;
+        reg->cap = UM_PLUGINS_MAX;
     }
     copy = strdup(path);
     if (!copy) {
         rc = UM_ENOMEM;
         snprintf(err, errlen, "out of memory");
         goto fail;
+    }
+    int (*init)(const um_host_t *, char *, size_t) = s_desc_init(desc);
+    if (init) {
+        char why[384] = "";
+        rc = init(&s_host, why, sizeof why);
+        if (rc != 0) {
+            snprintf(err, errlen, "plugin \"%s\" failed to initialize (%s): %s", desc->name,
+                     um_error_name(rc), why[0] ? why : um_strerror(rc));
+            rc = UM_EPLUGIN;
+            goto fail;
+        }
     }
     reg->items[reg->n++] = (um_plugin_t){.desc = desc, .path = copy, .handle = handle};
     return 0;
@@ -207,12 +321,67 @@ static int s_cmp_str(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* Load every *.so in one folder, in name order so the outcome does not depend on readdir. */
-static size_t s_scan_dir(um_plugin_registry_t *reg, const char *dir)
+/* A file that was rejected, remembered so rescans skip it until it changes. */
+struct um_plugin_rejected {
+    char *path;
+    off_t size;
+    struct timespec mtime;
+};
+
+static int s_is_loaded(const um_plugin_registry_t *reg, const char *path)
+{
+    for (size_t i = 0; i < reg->n; i++)
+        if (strcmp(reg->items[i].path, path) == 0)
+            return 1;
+    return 0;
+}
+
+/* The rejection record of path, or NULL. */
+static struct um_plugin_rejected *s_find_rejected(um_plugin_registry_t *reg, const char *path)
+{
+    for (size_t i = 0; i < reg->n_rejected; i++)
+        if (strcmp(reg->rejected[i].path, path) == 0)
+            return &reg->rejected[i];
+    return NULL;
+}
+
+static int s_same_file_state(const struct um_plugin_rejected *r, const struct stat *st)
+{
+    return r->size == st->st_size && r->mtime.tv_sec == st->st_mtim.tv_sec
+           && r->mtime.tv_nsec == st->st_mtim.tv_nsec;
+}
+
+static void s_remember_rejected(um_plugin_registry_t *reg, const char *path,
+                                const struct stat *st)
+{
+    struct um_plugin_rejected *r = s_find_rejected(reg, path);
+    if (!r) {
+        struct um_plugin_rejected *grown =
+            realloc(reg->rejected, (reg->n_rejected + 1) * sizeof *grown);
+        if (!grown)
+            return;
+        reg->rejected = grown;
+        r = &reg->rejected[reg->n_rejected];
+        r->path = strdup(path);
+        if (!r->path)
+            return;
+        reg->n_rejected++;
+    }
+    r->size = st->st_size;
+    r->mtime = st->st_mtim;
+}
+
+/*
+ * Load every *.so in one folder, in name order so the outcome does not depend on
+ * readdir. With only_new, files already loaded and files rejected before and unchanged
+ * since are skipped silently.
+ */
+static size_t s_scan_dir(um_plugin_registry_t *reg, const char *dir, int only_new)
 {
     DIR *d = opendir(dir);
     if (!d) {
-        um_info("plugins", "plugin folder %s not found or not readable, skipped", dir);
+        if (!only_new)
+            um_info("plugins", "plugin folder %s not found or not readable, skipped", dir);
         return 0;
     }
     char **names = NULL;
@@ -234,25 +403,36 @@ static size_t s_scan_dir(um_plugin_registry_t *reg, const char *dir)
             n++;
     }
     closedir(d);
-    qsort(names, n, sizeof *names, s_cmp_str);
+    if (n > 1)
+        qsort(names, n, sizeof *names, s_cmp_str);
     for (size_t i = 0; i < n; i++) {
         char path[4096], err[512];
         snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        free(names[i]);
+        struct stat st;
+        int have_stat = stat(path, &st) == 0;
+        if (only_new) {
+            const struct um_plugin_rejected *r = s_find_rejected(reg, path);
+            if (s_is_loaded(reg, path) || (r && have_stat && s_same_file_state(r, &st)))
+                continue;
+        }
         if (um_plugins_load_file(reg, path, err, sizeof err) == 0) {
             const um_plugin_desc_t *desc = reg->items[reg->n - 1].desc;
-            um_info("plugins", "loaded %s plugin %s %s from %s", s_kind_name(desc->kind),
-                    desc->name, desc->version ? desc->version : "", path);
+            um_info("plugins", "loaded %s plugin %s %s (ABI %u.%u) from %s",
+                    s_kind_name(desc->kind), desc->name, desc->version ? desc->version : "",
+                    desc->abi_major, desc->abi_minor, path);
             loaded++;
         } else {
             um_warn("plugins", "rejected %s: %s", path, err);
+            if (have_stat)
+                s_remember_rejected(reg, path, &st);
         }
-        free(names[i]);
     }
     free(names);
     return loaded;
 }
 
-size_t um_plugins_scan(um_plugin_registry_t *reg, const char *dirs)
+static size_t s_scan(um_plugin_registry_t *reg, const char *dirs, int only_new)
 {
     size_t loaded = 0;
     if (!dirs)
@@ -263,9 +443,19 @@ size_t um_plugins_scan(um_plugin_registry_t *reg, const char *dirs)
     char *save = NULL;
     for (char *dir = strtok_r(copy, ":", &save); dir; dir = strtok_r(NULL, ":", &save))
         if (*dir)
-            loaded += s_scan_dir(reg, dir);
+            loaded += s_scan_dir(reg, dir, only_new);
     free(copy);
     return loaded;
+}
+
+size_t um_plugins_scan(um_plugin_registry_t *reg, const char *dirs)
+{
+    return s_scan(reg, dirs, 0);
+}
+
+size_t um_plugins_rescan(um_plugin_registry_t *reg, const char *dirs)
+{
+    return s_scan(reg, dirs, 1);
 }
 
 const um_plugin_t *um_plugins_find(const um_plugin_registry_t *reg, um_plugin_kind_t kind,
@@ -281,10 +471,16 @@ const um_plugin_t *um_plugins_find(const um_plugin_registry_t *reg, um_plugin_ki
 void um_plugins_clear(um_plugin_registry_t *reg)
 {
     for (size_t i = reg->n; i-- > 0;) {
+        void (*fini)(void) = s_desc_fini(reg->items[i].desc);
+        if (fini)
+            fini();
         dlclose(reg->items[i].handle);
         free(reg->items[i].path);
     }
     free(reg->items);
+    for (size_t i = 0; i < reg->n_rejected; i++)
+        free(reg->rejected[i].path);
+    free(reg->rejected);
     *reg = (um_plugin_registry_t){0};
 }
 

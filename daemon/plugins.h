@@ -2,7 +2,10 @@
  * The plugin host: finds plugin shared objects, checks them against the ABI,
  * and keeps the accepted ones in a registry that requests select from by name.
  *
- * Threading: the registry is built once at startup and read-only afterwards.
+ * Threading: one thread (the daemon's main thread) loads plugins, at startup and on
+ * rescans, and only that thread reads the registry's arrays. Entries never move once
+ * added, so other threads may keep pointers to them and call into loaded plugins while
+ * the loading thread appends new ones.
  */
 #ifndef UM_PLUGINS_H
 #define UM_PLUGINS_H
@@ -17,19 +20,41 @@ typedef struct um_plugin {
     void *handle; /* dlopen handle */
 } um_plugin_t;
 
+/* Maximum number of plugins in a registry, whose storage is allocated once so entries
+   never move. */
+#define UM_PLUGINS_MAX 256
+
 typedef struct um_plugin_registry {
-    um_plugin_t *items;
+    um_plugin_t *items; /* (UM_PLUGINS_MAX) once the first plugin loads, n used */
     size_t n;
     size_t cap;
+    /* Files rejected before, so a rescan skips them until they change. */
+    struct um_plugin_rejected *rejected;
+    size_t n_rejected;
 } um_plugin_registry_t;
+
+/* The ABI 1.1 fields of a remasking policy, with 1.0's meaning for older plugins. */
+typedef struct um_remask_traits {
+    uint32_t flags;                /* UM_REMASK_ADAPTIVE */
+    um_token_sampler_t sampler;
+    um_schedule_t schedule;        /* the default for requests that name none */
+} um_remask_traits_t;
+
+/* Read the traits of ops, honouring its struct_size. */
+um_remask_traits_t um_remask_traits(const um_remask_ops_t *ops);
+
+/* "gumbel" or "categorical"; "quota" or "timestep". */
+const char *um_token_sampler_name(um_token_sampler_t sampler);
+const char *um_schedule_name(um_schedule_t schedule);
 
 /* The service table handed to every plugin. */
 const um_host_t *um_plugin_host(void);
 
 /*
- * Load one plugin file. Returns 0, or a negative UM_E* code with the reason in err
- * (not a shared object, no um_plugin_describe, ABI major mismatch, descriptor too
- * small, unknown kind, missing function table, invalid or duplicate name).
+ * Load one plugin file and run its init. Returns 0, or a negative UM_E* code with the
+ * reason in err (not a shared object, no um_plugin_describe, ABI major mismatch,
+ * descriptor too small, unknown kind, missing function table, invalid or duplicate
+ * name, init failed, registry full). A rejected file is unloaded.
  */
 int um_plugins_load_file(um_plugin_registry_t *reg, const char *path, char *err,
                          size_t errlen);
@@ -41,11 +66,19 @@ int um_plugins_load_file(um_plugin_registry_t *reg, const char *path, char *err,
  */
 size_t um_plugins_scan(um_plugin_registry_t *reg, const char *dirs);
 
+/*
+ * Scan the folders again and load the *.so files not loaded yet, so a plugin dropped
+ * into a plugin folder becomes available without a restart. A file rejected before is
+ * tried again only when its size or modification time changed. Returns the number of
+ * plugins loaded; each outcome is logged as by um_plugins_scan.
+ */
+size_t um_plugins_rescan(um_plugin_registry_t *reg, const char *dirs);
+
 /* Find a plugin of the given kind by name, or NULL. */
 const um_plugin_t *um_plugins_find(const um_plugin_registry_t *reg, um_plugin_kind_t kind,
                                    const char *name);
 
-/* Unload every plugin and free the registry's storage. */
+/* Call every plugin's fini, unload them all and free the registry's storage. */
 void um_plugins_clear(um_plugin_registry_t *reg);
 
 /*

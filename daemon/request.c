@@ -32,8 +32,10 @@ static const char *const s_op_names[] = {
 
 static const char *const s_generate_fields[] = {
     "op", "id", "prompt", "gen_length", "steps", "block_length", "temperature",
-    "cfg_scale", "remasking", "remasking_params", "seed", "stream",
+    "cfg_scale", "remasking", "remasking_params", "seed", "stream", "top_k", "top_p",
+    "schedule", "eps", "ban_eos", "suppress_eos_confidence", "early_stop", "trim_eos",
 };
+static const char *const s_schedule_names[] = {"quota", "timestep"};
 static const char *const s_tokenize_fields[] = {"op", "id", "text"};
 static const char *const s_detokenize_fields[] = {"op", "id", "tokens"};
 static const char *const s_plain_fields[] = {"op", "id"};
@@ -340,6 +342,62 @@ static int s_read_string(json_t *obj, const char *key, int required, const char 
 /* ------------------------------------------------------------------------- */
 /* Per-op parsing                                                            */
 
+/* The schedule field: absent, "quota" or "timestep". */
+static int s_parse_schedule(um_request_t *req, um_req_error_t *err)
+{
+    const char *name = NULL;
+    if (s_read_string(req->root, "schedule", 0, &name, NULL, err) != 0)
+        return -1;
+    req->schedule = UM_REQ_SCHEDULE_POLICY;
+    if (!name)
+        return 0;
+    for (size_t i = 0; i < 2; i++) {
+        if (strcmp(name, s_schedule_names[i]) == 0) {
+            req->schedule = (um_req_schedule_t)i;
+            return 0;
+        }
+    }
+    char clip[UM_REQ_QUOTE_MAX + 4];
+    const char *hint = um_request_suggest(name, s_schedule_names, 2);
+    um_req_error_set(err, UM_ERR_INVALID, "schedule", "unknown schedule \"%s\": %s%s%s"
+                     "use quota (LLaDA's even split per block) or timestep (Dream's "
+                     "timesteps from 1 to eps)", s_clip(name, clip, sizeof clip),
+                     hint ? "did you mean " : "", hint ? hint : "", hint ? "? " : "");
+    return -1;
+}
+
+/*
+ * Token sampling, schedule and end-of-text fields. Ranges that need the engine's
+ * limits (temperature, top_p above 1, eps) are checked by um_gen_check; top_p <= 0 is
+ * rejected here because the engine reads 0 as off.
+ */
+static int s_parse_sampling(um_request_t *req, um_req_error_t *err)
+{
+    json_t *o = req->root;
+    int64_t top_k = 0;
+    if (s_read_int(o, "top_k", 0, INT32_MAX, 0, &top_k, err) != 0)
+        return -1;
+    req->top_k = (int32_t)top_k;
+    if (s_read_number(o, "top_p", 1.0, &req->top_p, err) != 0)
+        return -1;
+    if (!(req->top_p > 0)) {
+        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "top_p", "top_p must be a number in (0, "
+                         "1], got %g: use 1 to keep every token, or a nucleus mass such as "
+                         "0.95", req->top_p);
+        return -1;
+    }
+    if (s_parse_schedule(req, err) != 0)
+        return -1;
+    if (s_read_number(o, "eps", UM_REQ_DEFAULT_EPS, &req->eps, err) != 0)
+        return -1;
+    if (s_read_bool(o, "ban_eos", 0, &req->ban_eos, err) != 0
+        || s_read_bool(o, "suppress_eos_confidence", 0, &req->suppress_eos_confidence, err)
+               != 0
+        || s_read_bool(o, "early_stop", 0, &req->early_stop, err) != 0)
+        return -1;
+    return s_read_bool(o, "trim_eos", 0, &req->trim_eos, err);
+}
+
 static int s_parse_generate(um_request_t *req, um_req_error_t *err)
 {
     json_t *o = req->root;
@@ -381,7 +439,9 @@ static int s_parse_generate(um_request_t *req, um_req_error_t *err)
     if (s_read_int(o, "seed", 0, INT64_MAX, 0, &seed, err) != 0)
         return -1;
     req->seed = (uint64_t)seed;
-    return s_read_bool(o, "stream", 0, &req->stream, err);
+    if (s_read_bool(o, "stream", 0, &req->stream, err) != 0)
+        return -1;
+    return s_parse_sampling(req, err);
 }
 
 static int s_parse_detokenize(um_request_t *req, um_req_error_t *err)

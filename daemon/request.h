@@ -18,6 +18,14 @@
 /* Defaults of a generate request; steps and block_length default to gen_length. */
 #define UM_REQ_DEFAULT_GEN_LENGTH 64
 #define UM_REQ_DEFAULT_REMASKING "low_confidence"
+#define UM_REQ_DEFAULT_EPS 1e-3
+
+/* Values of the schedule field; UM_REQ_SCHEDULE_POLICY when absent (the policy's own). */
+typedef enum um_req_schedule {
+    UM_REQ_SCHEDULE_POLICY = -1,
+    UM_REQ_SCHEDULE_QUOTA = 0,    /* equal to UM_SCHEDULE_QUOTA */
+    UM_REQ_SCHEDULE_TIMESTEP = 1, /* equal to UM_SCHEDULE_TIMESTEP */
+} um_req_schedule_t;
 
 typedef enum um_req_op {
     UM_REQ_GENERATE = 0,
@@ -54,6 +62,14 @@ typedef struct um_request {
     uint64_t seed;
     int has_seed;              /* 0: the server picks a seed and reports it */
     int stream;
+    int32_t top_k;             /* 0: off */
+    double top_p;              /* (0, 1]; 1: off */
+    um_req_schedule_t schedule;
+    double eps;                /* final time of the timestep schedule */
+    int ban_eos;
+    int suppress_eos_confidence;
+    int early_stop;
+    int trim_eos;              /* cut the reply's tokens and text at the first EOS */
 
     /* tokenize */
     const char *text;

@@ -1,28 +1,40 @@
 /*
- * Sampler tests on the bundled model: exact parity with the PyTorch reference's
- * canvases, the block and quota rules, cancellation and reproducibility.
+ * Sampler tests on the bundled model: every remasking policy against the PyTorch
+ * reference's canvases over a grid of settings, the schedules' rules, the end-of-text
+ * controls, cancellation and reproducibility.
+ *
+ * The reference cases run with the kernel table the host selects by default (SIMD where
+ * available). tools/make_fixtures.py keeps only cases in which every decision is a few
+ * times farther from flipping than the two engines' logits and reductions differ, and
+ * generate.json records each case's margin. So the tables' last-bit differences cannot
+ * change a token, which the scalar loop checks.
  */
 #include <jansson.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "generate.h"
+#include "kernels.h"
 #include "model.h"
 #include "plugins.h"
+#include "sample.h"
 #include "testutil.h"
 
 static um_model_t *s_model;
 static um_plugin_registry_t s_reg;
 static json_t *s_cases;
 
+static void s_end_open(void);
+
 static void s_setup(void)
 {
     char err[512] = "";
     int rc = um_model_load(um_test_env("UM_TEST_MODEL"), &s_model, err, sizeof err);
     ck_assert_msg(rc == 0, "model load failed: %s", err);
-    ck_assert_uint_eq(um_plugins_scan(&s_reg, um_test_env("UM_TEST_PLUGINS")), 3);
+    ck_assert_uint_ge(um_plugins_scan(&s_reg, um_test_env("UM_TEST_PLUGINS")), 10);
     json_error_t jerr;
     const char *path = um_test_path(um_test_env("UM_TEST_FIXTURES"), "generate.json");
     json_t *doc = json_load_file(path, 0, &jerr);
@@ -34,19 +46,45 @@ static void s_setup(void)
 
 static void s_teardown(void)
 {
+    s_end_open();
     json_decref(s_cases);
     um_plugins_clear(&s_reg);
     um_model_destroy(&s_model);
 }
 
+static const um_remask_ops_t *s_policy(const char *name)
+{
+    const um_plugin_t *pl = um_plugins_find(&s_reg, UM_PLUGIN_REMASK, name);
+    ck_assert_msg(pl != NULL, "remask plugin %s not loaded", name);
+    return pl->desc->remask;
+}
+
+static void *s_begin(const um_remask_ops_t *ops, json_t *params, const char *name);
+
+/* A policy's request state from s_params, ended by the next s_params or the teardown. */
+static const um_remask_ops_t *s_open_ops;
+static void *s_open_state;
+
+static void s_end_open(void)
+{
+    if (s_open_ops)
+        s_open_ops->request_end(s_open_state);
+    s_open_ops = NULL;
+    s_open_state = NULL;
+}
+
+/* Parameters for policy with its default parameters and schedule. */
 static um_gen_params_t s_params(const char *policy, int32_t gen, int32_t block, int32_t steps,
                                 double temperature, double cfg, uint64_t seed)
 {
-    const um_plugin_t *pl = um_plugins_find(&s_reg, UM_PLUGIN_REMASK, policy);
-    ck_assert_msg(pl != NULL, "remask plugin %s not loaded", policy);
+    const um_remask_ops_t *ops = s_policy(policy);
+    s_end_open();
+    s_open_ops = ops;
+    s_open_state = s_begin(ops, NULL, policy);
     return (um_gen_params_t){.gen_length = gen, .block_length = block, .steps = steps,
                              .temperature = temperature, .cfg_scale = cfg, .seed = seed,
-                             .remask = pl->desc->remask, .remask_state = NULL};
+                             .remask = ops, .remask_state = s_open_state,
+                             .schedule = um_remask_traits(ops).schedule, .eot_id = -1};
 }
 
 static int32_t *s_ids(json_t *arr, size_t *n)
@@ -58,34 +96,124 @@ static int32_t *s_ids(json_t *arr, size_t *n)
     return ids;
 }
 
-/* Every fixture case, token for token. */
-START_TEST(matches_reference_canvas)
+/* Begin a request on ops with the parameters of a JSON object (NULL: defaults). */
+static void *s_begin(const um_remask_ops_t *ops, json_t *params, const char *name)
 {
-    json_t *c = json_array_get(s_cases, (size_t)_i);
+    um_param_t in[8], checked[8];
+    int32_t n_in = 0;
+    const char *key;
+    json_t *v;
+    json_object_foreach(params, key, v) {
+        ck_assert_int_lt(n_in, 8);
+        in[n_in++] = (um_param_t){.name = key, .type = UM_PARAM_NUMBER,
+                                  .number = json_number_value(v)};
+    }
+    char err[256] = "";
+    ck_assert_msg(um_params_check(ops->params, ops->n_params, in, n_in, checked, err,
+                                  sizeof err) == 0, "%s: %s", name, err);
+    void *state = NULL;
+    ck_assert_msg(ops->request_begin(um_plugin_host(), checked, ops->n_params, &state, err,
+                                     sizeof err) == 0, "%s: %s", name, err);
+    return state;
+}
+
+/* Every fixture case, token for token, with its forward passes and early stop. */
+static void s_check_case(int index)
+{
+    json_t *c = json_array_get(s_cases, (size_t)index);
     ck_assert_ptr_nonnull(c);
     const char *name = json_string_value(json_object_get(c, "name"));
     size_t n_prompt, n_expected;
     int32_t *prompt = s_ids(json_object_get(c, "prompt_ids"), &n_prompt);
     int32_t *expected = s_ids(json_object_get(c, "canvas"), &n_expected);
-    um_gen_params_t p = s_params(json_string_value(json_object_get(c, "remasking")),
+    const char *policy = json_string_value(json_object_get(c, "remasking"));
+    um_gen_params_t p = s_params(policy,
                                  (int32_t)json_integer_value(json_object_get(c, "gen_length")),
                                  (int32_t)json_integer_value(json_object_get(c, "block_length")),
                                  (int32_t)json_integer_value(json_object_get(c, "steps")),
                                  json_number_value(json_object_get(c, "temperature")),
                                  json_number_value(json_object_get(c, "cfg_scale")),
                                  (uint64_t)json_integer_value(json_object_get(c, "seed")));
+    p.top_k = (int32_t)json_integer_value(json_object_get(c, "top_k"));
+    p.top_p = json_number_value(json_object_get(c, "top_p"));
+    const char *schedule = json_string_value(json_object_get(c, "schedule"));
+    if (schedule)
+        p.schedule = strcmp(schedule, "timestep") == 0 ? UM_SCHEDULE_TIMESTEP
+                                                       : UM_SCHEDULE_QUOTA;
+    p.eps = json_number_value(json_object_get(c, "eps"));
+    p.ban_eos = json_is_true(json_object_get(c, "ban_eos"));
+    p.suppress_eos = json_is_true(json_object_get(c, "suppress_eos_confidence"));
+    p.early_stop = json_is_true(json_object_get(c, "early_stop"));
+    s_end_open();
+    p.remask_state = s_begin(p.remask, json_object_get(c, "remasking_params"), name);
     ck_assert_uint_eq(n_expected, n_prompt + (size_t)p.gen_length);
+
     int32_t *canvas = malloc(n_expected * sizeof *canvas);
     char err[512] = "";
-    int rc = um_generate(s_model, prompt, (int32_t)n_prompt, &p, NULL, NULL, canvas, NULL, err,
+    um_gen_stats_t st;
+    int rc = um_generate(s_model, prompt, (int32_t)n_prompt, &p, NULL, NULL, canvas, &st, err,
                          sizeof err);
+    p.remask->request_end(p.remask_state);
     ck_assert_msg(rc == 0, "%s: %s", name, err);
     for (size_t i = 0; i < n_expected; i++)
-        ck_assert_msg(canvas[i] == expected[i], "%s: position %zu is %d, reference has %d",
-                      name, i, canvas[i], expected[i]);
+        ck_assert_msg(canvas[i] == expected[i], "%s (%s, seed %d): position %zu is %d, the "
+                      "reference has %d", name, policy, (int)p.seed, i, canvas[i], expected[i]);
+    ck_assert_msg(st.forward_passes == json_integer_value(json_object_get(c, "forward_passes")),
+                  "%s: %d forward passes, the reference ran %lld", name, st.forward_passes,
+                  (long long)json_integer_value(json_object_get(c, "forward_passes")));
+    ck_assert_msg(st.early_stop == json_is_true(json_object_get(c, "early_stopped")),
+                  "%s: early stop %d, the reference %d", name, st.early_stop,
+                  json_is_true(json_object_get(c, "early_stopped")));
+    ck_assert_int_eq(st.eos_position, json_integer_value(json_object_get(c, "eos_position")));
     free(canvas);
     free(expected);
     free(prompt);
+}
+
+START_TEST(matches_reference_canvas)
+{
+    s_check_case(_i);
+}
+END_TEST
+
+/*
+ * Every third case again on the scalar kernel table, which every SIMD table is compared
+ * with: the same tokens on both shows the tables' differences stay inside the margins.
+ */
+START_TEST(matches_reference_scalar)
+{
+    char err[256];
+    ck_assert_int_eq(um_kernels_select("scalar", err, sizeof err), 0);
+    for (size_t i = 0; i < json_array_size(s_cases); i += 3)
+        s_check_case((int)i);
+    ck_assert_int_eq(um_kernels_select(NULL, err, sizeof err), 0);
+}
+END_TEST
+
+/* Every policy ships, and the grid covers each one. */
+START_TEST(fixture_covers_every_policy)
+{
+    static const char *const names[] = {"low_confidence", "random", "maskgit_plus",
+                                        "topk_margin", "entropy", "threshold", "factor",
+                                        "eb_sampler", "origin"};
+    for (size_t k = 0; k < sizeof names / sizeof names[0]; k++) {
+        s_policy(names[k]);
+        int cases = 0, hot = 0, cfg = 0, blocks = 0;
+        size_t i;
+        json_t *c;
+        json_array_foreach(s_cases, i, c) {
+            if (strcmp(json_string_value(json_object_get(c, "remasking")), names[k]) != 0)
+                continue;
+            cases++;
+            hot += json_number_value(json_object_get(c, "temperature")) > 0;
+            cfg += json_number_value(json_object_get(c, "cfg_scale")) > 0;
+            blocks += json_integer_value(json_object_get(c, "block_length"))
+                      < json_integer_value(json_object_get(c, "gen_length"));
+        }
+        ck_assert_msg(cases >= 5 && hot >= 2 && cfg >= 2 && blocks >= 2, "policy %s has %d "
+                      "fixture cases (%d hot, %d guided, %d with blocks): regenerate with "
+                      "tools/make_fixtures.py", names[k], cases, hot, cfg, blocks);
+    }
 }
 END_TEST
 
@@ -228,6 +356,8 @@ START_TEST(cancel_stops_within_one_step)
 }
 END_TEST
 
+static void *s_begin_one(const um_remask_ops_t *ops, const char *name, double value);
+
 /* The same seed gives the same canvas on one thread and on two. */
 START_TEST(seed_reproducible_across_threads)
 {
@@ -247,6 +377,21 @@ START_TEST(seed_reproducible_across_threads)
     ck_assert_int_eq(um_generate(s_model, s_prompt, 4, &p, NULL, NULL, c, NULL, err,
                                  sizeof err), 0);
     ck_assert_msg(memcmp(a, c, sizeof a) != 0, "seeds 77 and 78 gave the same canvas");
+
+    /* A categorical policy with top-p, top-k and stochastic positions, likewise. */
+    p = s_params("entropy", 32, 16, 16, 0.9, 0.5, 77);
+    p.top_k = 50;
+    p.top_p = 0.9;
+    p.remask_state = s_begin_one(p.remask, "alg_temp", 0.5);
+    omp_set_num_threads(1);
+    ck_assert_int_eq(um_generate(s_model, s_prompt, 4, &p, NULL, NULL, a, NULL, err,
+                                 sizeof err), 0);
+    omp_set_num_threads(2);
+    ck_assert_int_eq(um_generate(s_model, s_prompt, 4, &p, NULL, NULL, b, NULL, err,
+                                 sizeof err), 0);
+    omp_set_num_threads(saved);
+    p.remask->request_end(p.remask_state);
+    ck_assert_mem_eq(a, b, sizeof a);
 }
 END_TEST
 
@@ -297,6 +442,31 @@ START_TEST(check_rejects_bad_params)
     ck_assert_str_eq(field, "cfg_scale");
     q.cfg_scale = UM_GEN_MAX_CFG_SCALE;
     ck_assert_int_eq(um_gen_check(cfg, 4, &q, &field, err, sizeof err), 0);
+
+    /* Token sampling and schedule fields, each named with its value. */
+    q = p;
+    q.temperature = 1e-5;
+    ck_assert_int_eq(um_gen_check(cfg, 4, &q, &field, err, sizeof err), UM_ERANGE);
+    ck_assert_str_eq(field, "temperature");
+    q.temperature = UM_SAMPLE_MIN_TEMPERATURE;
+    ck_assert_int_eq(um_gen_check(cfg, 4, &q, &field, err, sizeof err), 0);
+    q = p;
+    q.top_k = -1;
+    ck_assert_int_eq(um_gen_check(cfg, 4, &q, &field, err, sizeof err), UM_ERANGE);
+    ck_assert_str_eq(field, "top_k");
+    q = p;
+    q.top_p = 1.5;
+    ck_assert_int_eq(um_gen_check(cfg, 4, &q, &field, err, sizeof err), UM_ERANGE);
+    ck_assert_str_eq(field, "top_p");
+    ck_assert_msg(strstr(err, "1.5") != NULL, "message lacks the value: %s", err);
+    q = p;
+    q.eps = 1.0;
+    ck_assert_int_eq(um_gen_check(cfg, 4, &q, &field, err, sizeof err), UM_ERANGE);
+    ck_assert_str_eq(field, "eps");
+    q = p;
+    q.schedule = (um_schedule_t)7;
+    ck_assert_int_eq(um_gen_check(cfg, 4, &q, &field, err, sizeof err), UM_EINVAL);
+    ck_assert_str_eq(field, "schedule");
 }
 END_TEST
 
@@ -311,17 +481,238 @@ START_TEST(huge_step_count_finishes)
                                  sizeof err), 0);
     ck_assert_int_eq(st.forward_passes, 8);
     ck_assert_int_eq(st.steps_planned, INT32_MAX);
+
+    /* Dream's schedule skips its empty steps by search, not one by one. */
+    p = s_params("maskgit_plus", 8, 8, INT32_MAX, 0, 0, 0);
+    p.eps = 1e-3;
+    ck_assert_int_eq(um_generate(s_model, s_prompt, 4, &p, NULL, NULL, canvas, &st, err,
+                                 sizeof err), 0);
+    ck_assert_int_le(st.forward_passes, 8);
+    for (int i = 4; i < 12; i++)
+        ck_assert_int_ne(canvas[i], um_model_config(s_model)->mask_token_id);
 }
 END_TEST
+
+/*
+ * Dream's schedule over 16 masks in 4 steps with eps 0.001: floor(16 * 0.24975) = 3, then
+ * floor(13 * 0.33289) = 4, floor(9 * 0.49900) = 4, and the last step takes the 5 left.
+ */
+START_TEST(timestep_schedule_counts)
+{
+    um_gen_params_t p = s_params("maskgit_plus", 16, 16, 4, 0, 0, 0);
+    ck_assert_int_eq(p.schedule, UM_SCHEDULE_TIMESTEP);
+    p.eps = 1e-3;
+    int32_t canvas[20];
+    s_trace_t t = s_trace_new(20);
+    char err[256] = "";
+    um_gen_stats_t st;
+    ck_assert_int_eq(um_generate(s_model, s_prompt, 4, &p, s_trace_step, &t, canvas, &st, err,
+                                 sizeof err), 0);
+    const int32_t expect[] = {3, 4, 4, 5};
+    ck_assert_int_eq(t.n_calls, 4);
+    for (int i = 0; i < 4; i++)
+        ck_assert_int_eq(t.per_step[i], expect[i]);
+    ck_assert_int_eq(t.violations, 0);
+
+    /* The same policy on LLaDA's quota: 4 per step. */
+    t.n_calls = 0;
+    for (int32_t i = 0; i < 20; i++)
+        t.first_seen[i] = -1;
+    p.schedule = UM_SCHEDULE_QUOTA;
+    ck_assert_int_eq(um_generate(s_model, s_prompt, 4, &p, s_trace_step, &t, canvas, &st, err,
+                                 sizeof err), 0);
+    for (int i = 0; i < 4; i++)
+        ck_assert_int_eq(t.per_step[i], 4);
+    s_trace_free(&t);
+}
+END_TEST
+
+/* Begin a request of a policy with one numeric parameter. */
+static void *s_begin_one(const um_remask_ops_t *ops, const char *name, double value)
+{
+    json_t *params = json_pack("{s:f}", name, value);
+    void *state = s_begin(ops, params, name);
+    json_decref(params);
+    return state;
+}
+
+/*
+ * An adaptive policy uses steps as a bound: threshold 1 commits one token per step (the
+ * top one), and the last of a block's 3 steps commits the 6 left of its 8.
+ */
+START_TEST(adaptive_steps_are_a_bound)
+{
+    um_gen_params_t p = s_params("threshold", 16, 8, 6, 0, 0, 0);
+    p.remask_state = s_begin_one(p.remask, "threshold", 1.0);
+    int32_t canvas[20];
+    s_trace_t t = s_trace_new(20);
+    char err[256] = "";
+    um_gen_stats_t st;
+    ck_assert_int_eq(um_generate(s_model, s_prompt, 4, &p, s_trace_step, &t, canvas, &st, err,
+                                 sizeof err), 0);
+    p.remask->request_end(p.remask_state);
+    const int32_t expect[] = {1, 1, 6, 1, 1, 6};
+    ck_assert_int_eq(t.n_calls, 6);
+    for (int i = 0; i < 6; i++)
+        ck_assert_int_eq(t.per_step[i], expect[i]);
+    ck_assert_int_eq(t.violations, 0);
+    s_trace_free(&t);
+
+    /* Threshold 0 commits a whole block in its first step, and the block's other
+       steps run no pass. */
+    p.remask_state = s_begin_one(p.remask, "threshold", 0.0);
+    t = s_trace_new(20);
+    ck_assert_int_eq(um_generate(s_model, s_prompt, 4, &p, s_trace_step, &t, canvas, &st, err,
+                                 sizeof err), 0);
+    p.remask->request_end(p.remask_state);
+    ck_assert_int_eq(st.forward_passes, 2);
+    ck_assert_int_eq(t.per_step[0], 8);
+    ck_assert_int_eq(t.per_step[1], 8);
+    s_trace_free(&t);
+}
+END_TEST
+
+/* EB-Sampler's bound: gamma 0 commits one token per step unless entropies are 0. */
+START_TEST(eb_sampler_gamma_bounds_commits)
+{
+    um_gen_params_t p = s_params("eb_sampler", 12, 12, 12, 0, 0, 0);
+    p.remask_state = s_begin_one(p.remask, "gamma", 0.0);
+    int32_t canvas[16];
+    s_trace_t t = s_trace_new(16);
+    char err[256] = "";
+    um_gen_stats_t st;
+    ck_assert_int_eq(um_generate(s_model, s_prompt, 4, &p, s_trace_step, &t, canvas, &st, err,
+                                 sizeof err), 0);
+    p.remask->request_end(p.remask_state);
+    ck_assert_int_eq(t.n_calls, 12);
+    for (int i = 0; i < 12; i++)
+        ck_assert_int_eq(t.per_step[i], 1);
+    s_trace_free(&t);
+
+    /* A huge budget commits everything at once. */
+    p.remask_state = s_begin_one(p.remask, "gamma", 1000.0);
+    ck_assert_int_eq(um_generate(s_model, s_prompt, 4, &p, NULL, NULL, canvas, &st, err,
+                                 sizeof err), 0);
+    p.remask->request_end(p.remask_state);
+    ck_assert_int_eq(st.forward_passes, 1);
+}
+END_TEST
+
+/* Reads the step where early stop fired. */
+typedef struct {
+    int fired;
+    int32_t n_committed;
+    int32_t n_masked;
+} s_stop_trace_t;
+
+static int s_stop_step(void *user, const um_step_info_t *info)
+{
+    s_stop_trace_t *t = user;
+    if (info->early_stop) {
+        t->fired++;
+        t->n_committed = info->n_committed;
+        t->n_masked = info->n_masked;
+    }
+    return 0;
+}
+
+/*
+ * Early stop on an EOS that arrives while later blocks are still masked. The rest of the
+ * canvas becomes EOS, and the step reports those positions as committed. The tokens up
+ * to the EOS equal those of the run without early stop.
+ */
+START_TEST(early_stop_fills_with_eos)
+{
+    json_t *c = NULL;
+    size_t i;
+    json_array_foreach(s_cases, i, c)
+        if (strcmp(json_string_value(json_object_get(c, "name")), "early_stop_greedy") == 0)
+            break;
+    ck_assert_msg(i < json_array_size(s_cases), "generate.json lacks early_stop_greedy");
+    size_t n_prompt;
+    int32_t *prompt = s_ids(json_object_get(c, "prompt_ids"), &n_prompt);
+    const int32_t eos = um_model_config(s_model)->eos_token_id;
+    um_gen_params_t p = s_params("low_confidence", 40, 4, 40, 0, 0, 0);
+    p.early_stop = 1;
+    int32_t *a = malloc((n_prompt + 40) * sizeof *a), *b = malloc((n_prompt + 40) * sizeof *b);
+    s_stop_trace_t t = {0};
+    char err[256] = "";
+    um_gen_stats_t st, full;
+    ck_assert_int_eq(um_generate(s_model, prompt, (int32_t)n_prompt, &p, s_stop_step, &t, a,
+                                 &st, err, sizeof err), 0);
+    ck_assert_int_eq(st.early_stop, 1);
+    ck_assert_int_eq(t.fired, 1);
+    ck_assert_int_eq(t.n_masked, 0);
+    ck_assert_int_ge(st.eos_position, (int32_t)n_prompt);
+    /* Every position after the first EOS is EOS now; the later blocks never ran. */
+    for (int32_t pos = st.eos_position; pos < (int32_t)n_prompt + 40; pos++)
+        ck_assert_int_eq(a[pos], eos);
+    ck_assert_int_gt(t.n_committed, (int32_t)n_prompt + 40 - st.eos_position - 1 - 4);
+
+    p.early_stop = 0;
+    ck_assert_int_eq(um_generate(s_model, prompt, (int32_t)n_prompt, &p, NULL, NULL, b, &full,
+                                 err, sizeof err), 0);
+    ck_assert_int_lt(st.forward_passes, full.forward_passes);
+    ck_assert_int_eq(full.eos_position, st.eos_position);
+    ck_assert_mem_eq(a, b, (size_t)(st.eos_position + 1) * sizeof *a);
+    free(a);
+    free(b);
+    free(prompt);
+}
+END_TEST
+
+/* ban_eos never predicts EOS; the same request without it does. */
+START_TEST(ban_eos_removes_eos)
+{
+    json_t *c = NULL;
+    size_t i;
+    json_array_foreach(s_cases, i, c)
+        if (strcmp(json_string_value(json_object_get(c, "name")), "early_stop_off") == 0)
+            break;
+    ck_assert_msg(i < json_array_size(s_cases), "generate.json lacks early_stop_off");
+    size_t n_prompt;
+    int32_t *prompt = s_ids(json_object_get(c, "prompt_ids"), &n_prompt);
+    const int32_t eos = um_model_config(s_model)->eos_token_id;
+    um_gen_params_t p = s_params("low_confidence", 40, 8, 40, 0, 0, 0);
+    int32_t *canvas = malloc((n_prompt + 40) * sizeof *canvas);
+    char err[256] = "";
+    um_gen_stats_t st;
+    ck_assert_int_eq(um_generate(s_model, prompt, (int32_t)n_prompt, &p, NULL, NULL, canvas,
+                                 &st, err, sizeof err), 0);
+    ck_assert_int_ge(st.eos_position, 0);
+    p.ban_eos = 1;
+    ck_assert_int_eq(um_generate(s_model, prompt, (int32_t)n_prompt, &p, NULL, NULL, canvas,
+                                 &st, err, sizeof err), 0);
+    ck_assert_int_eq(st.eos_position, -1);
+    for (int32_t pos = (int32_t)n_prompt; pos < (int32_t)n_prompt + 40; pos++)
+        ck_assert_int_ne(canvas[pos], eos);
+    free(canvas);
+    free(prompt);
+}
+END_TEST
+
+/* The number of fixture cases, read when the suite is built; 1 when unreadable so the
+   first case's lookup fails with the reason. */
+static int s_count_cases(void)
+{
+    const char *dir = getenv("UM_TEST_FIXTURES");
+    if (!dir)
+        return 1;
+    json_t *doc = json_load_file(um_test_path(dir, "generate.json"), 0, NULL);
+    int n = (int)json_array_size(json_object_get(doc, "cases"));
+    json_decref(doc);
+    return n > 0 ? n : 1;
+}
 
 Suite *um_generate_suite(void)
 {
     Suite *s = suite_create("generate");
     TCase *tc = tcase_create("reference");
     tcase_add_unchecked_fixture(tc, s_setup, s_teardown);
-    tcase_set_timeout(tc, 120);
-    /* The fixture file has nine cases, and a missing case fails on its lookup. */
-    tcase_add_loop_test(tc, matches_reference_canvas, 0, 9);
+    tcase_set_timeout(tc, 300);
+    tcase_add_loop_test(tc, matches_reference_canvas, 0, s_count_cases());
+    tcase_add_test(tc, matches_reference_scalar);
+    tcase_add_test(tc, fixture_covers_every_policy);
     suite_add_tcase(s, tc);
     tc = tcase_create("schedule");
     tcase_add_unchecked_fixture(tc, s_setup, s_teardown);
@@ -333,6 +724,11 @@ Suite *um_generate_suite(void)
     tcase_add_test(tc, seed_reproducible_across_threads);
     tcase_add_test(tc, check_rejects_bad_params);
     tcase_add_test(tc, huge_step_count_finishes);
+    tcase_add_test(tc, timestep_schedule_counts);
+    tcase_add_test(tc, adaptive_steps_are_a_bound);
+    tcase_add_test(tc, eb_sampler_gamma_bounds_commits);
+    tcase_add_test(tc, early_stop_fills_with_eos);
+    tcase_add_test(tc, ban_eos_removes_eos);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -4,7 +4,8 @@ This file is the independent oracle for the C engine. The forward pass follows t
 released LLaDA-8B modelling code: pre-norm RMSNorm blocks, NeoX-style RoPE over the
 whole head, bidirectional attention, a SwiGLU MLP with ff_proj as the gate and up_proj
 as the linear branch, an untied LM head and no biases. The sampler follows the rules in
-docs/sampler.md. It is also the model definition used for training.
+docs/sampling.md, written independently of the C code. It is also the model definition
+used for training.
 
 Numerics: everything runs in float32 (bf16 weights are widened on load), softmax
 confidences are taken in float64, and Gumbel noise is drawn in float64 from the
@@ -22,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------
-# Counter-based random numbers, shared with the C sampler (daemon/rng.h).
+# Counter-based random numbers, shared with the C sampler (kernels/rng.h).
 # u64(seed, stream, index) = mix(mix(seed + GOLDEN * (stream + 1)) + GOLDEN * (index + 1)),
 # where mix is the splitmix64 finalizer. Being a pure function of its counters, it gives
 # the same numbers however the work is split across threads.
@@ -237,7 +238,73 @@ def load_model(folder):
     return model.eval()
 
 # ----------------------------------------------------------------------------
-# Sampler (rules in docs/sampler.md)
+# Sampler (rules in docs/sampling.md)
+#
+# Written from the rules in docs/sampling.md and the reference engines' semantics, not
+# from the C code: token sampling, the schedules and every remasking policy are here in
+# vectorised PyTorch and plain Python. Every decision also records its margin (how far
+# its inputs are from changing it), so make_fixtures.py keeps only cases whose outcome
+# cannot flip under the small differences between this forward pass and the C engine's.
+
+GUMBEL = "gumbel"
+CATEGORICAL = "categorical"
+QUOTA = "quota"
+TIMESTEP = "timestep"
+
+# Per policy: how tokens are drawn, the default schedule, whether it sets its own count.
+POLICIES = {
+    "low_confidence": (GUMBEL, QUOTA, False),
+    "random": (GUMBEL, QUOTA, False),
+    "maskgit_plus": (CATEGORICAL, TIMESTEP, False),
+    "topk_margin": (CATEGORICAL, TIMESTEP, False),
+    "entropy": (CATEGORICAL, TIMESTEP, False),
+    "threshold": (GUMBEL, QUOTA, True),
+    "factor": (GUMBEL, QUOTA, True),
+    "eb_sampler": (CATEGORICAL, QUOTA, True),
+    "origin": (CATEGORICAL, TIMESTEP, True),
+}
+
+DEFAULT_PARAMS = {
+    "maskgit_plus": {"alg_temp": 0.0},
+    "topk_margin": {"alg_temp": 0.0},
+    "entropy": {"alg_temp": 0.0},
+    "threshold": {"threshold": 0.9},
+    "factor": {"factor": 1.0},
+    "eb_sampler": {"gamma": 0.01},
+}
+
+
+# The smallest margin a decision needs to be called safely, by the unit of its input.
+# Measured on the bundled model, the C engine's logits differ from this forward pass by
+# at most about 1.5e-5 (mean 1e-6), and a categorical draw's cumulative mass by at most
+# about 5e-7. Each required margin is 4 or more times that. Guidance multiplies logit
+# differences by up to 2 cfg_scale + 1.
+MARGIN_REQUIRED = {"logit": 1e-4, "prob": 1e-4, "nats": 1e-4, "cdf": 2e-6}
+
+
+class Margin:
+    """The closest call among a generation's decisions, and where it was.
+
+    Each decision records how far its input is from the value that would change it,
+    in the input's own unit (see MARGIN_REQUIRED). The record kept is the smallest
+    ratio of that distance to the unit's required margin, so a ratio of at least 1
+    means no decision can flip under the differences between the two engines. Exact
+    decisions (integer counts, shared random numbers) are not recorded.
+    """
+
+    def __init__(self, scale=1.0):
+        self.scale = scale
+        self.ratio = math.inf
+        self.value = math.inf
+        self.where = ""
+
+    def note(self, value, where, unit="logit"):
+        value = float(value)
+        ratio = value / (MARGIN_REQUIRED[unit] * self.scale)
+        if ratio < self.ratio:
+            self.ratio = ratio
+            self.value = value
+            self.where = where + f" ({unit})"
 
 
 def block_plan(gen_length, block_length, steps):
@@ -247,6 +314,7 @@ def block_plan(gen_length, block_length, steps):
     split evenly, the first steps % n_blocks blocks taking one extra, and a block never
     gets fewer than one step.
     """
+    block_length = min(block_length, gen_length)
     n_blocks = (gen_length + block_length - 1) // block_length
     plan = []
     for b in range(n_blocks):
@@ -261,67 +329,340 @@ def step_quota(n_masked, n_steps):
     return [base + (1 if i < rem else 0) for i in range(n_steps)]
 
 
-def top_positions(conf, k):
-    """Indices of the k largest conf values; ties go to the lower position."""
-    order = sorted(range(len(conf)), key=lambda i: (-conf[i], i))
-    return [i for i in order[:k] if conf[i] != -math.inf]
+def timestep(i, n, eps):
+    """Dream's linspace(1, eps, n + 1)[i], in float64."""
+    return 1.0 - i * (1.0 - eps) / n
+
+
+def _scaled_gap(gap, temperature):
+    """Convert a gap between scaled logits (logits / T) to logit units."""
+    return gap * (temperature if temperature > 0 else 1.0)
+
+
+def _top_p(z, top_p, temperature, margin, where):
+    """Dream's top_p_logits on one float64 row: keep a token when the softmax mass of
+    the tokens sorted before it is at most top_p."""
+    values, order = torch.sort(z, descending=True, stable=True)
+    probs = torch.softmax(values, 0)
+    cum = torch.cumsum(probs, 0)
+    remove = torch.zeros_like(cum, dtype=torch.bool)
+    remove[1:] = cum[:-1] > top_p
+    finite = int(torch.isfinite(values).sum())
+    keep = int((~remove[:finite]).sum())
+    if finite > 1:
+        margin.note(_scaled_gap(torch.min(torch.abs(cum[:finite - 1] - top_p)), temperature),
+                    where + " top_p mass", "cdf")
+    if keep < finite:
+        margin.note(_scaled_gap(values[keep - 1] - values[keep], temperature),
+                    where + " top_p boundary")
+    out = z.clone()
+    out[order[remove]] = -math.inf
+    return out
+
+
+def _top_k(z, k, temperature, margin, where):
+    """Dream's top_k_logits on one float64 row: keep tokens >= the k-th largest value."""
+    finite = int(torch.isfinite(z).sum())
+    if k >= finite:
+        return z
+    values = torch.sort(z, descending=True).values
+    kth = values[k - 1]
+    margin.note(_scaled_gap(kth - values[k], temperature), where + " top_k boundary")
+    out = z.clone()
+    out[z < kth] = -math.inf
+    return out
+
+
+def sample_row(row, opts, seed, step, pos, n_embed, margin):
+    """Predict one position's token from its float32 logits row (after guidance).
+
+    Returns (token, prob, sampled_prob, margin, entropy, demoted). prob is LLaDA's
+    confidence: the float64 softmax of the raw logits at the token, with suppressed
+    tokens left out of the softmax and 0 for a suppressed token.
+    """
+    V = opts["n_vocab"]
+    T = opts["temperature"]
+    where = f"step {step} position {pos}"
+    raw32 = row[:V].clone()
+    for t in opts["banned"]:
+        raw32[t] = -math.inf
+    conf = raw32.double()
+    for t in opts["suppressed"]:
+        conf[t] = -math.inf
+    conf_lse = torch.logsumexp(conf, 0)
+
+    if T == 0:
+        z = raw32.double()
+    else:
+        scale = torch.tensor(np.float32(1.0 / T))
+        z = (raw32 * scale).double()
+    if opts["top_p"] < 1.0:
+        z = _top_p(z, opts["top_p"], T, margin, where)
+    if opts["top_k"] > 0:
+        z = _top_k(z, opts["top_k"], T, margin, where)
+    lse = torch.logsumexp(z, 0)
+    q = torch.exp(z - lse)
+
+    if T == 0:
+        top2 = torch.topk(z, 2).values
+        token = int(torch.argmax(z))
+        if torch.isfinite(top2[1]):
+            margin.note(top2[0] - top2[1], where + " argmax")
+    elif opts["sampler"] == CATEGORICAL:
+        u = float(rng_uniform(seed, 2 * step + STREAM_GUMBEL, [pos * n_embed])[0])
+        cum = torch.cumsum(q, 0)
+        hits = torch.nonzero(cum > u).flatten()
+        token = int(hits[0]) if len(hits) else int(torch.nonzero(q > 0).flatten()[-1])
+        # The distance of u from the drawn token's interval ends, in mass at T = 1.
+        before = float(cum[token - 1]) if token > 0 else 0.0
+        margin.note(min(u - before, float(cum[token]) - u) * T, where + " categorical draw",
+                    "cdf")
+    else:
+        g_raw = raw32.double()
+        g_raw[~torch.isfinite(z)] = -math.inf
+        u = torch.from_numpy(rng_uniform(seed, 2 * step + STREAM_GUMBEL,
+                                         pos * n_embed + np.arange(V)))
+        g = g_raw / T - torch.log(-torch.log(u))
+        top2 = torch.topk(g, 2).values
+        token = int(torch.argmax(g))
+        if torch.isfinite(top2[1]):
+            margin.note((top2[0] - top2[1]) * T, where + " Gumbel-max")
+
+    sorted_q = torch.sort(q, descending=True).values
+    q_margin = float(sorted_q[0] - sorted_q[1]) if V > 1 else float(sorted_q[0])
+    logq = torch.where(q > 0, z - lse, torch.zeros_like(z))
+    entropy = float(-(q * logq).sum())
+    demoted = token in opts["suppressed"]
+    prob = 0.0 if demoted else float(torch.exp(row[token].double() - conf_lse))
+    return token, prob, float(q[token]), q_margin, entropy, demoted
+
+
+def _rank(scores, demoted):
+    """Candidate indices best first: undemoted by score descending, then demoted; ties
+    to the lower index."""
+    return sorted(range(len(scores)), key=lambda j: (demoted[j], -scores[j], j))
+
+
+def _note_boundary(order, scores, demoted, k, scale, unit, margin, where):
+    """Record the margin of taking the first k of an order: the score gap across the
+    cut, times scale to bring it back to the score's unit."""
+    if 0 < k < len(order) and demoted[order[k - 1]] == demoted[order[k]]:
+        a, b = scores[order[k - 1]], scores[order[k]]
+        # Scores of a degenerate distribution (one token left: probability 1, entropy 0)
+        # or of a demoted candidate (0) are exact in both engines, so their ties are too.
+        if a == b and a in (0.0, 1.0):
+            return
+        margin.note((a - b) * scale, where + " order", unit)
+
+
+def select(policy, params, cands, quota, step_info, seed, margin):
+    """Return the candidate indices a policy commits at a step that is not a block's last.
+
+    cands contains per-candidate lists: position, token, prob, sampled_prob, margin,
+    entropy, demoted.
+    """
+    n = len(cands["position"])
+    dem = cands["demoted"]
+    step = step_info["step"]
+    where = f"step {step} {policy}"
+    stream = 2 * step + STREAM_REMASK
+
+    def uniforms():
+        return rng_uniform(seed, stream, cands["position"])
+
+    if policy in ("low_confidence", "random", "maskgit_plus", "topk_margin", "entropy"):
+        scale, unit = 1.0, "nats" if policy == "entropy" else "prob"
+        if policy == "low_confidence":
+            scores = list(cands["prob"])
+        elif policy == "random":
+            scores = [float(u) for u in uniforms()]
+            scale = 0.0  # shared random numbers: exact
+        else:
+            base = {"maskgit_plus": cands["sampled_prob"], "topk_margin": cands["margin"],
+                    "entropy": [-h for h in cands["entropy"]]}[policy]
+            alg_temp = params.get("alg_temp", 0.0)
+            if alg_temp > 0:
+                u = uniforms()
+                scores = [base[j] / alg_temp - math.log(-math.log(float(u[j])))
+                          for j in range(n)]
+                scale = alg_temp
+            else:
+                scores = list(base)
+        order = _rank(scores, dem)
+        k = min(quota, n)
+        if scale > 0:
+            _note_boundary(order, scores, dem, k, scale, unit, margin, where)
+        return order[:k]
+
+    if policy == "threshold":
+        tau = params.get("threshold", 0.9)
+        c = cands["prob"]
+        order = _rank(c, dem)
+        k = 1
+        while k < n and not dem[order[k]] and c[order[k]] >= tau:
+            margin.note(c[order[k]] - tau, where + " threshold", "prob")
+            k += 1
+        if k < n and not dem[order[k]]:
+            margin.note(tau - c[order[k]], where + " threshold", "prob")
+        if k == 1 and n > 1 and c[order[0]] < tau:
+            _note_boundary(order, c, dem, 1, 1.0, "prob", margin, where)
+        return order[:k]
+
+    if policy == "factor":
+        f = params.get("factor", 1.0)
+        c = cands["prob"]
+        order = _rank(c, dem)
+        k = 1
+        while k < n and not dem[order[k]]:
+            bound = 1.0 - f / (k + 2)
+            margin.note(abs(c[order[k]] - bound), where + " factor bound", "prob")
+            if c[order[k]] < bound:
+                break
+            k += 1
+        _note_boundary(order, c, dem, k, 1.0, "prob", margin, where)
+        return order[:k]
+
+    if policy == "eb_sampler":
+        gamma = params.get("gamma", 0.01)
+        h = cands["entropy"]
+        scores = [-x for x in h]
+        order = _rank(scores, dem)
+        total = h[order[0]]
+        biggest = total
+        k = 1
+        while k < n and not dem[order[k]]:
+            nxt = max(biggest, h[order[k]])
+            value = total + h[order[k]] - nxt
+            margin.note(abs(value - gamma), where + " entropy bound", "nats")
+            if value > gamma:
+                break
+            total += h[order[k]]
+            biggest = nxt
+            k += 1
+        _note_boundary(order, scores, dem, k, 1.0, "nats", margin, where)
+        return order[:k]
+
+    if policy == "origin":
+        p = 1.0 - step_info["s"] / step_info["t"]
+        u = uniforms()
+        return [j for j in range(n) if not dem[j] and float(u[j]) < p]
+
+    raise ValueError(f"unknown remasking policy {policy}")
 
 
 @torch.no_grad()
 def generate(model, prompt, gen_length=64, block_length=32, steps=64, temperature=0.0,
-             cfg_scale=0.0, remasking="low_confidence", seed=0, on_step=None):
-    """Run unmaskd's sampler and return the full canvas (prompt + generation) as a list."""
-    mask_id = model.config.mask_token_id
+             cfg_scale=0.0, remasking="low_confidence", seed=0, on_step=None, params=None,
+             top_k=0, top_p=1.0, schedule=None, eps=1e-3, ban_eos=False, suppress_eos=False,
+             early_stop=False, eot_id=-1, margin=None, stats=None):
+    """Run unmaskd's sampler and return the full canvas (prompt + generation) as a list.
+
+    margin (a Margin) collects the closest decision; stats (a dict) receives
+    forward_passes, steps_run, early_stop and eos_position.
+    """
+    c = model.config
+    mask_id = c.mask_token_id
+    eos_id = c.eos_token_id if c.eos_token_id is not None else -1
+    sampler, default_schedule, adaptive = POLICIES[remasking]
+    schedule = schedule or default_schedule
+    params = dict(DEFAULT_PARAMS.get(remasking, {}), **(params or {}))
+    margin = margin if margin is not None else Margin()
+    margin.scale = 2.0 * cfg_scale + 1.0
+    n_embed = c.embedding_size
+    banned = [mask_id] + ([eos_id] if ban_eos and eos_id >= 0 else [])
+    suppressed = []
+    if suppress_eos:
+        suppressed = [t for t in (eos_id, eot_id) if t >= 0]
+        suppressed = sorted(set(suppressed), key=suppressed.index)
+    opts = {"n_vocab": min(c.vocab_size, n_embed), "temperature": temperature,
+            "top_k": top_k, "top_p": top_p if 0 < top_p < 1 else 1.0, "sampler": sampler,
+            "banned": banned, "suppressed": suppressed}
+
     P = len(prompt)
+    L = P + gen_length
     x = torch.tensor([list(prompt) + [mask_id] * gen_length], dtype=torch.long)
+    # Prompt positions that hold a token: guidance masks exactly these.
     prompt_index = torch.zeros_like(x, dtype=torch.bool)
     prompt_index[0, :P] = True
     prompt_index &= x != mask_id
+    st = {"forward_passes": 0, "steps_run": 0, "early_stop": False, "eos_position": -1}
     global_step = 0
+    done = False
     for start, end, n_steps in block_plan(gen_length, block_length, steps):
         block_end = P + end
         # Every mask left of the block's end counts, prompt masks (infilling) included.
-        n_masked = int((x[0, :block_end] == mask_id).sum())
-        for quota in step_quota(n_masked, n_steps):
-            step = global_step
-            global_step += 1
-            if quota == 0:
+        n_masked_block = int((x[0, :block_end] == mask_id).sum())
+        quotas = step_quota(n_masked_block, n_steps)
+        for i in range(n_steps):
+            step = global_step + i
+            positions = torch.nonzero(x[0, :block_end] == mask_id).flatten().tolist()
+            if not positions:
+                break
+            last = i == n_steps - 1
+            e = eps if schedule == TIMESTEP else 0.0
+            t, s = timestep(i, n_steps, e), timestep(i + 1, n_steps, e)
+            if schedule == TIMESTEP:
+                quota = max(0, math.floor(len(positions) * (1.0 - s / t)))
+            else:
+                quota = quotas[i]
+            if last or quota > len(positions):
+                quota = len(positions)
+            if quota == 0 and not adaptive:
                 continue
-            mask_index = x[0] == mask_id
+
             if cfg_scale > 0:
                 un = x.clone()
                 un[prompt_index] = mask_id
                 both = model(torch.cat([x, un], 0)).float()
-                logits = both[1] + (cfg_scale + 1.0) * (both[0] - both[1])
+                scale = torch.tensor(np.float32(cfg_scale + 1.0))
+                logits = both[1] + scale * (both[0] - both[1])
             else:
                 logits = model(x)[0].float()
-            logits = logits.double()
-            # The mask token and padding rows past the vocabulary are never predicted.
-            logits[:, mask_id] = -math.inf
-            logits[:, model.config.vocab_size:] = -math.inf
-            positions = torch.nonzero(mask_index).flatten().tolist()
-            conf = [-math.inf] * x.shape[1]
-            x0 = x[0].clone()
-            V = logits.shape[1]
-            for p in positions:
-                row = logits[p]
-                if temperature == 0:
-                    tok = int(torch.argmax(row))
-                else:
-                    u = torch.from_numpy(rng_uniform(seed, 2 * step + STREAM_GUMBEL,
-                                                     p * V + np.arange(V)))
-                    tok = int(torch.argmax(row / temperature - torch.log(-torch.log(u))))
-                x0[p] = tok
-                if p >= block_end:
-                    continue
-                if remasking == "low_confidence":
-                    conf[p] = float(torch.exp(row[tok] - torch.logsumexp(row, 0)))
-                elif remasking == "random":
-                    conf[p] = float(rng_uniform(seed, 2 * step + STREAM_REMASK, [p])[0])
-                else:
-                    raise ValueError(f"unknown remasking {remasking}")
-            for p in top_positions(conf, quota):
-                x[0, p] = x0[p]
+            st["forward_passes"] += 1
+            st["steps_run"] += 1
+
+            cands = {k: [] for k in ("position", "token", "prob", "sampled_prob", "margin",
+                                     "entropy", "demoted")}
+            for pos in positions:
+                tok, prob, sprob, qm, ent, dem = sample_row(logits[pos], opts, seed, step, pos,
+                                                            n_embed, margin)
+                for k, v in zip(cands, (pos, tok, prob, sprob, qm, ent, dem)):
+                    cands[k].append(v)
+            if last:
+                chosen = list(range(len(positions)))
+            else:
+                chosen = select(remasking, params, cands, quota,
+                                {"step": step, "t": t, "s": s}, seed, margin)
+                if not chosen:
+                    chosen = _rank(cands["prob"], cands["demoted"])[:1]
+            for j in chosen:
+                x[0, cands["position"][j]] = cands["token"][j]
+
+            if early_stop and eos_id >= 0:
+                row = x[0].tolist()
+                eos_at = [p for p in range(P, L) if row[p] == eos_id]
+                if eos_at:
+                    first = eos_at[0]
+                    tail = row[first + 1:]
+                    if (mask_id not in row[:first] and mask_id in tail
+                            and all(v in (eos_id, mask_id) for v in tail)):
+                        for p in range(first + 1, L):
+                            if row[p] == mask_id:
+                                x[0, p] = eos_id
+                        st["early_stop"] = True
+                        st["eos_position"] = first
+                        done = True
             if on_step:
                 on_step(step, x[0].tolist())
+            if done:
+                break
+        global_step += n_steps
+        if done:
+            break
+    if st["eos_position"] < 0 and eos_id >= 0:
+        row = x[0].tolist()
+        eos_at = [p for p in range(P, L) if row[p] == eos_id]
+        st["eos_position"] = eos_at[0] if eos_at else -1
+    if stats is not None:
+        stats.update(st)
     return x[0].tolist()

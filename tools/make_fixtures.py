@@ -2,7 +2,8 @@
 """Write the fixtures the C tests compare with, from the PyTorch reference.
 
   logits.json + logits_*.bin  forward-pass logits for fixed inputs (f32, little-endian)
-  generate.json               exact canvases of deterministic generations
+  generate.json               exact canvases of seeded generations, every policy over a
+                              grid of settings, with each case's smallest decision margin
   tokenizer.json              texts and their token ids under the model's tokenizer
 
 Usage: make_fixtures.py --model models/tinystories --out tests/fixtures
@@ -10,6 +11,7 @@ Usage: make_fixtures.py --model models/tinystories --out tests/fixtures
 
 import argparse
 import json
+import math
 import os
 
 import numpy as np
@@ -62,8 +64,9 @@ def write_logits(model, tok, out):
         json.dump({"cases": manifest}, f, indent=1)
 
 
-GEN_CASES = [
-    # name, prompt, gen_length, block_length, steps, temperature, cfg, remasking, seed
+# Older single-policy cases, kept unchanged so a regression shows against known canvases.
+# name, prompt, gen_length, block_length, steps, temperature, cfg, remasking, seed
+LEGACY_CASES = [
     ("greedy_one_block", "once upon a time", 32, 32, 32, 0.0, 0.0, "low_confidence", 0),
     ("greedy_blocks", "one day, a little boy named tim", 48, 16, 24, 0.0, 0.0,
      "low_confidence", 0),
@@ -77,21 +80,170 @@ GEN_CASES = [
     ("cfg_gumbel_random", "mom said", 24, 12, 8, 1.0, 0.5, "random", 42),
 ]
 
+POLICY_NAMES = ["low_confidence", "random", "maskgit_plus", "topk_margin", "entropy",
+                "threshold", "factor", "eb_sampler", "origin"]
+
+# The grid every policy runs: steps, block_length (one block, blocks, a partial last
+# block), temperature 0 and above, guidance off and on.
+# tag, prompt, gen_length, block_length, steps, temperature, cfg_scale, seed
+GRID = [
+    ("one_block", "once upon a time", 32, 32, 32, 0.0, 0.0, 1),
+    ("blocks", "one day, a little boy named tim", 32, 8, 16, 0.0, 0.0, 2),
+    ("partial_block_hot", "the cat sat on the mat and", 24, 10, 12, 0.7, 0.0, 3),
+    ("cfg", "the little bird wanted to fly", 24, 12, 8, 0.0, 1.0, 4),
+    ("cfg_hot", "mom said", 16, 16, 8, 0.6, 0.5, 5),
+]
+
+# Cases for one setting at a time: sampling filters, schedules, parameters, end-of-text
+# controls, infilling. Each entry: name and the fields that differ from BASE.
+BASE = {"prompt": "once upon a time, there was a little girl named lily. she",
+        "gen_length": 24, "block_length": 24, "steps": 24, "temperature": 0.0,
+        "cfg_scale": 0.0, "remasking": "low_confidence", "seed": 7}
+SPECIAL = [
+    ("top_k_gumbel", {"temperature": 0.9, "top_k": 5}),
+    ("top_p_gumbel", {"temperature": 0.5, "top_p": 0.6}),
+    ("top_p_top_k_gumbel", {"temperature": 0.6, "top_p": 0.7, "top_k": 10}),
+    ("top_k_categorical", {"remasking": "maskgit_plus", "temperature": 0.8, "top_k": 8}),
+    ("top_p_categorical", {"remasking": "entropy", "temperature": 0.5, "top_p": 0.6}),
+    ("top_p_greedy_margin", {"remasking": "topk_margin", "top_p": 0.2}),
+    ("top_k_greedy_entropy", {"remasking": "entropy", "top_k": 3}),
+    ("timestep_low_confidence", {"schedule": "timestep", "steps": 10}),
+    ("timestep_eps", {"remasking": "maskgit_plus", "schedule": "timestep", "eps": 0.2,
+                      "steps": 6}),
+    ("timestep_blocks", {"remasking": "topk_margin", "schedule": "timestep",
+                         "block_length": 8, "steps": 12, "gen_length": 24}),
+    ("timestep_many_steps", {"remasking": "entropy", "steps": 60}),
+    ("quota_maskgit", {"remasking": "maskgit_plus", "schedule": "quota", "steps": 12}),
+    ("alg_temp_maskgit", {"remasking": "maskgit_plus", "remasking_params": {"alg_temp": 0.5},
+                          "steps": 12}),
+    ("alg_temp_margin", {"remasking": "topk_margin", "remasking_params": {"alg_temp": 1.0},
+                         "temperature": 0.5, "steps": 12}),
+    ("alg_temp_entropy", {"remasking": "entropy", "remasking_params": {"alg_temp": 0.2},
+                          "steps": 8, "block_length": 8}),
+    ("threshold_low", {"remasking": "threshold", "remasking_params": {"threshold": 0.3}}),
+    ("threshold_step_bound", {"remasking": "threshold", "steps": 4, "block_length": 12}),
+    ("factor_high", {"remasking": "factor", "remasking_params": {"factor": 3.0}}),
+    ("eb_gamma_large", {"remasking": "eb_sampler", "remasking_params": {"gamma": 2.0}}),
+    ("eb_gamma_zero", {"remasking": "eb_sampler", "remasking_params": {"gamma": 0.0},
+                       "steps": 30}),
+    ("ban_eos", {"prompt": "the end.<|endoftext|>once upon a time", "gen_length": 16,
+                 "block_length": 4, "steps": 16, "ban_eos": True}),
+    ("suppress_eos_greedy", {"prompt": "the end.<|endoftext|>once upon a time",
+                             "gen_length": 16, "block_length": 16, "steps": 16,
+                             "suppress_eos_confidence": True}),
+    ("suppress_eos_hot", {"prompt": "they were happy.", "gen_length": 16,
+                          "block_length": 4, "steps": 16, "temperature": 1.0, "seed": 1,
+                          "suppress_eos_confidence": True}),
+    ("suppress_eos_entropy", {"remasking": "entropy", "prompt": "the end.",
+                              "gen_length": 16, "block_length": 2, "steps": 16,
+                              "temperature": 1.0, "seed": 1,
+                              "suppress_eos_confidence": True}),
+    ("early_stop_greedy", {"prompt": "the end.<|endoftext|>once upon a time",
+                           "gen_length": 40, "block_length": 4, "steps": 40,
+                           "early_stop": True}),
+    ("early_stop_hot", {"prompt": "the end.", "gen_length": 40, "block_length": 1,
+                        "steps": 40, "temperature": 1.0, "seed": 0, "early_stop": True}),
+    ("early_stop_entropy", {"remasking": "entropy", "prompt": "the end.<|endoftext|>once "
+                            "upon a time", "gen_length": 40, "block_length": 2, "steps": 40,
+                            "early_stop": True}),
+    ("early_stop_off", {"prompt": "the end.<|endoftext|>once upon a time",
+                        "gen_length": 40, "block_length": 8, "steps": 40}),
+    ("infill", {"prompt": "once upon a <|mdm_mask|> there was a <|mdm_mask|> dog.",
+                "gen_length": 12, "block_length": 6, "steps": 8}),
+    ("infill_cfg", {"prompt": "once upon a <|mdm_mask|> there was a <|mdm_mask|> dog.",
+                    "gen_length": 12, "block_length": 12, "steps": 8, "cfg_scale": 1.0}),
+    ("infill_cfg_entropy", {"remasking": "entropy", "prompt": "lily <|mdm_mask|> "
+                            "<|mdm_mask|> the park", "gen_length": 8, "steps": 10,
+                            "block_length": 8, "cfg_scale": 2.0, "temperature": 0.5}),
+    ("fewer_steps_than_blocks", {"gen_length": 24, "block_length": 4, "steps": 3}),
+]
+
+# Cases whose outcome depends on the seed try this many seeds before giving up.
+SEED_TRIES = 40
+
+# Request fields of a case beyond the LLaDA ones, with the values that mean "off".
+EXTRA_FIELDS = {"remasking_params": {}, "top_k": 0, "top_p": 1.0, "schedule": None,
+                "eps": 1e-3, "ban_eos": False, "suppress_eos_confidence": False,
+                "early_stop": False}
+
+# Cases the daemon test also runs through a real unmaskd: one grid case per policy plus
+# the specials that exercise a request field each.
+DAEMON_CASES = {"top_p_top_k_gumbel", "top_p_categorical", "timestep_eps",
+                "alg_temp_margin", "threshold_low", "suppress_eos_hot", "early_stop_greedy",
+                "infill_cfg", "ban_eos"}
+
+
+def gen_cases():
+    """Every case as a dict of request fields plus its name."""
+    cases = []
+    for name, prompt, gl, bl, st, temp, cfg, remask, seed in LEGACY_CASES:
+        cases.append({"name": name, "prompt": prompt, "gen_length": gl, "block_length": bl,
+                      "steps": st, "temperature": temp, "cfg_scale": cfg,
+                      "remasking": remask, "seed": seed})
+    for policy in POLICY_NAMES:
+        for tag, prompt, gl, bl, st, temp, cfg, seed in GRID:
+            cases.append({"name": f"{policy}_{tag}", "prompt": prompt, "gen_length": gl,
+                          "block_length": bl, "steps": st, "temperature": temp,
+                          "cfg_scale": cfg, "remasking": policy, "seed": seed,
+                          "daemon": tag == "cfg_hot"})
+    for name, fields in SPECIAL:
+        case = dict(BASE, name=name, **fields)
+        case["daemon"] = name in DAEMON_CASES
+        cases.append(case)
+    return cases
+
+
+def seed_matters(case):
+    """Whether a case's tokens depend on its seed (so another seed may be tried)."""
+    return (case["temperature"] > 0 or case["remasking"] in ("random", "origin")
+            or case.get("remasking_params", {}).get("alg_temp", 0) > 0)
+
+
+def run_case(model, tok, case):
+    ids = tok.encode(case["prompt"])
+    margin = llada_ref.Margin()
+    stats = {}
+    canvas = llada_ref.generate(
+        model, ids, gen_length=case["gen_length"], block_length=case["block_length"],
+        steps=case["steps"], temperature=case["temperature"], cfg_scale=case["cfg_scale"],
+        remasking=case["remasking"], seed=case["seed"],
+        params=case.get("remasking_params"), top_k=case.get("top_k", 0),
+        top_p=case.get("top_p", 1.0), schedule=case.get("schedule"),
+        eps=case.get("eps", 1e-3), ban_eos=case.get("ban_eos", False),
+        suppress_eos=case.get("suppress_eos_confidence", False),
+        early_stop=case.get("early_stop", False), margin=margin, stats=stats)
+    return ids, canvas, margin, stats
+
 
 def write_generate(model, tok, out):
     cases = []
-    for name, prompt, gl, bl, st, temp, cfg, remask, seed in GEN_CASES:
-        ids = tok.encode(prompt)
-        canvas = llada_ref.generate(model, ids, gen_length=gl, block_length=bl, steps=st,
-                                    temperature=temp, cfg_scale=cfg, remasking=remask,
-                                    seed=seed)
-        cases.append({"name": name, "prompt": prompt, "prompt_ids": ids, "gen_length": gl,
-                      "block_length": bl, "steps": st, "temperature": temp,
-                      "cfg_scale": cfg, "remasking": remask, "seed": seed,
-                      "canvas": canvas,
-                      "text": tok.decode(canvas[len(ids):], skip_special=True)})
+    for case in gen_cases():
+        tries = SEED_TRIES if seed_matters(case) else 1
+        for _ in range(tries):
+            ids, canvas, margin, stats = run_case(model, tok, case)
+            if margin.ratio >= 1.0:
+                break
+            case["seed"] += 1
+        else:
+            raise SystemExit(f"case {case['name']}: the closest decision ({margin.where}) is "
+                             f"{margin.value:.2g} from flipping, {margin.ratio:.2g} of the "
+                             f"margin it needs: change the case's prompt or settings")
+        for key, off in EXTRA_FIELDS.items():
+            case.setdefault(key, off)
+        case.update({"prompt_ids": ids, "canvas": canvas,
+                     "text": tok.decode(canvas[len(ids):], skip_special=True),
+                     "forward_passes": stats["forward_passes"],
+                     "early_stopped": stats["early_stop"],
+                     "eos_position": stats["eos_position"],
+                     "margin": margin.value if math.isfinite(margin.value) else None,
+                     "margin_ratio": margin.ratio if math.isfinite(margin.ratio) else None,
+                     "margin_at": margin.where})
+        cases.append(case)
+        print(f"{case['name']:36s} seed {case['seed']:3d} passes {stats['forward_passes']:3d} "
+              f"margin x{margin.ratio:.3g} ({margin.where})")
     with open(os.path.join(out, "generate.json"), "w") as f:
-        json.dump({"cases": cases}, f, indent=1, ensure_ascii=False)
+        json.dump({"margin_required": llada_ref.MARGIN_REQUIRED, "cases": cases}, f,
+                  indent=1, ensure_ascii=False)
 
 
 def write_tokenizer(tok, out):
