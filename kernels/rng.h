@@ -29,11 +29,19 @@ static inline uint64_t um_rng_key(uint64_t seed, uint64_t stream)
     return um_rng_mix(seed + UM_RNG_GOLDEN * (stream + 1));
 }
 
-/* Uniform in (0, 1): the top 53 bits, offset by half a unit so 0 and 1 never occur. */
+/* The largest double below 1. */
+#define UM_RNG_BELOW_ONE 0x1.fffffffffffffp-1
+
+/*
+ * Uniform in (0, 1): the top 53 bits, offset by half a unit so 0 never occurs. The
+ * largest value, (2^53 - 0.5) / 2^53, rounds to 1.0 in double, so it is capped at the
+ * largest double below 1 (once in 2^53 draws), which keeps log(-log u) finite.
+ */
 static inline double um_rng_uniform_key(uint64_t key, uint64_t index)
 {
     uint64_t z = um_rng_mix(key + UM_RNG_GOLDEN * (index + 1));
-    return ((double)(z >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+    double u = ((double)(z >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+    return u < UM_RNG_BELOW_ONE ? u : UM_RNG_BELOW_ONE;
 }
 
 static inline double um_rng_uniform(uint64_t seed, uint64_t stream, uint64_t index)

@@ -44,7 +44,9 @@ def rng_uniform(seed, stream, index):
         key = _mix_np(np.array([(seed + GOLDEN * (stream + 1)) & MASK64], dtype=np.uint64))
         idx = np.asarray(index, dtype=np.uint64)
         z = _mix_np(key + np.uint64(GOLDEN) * (idx + np.uint64(1)))
-    return ((z >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 9007199254740992.0)
+    u = ((z >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 9007199254740992.0)
+    # (2^53 - 0.5) / 2^53 rounds to 1.0; cap it below 1 as kernels/rng.h does.
+    return np.minimum(u, np.nextafter(1.0, 0.0))
 
 
 STREAM_GUMBEL = 0

@@ -747,7 +747,7 @@ void UM_X86_FN(vocab_stats)(const float *x, int32_t n, float scale, um_vocab_sta
  * finalizer in 64-bit lanes, then ((z >> 11) + 0.5) * 2^-53 in f64. The 53 bits of
  * z >> 11 are converted exactly, as hi * 2^32 + lo from two 32-bit halves that each
  * become a double when OR-ed into the mantissa of 2^52. The + 0.5 then rounds as in
- * rng.h.
+ * rng.h, which also caps the result below 1.
  */
 static inline vd_t s_uniform_pd(vi_t z)
 {
@@ -764,7 +764,8 @@ static inline vd_t s_uniform_pd(vi_t z)
     vd_t lo = s_vd_sub(s_vd_from_bits(s_vi_or(s_vi_and(q, s_vi_set1_64(0xffffffffULL)), two52_bits)),
                        two52);
     vd_t qd = s_vd_fmadd(hi, s_vd_set1(4294967296.0), lo);
-    return s_vd_mul(s_vd_add(qd, s_vd_set1(0.5)), s_vd_set1(1.0 / 9007199254740992.0));
+    vd_t u = s_vd_mul(s_vd_add(qd, s_vd_set1(0.5)), s_vd_set1(1.0 / 9007199254740992.0));
+    return s_vd_min(u, s_vd_set1(UM_RNG_BELOW_ONE));
 }
 
 /* Vectors per block of gumbel_argmax: the noise of a block is staged on the stack. */
