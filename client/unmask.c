@@ -29,6 +29,8 @@
 
 #include <unmaskd/protocol.h>
 
+#include "curve.h"
+
 /* Exit statuses: 1 for an error reply, 2 when the daemon cannot be reached or the
    command line is unusable, 130 after Ctrl-C (128 + SIGINT, as shells report it). */
 #define S_EXIT_ERROR 1
@@ -57,8 +59,16 @@ typedef struct s_options {
     long long steps;
     long long block_length;
     long long seed;
-    double temperature; /* NAN when not given, for this and cfg_scale */
+    double temperature; /* NAN when not given, for this, cfg_scale, top_p and eps */
     double cfg_scale;
+    double top_p;
+    double eps;
+    long long top_k;    /* -1 when not given */
+    const char *schedule;
+    int ban_eos;
+    int suppress_eos;
+    int early_stop;
+    int trim_eos;
     const char *remasking;
     json_t *params; /* remasking_params from --param, or NULL */
     int json;
@@ -68,6 +78,10 @@ typedef struct s_options {
     int info;
     double timeout_s;
     const char *prompt; /* argument, or "-" for stdin */
+    const char *model;  /* for a broker: route to this model, or NULL */
+    int retry;          /* for a broker: allow one resend when a worker dies */
+    const char *curve_server_key; /* the daemon's or broker's key or key file, or NULL */
+    const char *curve_key;        /* this client's key file, or NULL for a fresh pair */
 } s_options_t;
 
 /* ------------------------------------------------------------------------- */
@@ -85,8 +99,19 @@ static void s_usage(FILE *out)
             "  --steps N              denoising steps; default: gen-length\n"
             "  --block-length N       semi-autoregressive block size; default: gen-length\n"
             "  --temperature T        sampling temperature, 0 for greedy; default 0\n"
-            "  --remasking NAME       remasking plugin; default low_confidence\n"
+            "  --top-k K              keep the K most likely tokens, 0 for all; default 0\n"
+            "  --top-p P              keep the smallest set of tokens whose probability\n"
+            "                         exceeds P, in (0, 1]; default 1 (all)\n"
+            "  --remasking NAME       remasking plugin (--info lists them); default\n"
+            "                         low_confidence\n"
             "  --param NAME=VALUE     a remasking plugin parameter (repeatable)\n"
+            "  --schedule NAME        quota (LLaDA) or timestep (Dream); default: the\n"
+            "                         plugin's\n"
+            "  --eps E                final time of the timestep schedule; default 0.001\n"
+            "  --ban-eos              never generate the end-of-text token\n"
+            "  --suppress-eos         commit end-of-text predictions last\n"
+            "  --early-stop           stop once only end-of-text follows the first one\n"
+            "  --trim-eos             cut the reply at the first end-of-text token\n"
             "  --cfg-scale S          classifier-free guidance scale, 0 for off; default 0\n"
             "  --seed N               random seed; default: the daemon picks one\n"
             "  --json                 print the final reply as JSON\n"
@@ -97,6 +122,14 @@ static void s_usage(FILE *out)
             "  --timeout SECONDS      give up when the daemon sends nothing for this long;\n"
             "                         default 300\n"
             "  --info                 print the daemon's model, plugins and versions as JSON\n"
+            "  --model NAME           through unmask-broker: the model to route to\n"
+            "  --retry                through unmask-broker: let it resend the request once\n"
+            "                         when its worker dies before the first step streamed\n"
+            "  --curve-server-key KEY encrypt with CURVE; KEY is the broker's public key, as\n"
+            "                         40 Z85 characters or its .pub file\n"
+            "  --curve-key FILE       this client's CURVE key pair (a .key file), for a\n"
+            "                         broker that accepts listed clients only; default: a\n"
+            "                         fresh key pair\n"
             "  --help                 show this help and exit\n"
             "  --version              show the version and exit\n"
             "\n"
@@ -169,6 +202,14 @@ enum {
     S_OPT_STEPS,
     S_OPT_BLOCK_LENGTH,
     S_OPT_TEMPERATURE,
+    S_OPT_TOP_K,
+    S_OPT_TOP_P,
+    S_OPT_SCHEDULE,
+    S_OPT_EPS,
+    S_OPT_BAN_EOS,
+    S_OPT_SUPPRESS_EOS,
+    S_OPT_EARLY_STOP,
+    S_OPT_TRIM_EOS,
     S_OPT_REMASKING,
     S_OPT_PARAM,
     S_OPT_CFG_SCALE,
@@ -179,6 +220,10 @@ enum {
     S_OPT_STEP_DELAY,
     S_OPT_TIMEOUT,
     S_OPT_INFO,
+    S_OPT_MODEL,
+    S_OPT_RETRY,
+    S_OPT_CURVE_SERVER_KEY,
+    S_OPT_CURVE_KEY,
     S_OPT_HELP,
     S_OPT_VERSION,
 };
@@ -192,6 +237,14 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         {"steps", required_argument, NULL, S_OPT_STEPS},
         {"block-length", required_argument, NULL, S_OPT_BLOCK_LENGTH},
         {"temperature", required_argument, NULL, S_OPT_TEMPERATURE},
+        {"top-k", required_argument, NULL, S_OPT_TOP_K},
+        {"top-p", required_argument, NULL, S_OPT_TOP_P},
+        {"schedule", required_argument, NULL, S_OPT_SCHEDULE},
+        {"eps", required_argument, NULL, S_OPT_EPS},
+        {"ban-eos", no_argument, NULL, S_OPT_BAN_EOS},
+        {"suppress-eos", no_argument, NULL, S_OPT_SUPPRESS_EOS},
+        {"early-stop", no_argument, NULL, S_OPT_EARLY_STOP},
+        {"trim-eos", no_argument, NULL, S_OPT_TRIM_EOS},
         {"remasking", required_argument, NULL, S_OPT_REMASKING},
         {"param", required_argument, NULL, S_OPT_PARAM},
         {"cfg-scale", required_argument, NULL, S_OPT_CFG_SCALE},
@@ -202,6 +255,10 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         {"step-delay", required_argument, NULL, S_OPT_STEP_DELAY},
         {"timeout", required_argument, NULL, S_OPT_TIMEOUT},
         {"info", no_argument, NULL, S_OPT_INFO},
+        {"model", required_argument, NULL, S_OPT_MODEL},
+        {"retry", no_argument, NULL, S_OPT_RETRY},
+        {"curve-server-key", required_argument, NULL, S_OPT_CURVE_SERVER_KEY},
+        {"curve-key", required_argument, NULL, S_OPT_CURVE_KEY},
         {"help", no_argument, NULL, S_OPT_HELP},
         {"version", no_argument, NULL, S_OPT_VERSION},
         {NULL, 0, NULL, 0},
@@ -214,6 +271,9 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         .seed = -1,
         .temperature = NAN,
         .cfg_scale = NAN,
+        .top_p = NAN,
+        .eps = NAN,
+        .top_k = -1,
         .timeout_s = 300,
     };
     int c;
@@ -234,6 +294,34 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
             break;
         case S_OPT_TEMPERATURE:
             rc = s_parse_real("--temperature", optarg, 0, &opt->temperature);
+            break;
+        case S_OPT_TOP_K:
+            rc = s_parse_int("--top-k", optarg, 0, INT32_MAX, &opt->top_k);
+            break;
+        case S_OPT_TOP_P:
+            rc = s_parse_real("--top-p", optarg, 0, &opt->top_p);
+            if (rc == 0 && (opt->top_p <= 0 || opt->top_p > 1)) {
+                fprintf(stderr, "unmask: --top-p must be in (0, 1], got \"%s\"\n", optarg);
+                rc = -1;
+            }
+            break;
+        case S_OPT_SCHEDULE:
+            opt->schedule = optarg;
+            break;
+        case S_OPT_EPS:
+            rc = s_parse_real("--eps", optarg, 0, &opt->eps);
+            break;
+        case S_OPT_BAN_EOS:
+            opt->ban_eos = 1;
+            break;
+        case S_OPT_SUPPRESS_EOS:
+            opt->suppress_eos = 1;
+            break;
+        case S_OPT_EARLY_STOP:
+            opt->early_stop = 1;
+            break;
+        case S_OPT_TRIM_EOS:
+            opt->trim_eos = 1;
             break;
         case S_OPT_REMASKING:
             opt->remasking = optarg;
@@ -275,6 +363,18 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         case S_OPT_INFO:
             opt->info = 1;
             break;
+        case S_OPT_MODEL:
+            opt->model = optarg;
+            break;
+        case S_OPT_RETRY:
+            opt->retry = 1;
+            break;
+        case S_OPT_CURVE_SERVER_KEY:
+            opt->curve_server_key = optarg;
+            break;
+        case S_OPT_CURVE_KEY:
+            opt->curve_key = optarg;
+            break;
         case S_OPT_HELP:
             s_usage(stdout);
             return 1;
@@ -289,6 +389,11 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
             fprintf(stderr, "unmask: run unmask --help for the options\n");
             return -1;
         }
+    }
+    if (opt->curve_key && !opt->curve_server_key) {
+        fprintf(stderr, "unmask: --curve-key needs --curve-server-key, the public key of the "
+                "daemon or broker to encrypt for\n");
+        return -1;
     }
     if (opt->info) {
         if (optind < argc) {
@@ -601,10 +706,27 @@ static void s_view_step(s_view_t *v, json_t *reply)
         v->last[pos] = (int32_t)step;
         v->special[pos] = json_is_true(json_object_get(e, "special"));
     }
+    /*
+     * The step's canvas is the daemon's whole state: null where still masked. A position
+     * the client has no text for (a step it never saw) shows as "?", and one the canvas
+     * marks as masked shows as a mask whatever the client recorded.
+     */
+    json_t *canvas = json_object_get(reply, "canvas");
+    for (int32_t pos = 0; json_is_array(canvas) && pos < v->n; pos++) {
+        json_t *t = json_array_get(canvas, (size_t)pos);
+        if (json_is_null(t) || !t) {
+            free(v->text[pos]);
+            v->text[pos] = NULL;
+            v->last[pos] = -1;
+        } else if (!v->text[pos]) {
+            v->text[pos] = strdup("?");
+            v->last[pos] = (int32_t)step;
+        }
+    }
     snprintf(v->status, sizeof v->status,
-             "step %lld/%lld  block %lld/%lld  masked %lld  %.1f ms/step", (long long)step + 1,
+             "step %lld/%lld  block %lld/%lld  masked %lld  %.1f ms/step%s", (long long)step + 1,
              (long long)steps, (long long)block + 1, (long long)blocks, (long long)masked,
-             step_ms);
+             step_ms, json_is_true(json_object_get(reply, "early_stop")) ? "  early stop" : "");
     s_view_draw(v);
 }
 
@@ -704,6 +826,22 @@ static json_t *s_build_request(const s_options_t *opt, const char *id, const cha
         json_object_set_new(r, "temperature", json_real(opt->temperature));
     if (!isnan(opt->cfg_scale))
         json_object_set_new(r, "cfg_scale", json_real(opt->cfg_scale));
+    if (opt->top_k >= 0)
+        json_object_set_new(r, "top_k", json_integer(opt->top_k));
+    if (!isnan(opt->top_p))
+        json_object_set_new(r, "top_p", json_real(opt->top_p));
+    if (opt->schedule)
+        json_object_set_new(r, "schedule", json_string(opt->schedule));
+    if (!isnan(opt->eps))
+        json_object_set_new(r, "eps", json_real(opt->eps));
+    if (opt->ban_eos)
+        json_object_set_new(r, "ban_eos", json_true());
+    if (opt->suppress_eos)
+        json_object_set_new(r, "suppress_eos_confidence", json_true());
+    if (opt->early_stop)
+        json_object_set_new(r, "early_stop", json_true());
+    if (opt->trim_eos)
+        json_object_set_new(r, "trim_eos", json_true());
     if (opt->remasking)
         json_object_set_new(r, "remasking", json_string(opt->remasking));
     if (opt->params)
@@ -711,6 +849,10 @@ static json_t *s_build_request(const s_options_t *opt, const char *id, const cha
     if (opt->seed >= 0)
         json_object_set_new(r, "seed", json_integer(opt->seed));
     json_object_set_new(r, "stream", json_boolean(stream));
+    if (opt->model)
+        json_object_set_new(r, UM_FIELD_MODEL, json_string(opt->model));
+    if (opt->retry)
+        json_object_set_new(r, UM_FIELD_RETRY, json_true());
     return r;
 }
 
@@ -878,6 +1020,8 @@ static int s_run_info(const s_options_t *opt, void *sock)
     json_t *req = json_object();
     json_object_set_new(req, "op", json_string(UM_OP_INFO));
     json_object_set_new(req, "id", json_string("info"));
+    if (opt->model)
+        json_object_set_new(req, UM_FIELD_MODEL, json_string(opt->model));
     int rc = s_send_json(sock, req);
     json_decref(req);
     json_t *reply = NULL;
@@ -896,6 +1040,24 @@ static int s_run_info(const s_options_t *opt, void *sock)
     }
     json_decref(reply);
     return status;
+}
+
+/* Make sock a CURVE client when --curve-server-key is given; prints the problem. */
+static int s_setup_curve(const s_options_t *opt, void *sock)
+{
+    if (!opt->curve_server_key)
+        return 0;
+    char err[512];
+    char server_key[UM_CURVE_KEY_LEN + 1];
+    um_curve_keypair_t own;
+    if (um_curve_public_arg(opt->curve_server_key, server_key, err, sizeof err) != 0
+        || (opt->curve_key && um_curve_load(opt->curve_key, 1, &own, err, sizeof err) != 0)
+        || um_curve_set_client(sock, server_key, opt->curve_key ? &own : NULL, err,
+                               sizeof err) != 0) {
+        fprintf(stderr, "unmask: %s\n", err);
+        return -1;
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------------------- */
@@ -942,6 +1104,8 @@ int main(int argc, char **argv)
     zmq_setsockopt(sock, ZMQ_IMMEDIATE, &immediate, sizeof immediate);
     int sndtimeo = opt.timeout_s * 1e3 > INT32_MAX ? -1 : (int)(opt.timeout_s * 1e3);
     zmq_setsockopt(sock, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo);
+    if (s_setup_curve(&opt, sock) != 0)
+        goto done;
     if (zmq_connect(sock, opt.endpoint) != 0) {
         fprintf(stderr, "unmask: cannot connect to %s: %s: give an endpoint such as %s\n",
                 opt.endpoint, zmq_strerror(errno), UM_DEFAULT_ENDPOINT);

@@ -24,6 +24,7 @@
 
 #include <unmaskd/protocol.h>
 
+#include "curve.h"
 #include "kernels.h"
 #include "log.h"
 #include "model.h"
@@ -48,6 +49,11 @@ typedef struct s_options {
     int log_level;
     size_t max_queue;
     size_t max_request_bytes;
+    int bind_given;
+    const char *connect;          /* --connect: a broker's back end (worker mode), or NULL */
+    const char *model_name;       /* --model-name, or NULL */
+    const char *curve_key;        /* --curve-key: this worker's key file, or NULL */
+    const char *curve_server_key; /* --curve-server-key: the broker's key or its file */
 } s_options_t;
 
 /* Written by the signal handler, polled by the server: [0] read end, [1] write end. */
@@ -90,6 +96,14 @@ static void s_usage(FILE *out)
             "                         more get a \"busy\" error; default %d\n"
             "  --max-request-size N   largest request in bytes; larger ones get an error;\n"
             "                         default %d\n"
+            "  --connect ENDPOINT     work for an unmask-broker: connect to its back end\n"
+            "                         instead of binding (not with --bind)\n"
+            "  --model-name NAME      with --connect: the model name clients route by;\n"
+            "                         default: the model folder's name\n"
+            "  --curve-key FILE       with --connect: this worker's CURVE key pair (a .key\n"
+            "                         file from unmask-broker --keygen)\n"
+            "  --curve-server-key KEY with --connect: the broker's CURVE public key, as 40\n"
+            "                         Z85 characters or its .pub file\n"
             "  --help                 show this help and exit\n"
             "  --version              show the version and exit\n"
             "\n"
@@ -129,6 +143,10 @@ enum {
     S_OPT_LIST_ISAS,
     S_OPT_ATTENTION,
     S_OPT_WEIGHT_DTYPE,
+    S_OPT_CONNECT,
+    S_OPT_MODEL_NAME,
+    S_OPT_CURVE_KEY,
+    S_OPT_CURVE_SERVER_KEY,
     S_OPT_HELP,
     S_OPT_VERSION,
 };
@@ -143,6 +161,27 @@ static void s_list_isas(void)
         else
             printf("%-7s no: %s\n", um_isa_name((um_isa_t)i), why);
     }
+}
+
+/* Check that the worker-mode options fit together; prints the problem and returns -1. */
+static int s_check_worker_options(const s_options_t *opt)
+{
+    if (opt->connect && opt->bind_given) {
+        fprintf(stderr, "unmaskd: --bind and --connect exclude each other: a worker receives "
+                "requests from its broker and binds nothing\n");
+        return -1;
+    }
+    if (!opt->connect && (opt->model_name || opt->curve_key || opt->curve_server_key)) {
+        fprintf(stderr, "unmaskd: --model-name, --curve-key and --curve-server-key apply to a "
+                "worker only: add --connect with the broker's back-end endpoint\n");
+        return -1;
+    }
+    if (!opt->curve_key != !opt->curve_server_key) {
+        fprintf(stderr, "unmaskd: CURVE needs both --curve-key (this worker's key pair) and "
+                "--curve-server-key (the broker's public key)\n");
+        return -1;
+    }
+    return 0;
 }
 
 /* Parse argv into opt. Returns 0 to run, 1 when --help or --version was served, -1 on error. */
@@ -161,6 +200,10 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         {"log-level", required_argument, NULL, S_OPT_LOG_LEVEL},
         {"max-queue", required_argument, NULL, S_OPT_MAX_QUEUE},
         {"max-request-size", required_argument, NULL, S_OPT_MAX_REQUEST},
+        {"connect", required_argument, NULL, S_OPT_CONNECT},
+        {"model-name", required_argument, NULL, S_OPT_MODEL_NAME},
+        {"curve-key", required_argument, NULL, S_OPT_CURVE_KEY},
+        {"curve-server-key", required_argument, NULL, S_OPT_CURVE_SERVER_KEY},
         {"help", no_argument, NULL, S_OPT_HELP},
         {"version", no_argument, NULL, S_OPT_VERSION},
         {NULL, 0, NULL, 0},
@@ -188,6 +231,19 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
             break;
         case S_OPT_BIND:
             opt->endpoint = optarg;
+            opt->bind_given = 1;
+            break;
+        case S_OPT_CONNECT:
+            opt->connect = optarg;
+            break;
+        case S_OPT_MODEL_NAME:
+            opt->model_name = optarg;
+            break;
+        case S_OPT_CURVE_KEY:
+            opt->curve_key = optarg;
+            break;
+        case S_OPT_CURVE_SERVER_KEY:
+            opt->curve_server_key = optarg;
             break;
         case S_OPT_PLUGIN_DIR:
             opt->plugin_dirs[opt->n_plugin_dirs++] = optarg;
@@ -257,7 +313,7 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
                 "unmaskd --help\n", argv[optind]);
         return -1;
     }
-    return 0;
+    return s_check_worker_options(opt);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -381,9 +437,23 @@ int main(int argc, char **argv)
     um_server_t *server = NULL;
     char *plugin_path = NULL;
     char err[1024] = "";
+    um_curve_keypair_t worker_keys = {.public_key = "", .secret_key = ""};
+    char broker_key[UM_CURVE_KEY_LEN + 1] = "";
 
     if (s_check_model_dir(&opt) != 0)
         goto done;
+    /* Keys are read before the model, so a wrong path fails in a second, not minutes. */
+    if (opt.curve_key && (um_curve_load(opt.curve_key, 1, &worker_keys, err, sizeof err) != 0
+                          || um_curve_public_arg(opt.curve_server_key, broker_key, err,
+                                                 sizeof err) != 0)) {
+        um_error("main", "%s", err);
+        goto done;
+    }
+    if (opt.connect && !opt.curve_key && strncmp(opt.connect, "tcp://127.", 10) != 0
+        && strncmp(opt.connect, "ipc://", 6) != 0)
+        um_warn("main", "connecting to %s without CURVE: prompts and replies cross the network "
+                "in clear text unless the broker's host is this one; give --curve-key and "
+                "--curve-server-key (docs/deployment.md)", opt.connect);
 #ifdef _OPENMP
     if (opt.threads > 0)
         omp_set_num_threads(opt.threads);
@@ -445,7 +515,13 @@ int main(int argc, char **argv)
         .max_queue = opt.max_queue,
         .max_request_bytes = opt.max_request_bytes,
         .threads = opt.threads,
+        .plugin_path = plugin_path,
         .stop_fd = s_stop_pipe[0],
+        .connect = opt.connect,
+        .model_name = opt.model_name,
+        .curve_server_key = opt.curve_key ? broker_key : NULL,
+        .curve_public_key = worker_keys.public_key,
+        .curve_secret_key = worker_keys.secret_key,
     };
     rc = um_server_new(&server, &cfg, model, &plugins, &tok, &tok_worker, err, sizeof err);
     if (rc != 0) {

@@ -17,6 +17,10 @@
  * between 'j' and its final reply, when the worker reads it. During that time the
  * main thread touches only the job's client address, its id (read-only) and the
  * atomic cancel flag. The worker's step callback checks that flag after every step.
+ *
+ * In worker mode (unmaskd --connect) a DEALER connected to a broker takes the ROUTER's
+ * place (broker_link.h). Requests and replies keep their frames, with the broker's
+ * route where a client's routing id was, so everything above works unchanged.
  */
 #include "config.h"
 
@@ -44,10 +48,12 @@
 
 #include <unmaskd/protocol.h>
 
+#include "broker_link.h"
 #include "generate.h"
 #include "kernels.h"
 #include "log.h"
 #include "request.h"
+#include "sample.h"
 
 /* Largest frame ZeroMQ accepts at all, as a multiple of the request limit. A bigger
    frame makes ZeroMQ drop the connection without a reply. */
@@ -146,7 +152,9 @@ struct um_server {
 
     um_model_t *model;                 /* used by the worker only */
     const um_model_config_t *model_cfg; /* read-only, shared */
-    const um_plugin_registry_t *plugins; /* read-only, shared */
+    um_plugin_registry_t *plugins;     /* main thread; entries never move (plugins.h) */
+    char *plugin_path;                 /* folders to rescan, or NULL */
+    int32_t eot_id;                    /* end-of-turn token of the tokenizer, or -1 */
     um_tokenizer_t *tok;               /* main thread */
     um_tokenizer_t *tok_worker;        /* worker thread */
 
@@ -162,6 +170,9 @@ struct um_server {
     size_t queue_len;
     s_job_t *running;    /* the worker's job, or NULL when idle */
     int stopping;
+    um_link_t *link;      /* worker mode (--connect): the broker link; NULL when bound */
+    int status;           /* um_server_run's result: 0, or UM_EUNSUPPORTED when the
+                             broker rejected this worker, or the error of a new socket */
 
     double t_start_ms;
 };
@@ -196,6 +207,22 @@ static uint64_t s_random_seed(void)
 static int s_same_client(const s_client_t *a, const s_client_t *b)
 {
     return a->len == b->len && memcmp(a->id, b->id, a->len) == 0;
+}
+
+/*
+ * The end-of-turn token that suppress_eos_confidence demotes with EOS: LLaMA-3 style
+ * <|eot_id|> (LLaDA), else ChatML <|im_end|> (Dream), else none. config.json names no
+ * such token, so the tokenizer is asked.
+ */
+static int32_t s_find_eot(um_tokenizer_t *tok)
+{
+    static const char *const names[] = {"<|eot_id|>", "<|im_end|>"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        int32_t id;
+        if (tok->ops->token_to_id(tok->state, names[i], &id) == 0)
+            return id;
+    }
+    return -1;
 }
 
 /* zmq_msg_recv that retries when a signal interrupts it. */
@@ -413,6 +440,37 @@ static json_t *s_token_text(um_tokenizer_t *tok, int32_t id)
     return v;
 }
 
+/*
+ * The canvas of a step reply: "canvas" has one entry per generated position, the token
+ * or null while masked, and "infill" the same for each mask written in the prompt.
+ */
+static void s_add_canvas(json_t *r, um_server_t *srv, const s_job_t *job,
+                         const um_step_info_t *info)
+{
+    const int32_t mask_id = srv->model_cfg->mask_token_id;
+    json_t *canvas = json_array();
+    for (int32_t pos = job->n_prompt; pos < info->canvas_length; pos++)
+        json_array_append_new(canvas, info->canvas[pos] == mask_id
+                                          ? json_null()
+                                          : json_integer(info->canvas[pos]));
+    json_object_set_new(r, "canvas", canvas);
+    json_t *infill = NULL;
+    for (int32_t pos = 0; pos < job->n_prompt; pos++) {
+        if (job->prompt[pos] != mask_id)
+            continue;
+        if (!infill)
+            infill = json_array();
+        json_t *e = json_object();
+        json_object_set_new(e, "pos", json_integer(pos - job->n_prompt));
+        json_object_set_new(e, "token", info->canvas[pos] == mask_id
+                                            ? json_null()
+                                            : json_integer(info->canvas[pos]));
+        json_array_append_new(infill, e);
+    }
+    if (infill)
+        json_object_set_new(r, "infill", infill);
+}
+
 /* um_generate's step callback: stops a cancelled job, and streams the step when asked. */
 static int s_on_step(void *user, const um_step_info_t *info)
 {
@@ -451,6 +509,9 @@ static int s_on_step(void *user, const um_step_info_t *info)
     json_object_set_new(r, "committed", committed);
     json_object_set_new(r, "masked", json_integer(info->n_masked));
     json_object_set_new(r, "step_ms", json_real(info->step_ms));
+    s_add_canvas(r, c->srv, job, info);
+    if (info->early_stop)
+        json_object_set_new(r, "early_stop", json_true());
     s_pipe_send_json(c->pipe, S_MSG_STEP, job, r);
     return 0;
 }
@@ -460,7 +521,10 @@ static json_t *s_done_reply(um_server_t *srv, const s_job_t *job, const int32_t 
                             size_t errlen)
 {
     const int32_t *gen = canvas + job->n_prompt;
-    const int32_t n_gen = job->params.gen_length;
+    int32_t n_gen = job->params.gen_length;
+    const int32_t eos_at = stats->eos_position >= 0 ? stats->eos_position - job->n_prompt : -1;
+    if (job->req.trim_eos && eos_at >= 0)
+        n_gen = eos_at;
     char *text = NULL;
     size_t text_len = 0;
     int rc = um_tokenizer_decode(srv->tok_worker, gen, (size_t)n_gen, UM_DECODE_SKIP_SPECIAL,
@@ -505,6 +569,8 @@ static json_t *s_done_reply(um_server_t *srv, const s_job_t *job, const int32_t 
     if (infill)
         json_object_set_new(r, "infill", infill);
     json_object_set_new(r, "seed", json_integer((json_int_t)job->params.seed));
+    json_object_set_new(r, "finish", json_string(eos_at >= 0 ? "eos" : "length"));
+    json_object_set_new(r, "eos_pos", eos_at >= 0 ? json_integer(eos_at) : json_null());
 
     double total_ms = stats->total_ms;
     json_object_set_new(st, "forward_passes", json_integer(stats->forward_passes));
@@ -512,7 +578,12 @@ static json_t *s_done_reply(um_server_t *srv, const s_job_t *job, const int32_t 
     json_object_set_new(st, "total_ms", json_real(total_ms));
     json_object_set_new(st, "ms_per_step", json_real(steps_run > 0 ? total_ms / steps_run : 0.0));
     json_object_set_new(st, "tokens_per_second",
-                        json_real(total_ms > 0 ? n_gen / (total_ms / 1e3) : 0.0));
+                        json_real(total_ms > 0 ? job->params.gen_length / (total_ms / 1e3)
+                                               : 0.0));
+    json_object_set_new(st, "ms_per_token", json_real(total_ms / job->params.gen_length));
+    json_object_set_new(st, "forward_ms", json_real(stats->forward_ms));
+    json_object_set_new(st, "sample_ms", json_real(stats->sample_ms));
+    json_object_set_new(st, "early_stop", json_boolean(stats->early_stop));
     json_object_set_new(r, "stats", st);
     return r;
 }
@@ -728,6 +799,31 @@ static json_t *s_param_spec_json(const um_param_spec_t *p)
     return o;
 }
 
+/* The defaults of a generate request's sampling fields, for the info reply. */
+static json_t *s_generate_defaults_json(void)
+{
+    json_t *g = json_object();
+    json_object_set_new(g, "gen_length", json_integer(UM_REQ_DEFAULT_GEN_LENGTH));
+    json_object_set_new(g, "steps", json_string("gen_length"));
+    json_object_set_new(g, "block_length", json_string("gen_length"));
+    json_object_set_new(g, "temperature", json_real(0.0));
+    json_object_set_new(g, "min_temperature", json_real(UM_SAMPLE_MIN_TEMPERATURE));
+    json_object_set_new(g, "max_temperature", json_real(UM_SAMPLE_MAX_TEMPERATURE));
+    json_object_set_new(g, "top_k", json_integer(0));
+    json_object_set_new(g, "top_p", json_real(1.0));
+    json_object_set_new(g, "cfg_scale", json_real(0.0));
+    json_object_set_new(g, "max_cfg_scale", json_real(UM_GEN_MAX_CFG_SCALE));
+    json_object_set_new(g, "remasking", json_string(UM_REQ_DEFAULT_REMASKING));
+    json_object_set_new(g, "schedule", json_string("the policy's"));
+    json_object_set_new(g, "schedules", json_pack("[s, s]", "quota", "timestep"));
+    json_object_set_new(g, "eps", json_real(UM_REQ_DEFAULT_EPS));
+    json_object_set_new(g, "ban_eos", json_false());
+    json_object_set_new(g, "suppress_eos_confidence", json_false());
+    json_object_set_new(g, "early_stop", json_false());
+    json_object_set_new(g, "trim_eos", json_false());
+    return g;
+}
+
 static json_t *s_plugin_json(const um_plugin_desc_t *d)
 {
     json_t *o = json_object();
@@ -735,11 +831,18 @@ static json_t *s_plugin_json(const um_plugin_desc_t *d)
     json_object_set_new(o, "version", d->version ? um_reply_text(d->version) : json_null());
     json_object_set_new(o, "description",
                         d->description ? um_reply_text(d->description) : json_null());
+    char abi[32];
+    snprintf(abi, sizeof abi, "%u.%u", d->abi_major, d->abi_minor);
+    json_object_set_new(o, "abi", json_string(abi));
     if (d->kind == UM_PLUGIN_REMASK) {
         json_t *params = json_array();
         for (int32_t i = 0; i < d->remask->n_params; i++)
             json_array_append_new(params, s_param_spec_json(&d->remask->params[i]));
         json_object_set_new(o, "params", params);
+        um_remask_traits_t t = um_remask_traits(d->remask);
+        json_object_set_new(o, "sampler", json_string(um_token_sampler_name(t.sampler)));
+        json_object_set_new(o, "schedule", json_string(um_schedule_name(t.schedule)));
+        json_object_set_new(o, "adaptive", json_boolean(t.flags & UM_REMASK_ADAPTIVE));
     }
     return o;
 }
@@ -774,6 +877,8 @@ static json_t *s_info_reply(um_server_t *srv, const json_t *id)
     json_object_set_new(m, "mask_token_id", json_integer(c->mask_token_id));
     json_object_set_new(m, "eos_token_id",
                         c->eos_token_id >= 0 ? json_integer(c->eos_token_id) : json_null());
+    json_object_set_new(m, "eot_token_id",
+                        srv->eot_id >= 0 ? json_integer(srv->eot_id) : json_null());
     json_object_set_new(m, "dtype", json_string(um_model_dtype(srv->model)));
     json_object_set_new(r, "model", m);
     json_object_set_new(r, "backend", um_reply_text(um_model_backend(srv->model)));
@@ -795,6 +900,7 @@ static json_t *s_info_reply(um_server_t *srv, const json_t *id)
     json_object_set_new(plugins, "remask", remask);
     json_object_set_new(plugins, "tokenizer", tokenizer);
     json_object_set_new(r, "plugins", plugins);
+    json_object_set_new(r, "generate", s_generate_defaults_json());
 
     int major, minor, patch;
     zmq_version(&major, &minor, &patch);
@@ -1048,6 +1154,16 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
         return -1;
     }
     const um_plugin_t *plugin = um_plugins_find(srv->plugins, UM_PLUGIN_REMASK, req->remasking);
+    if (!plugin && srv->plugin_path) {
+        /* A plugin dropped into a plugin folder since startup is loaded now. */
+        char idbuf[80];
+        size_t added = um_plugins_rescan(srv->plugins, srv->plugin_path);
+        if (added > 0)
+            um_info("server", "request %s: rescanned the plugin folders for \"%.64s\": %zu "
+                    "new plugin%s loaded", um_request_id_text(req->id, idbuf, sizeof idbuf),
+                    req->remasking, added, added == 1 ? "" : "s");
+        plugin = um_plugins_find(srv->plugins, UM_PLUGIN_REMASK, req->remasking);
+    }
     if (!plugin) {
         s_unknown_plugin(srv, req->remasking, err);
         return -1;
@@ -1076,6 +1192,7 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
     }
     job->n_prompt = (int32_t)n_prompt;
 
+    um_remask_traits_t traits = um_remask_traits(plugin->desc->remask);
     job->params = (um_gen_params_t){
         .gen_length = req->gen_length,
         .block_length = req->block_length,
@@ -1085,6 +1202,15 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
         .seed = req->has_seed ? req->seed : s_random_seed(),
         .remask = plugin->desc->remask,
         .remask_state = NULL,
+        .top_k = req->top_k,
+        .top_p = req->top_p,
+        .schedule = req->schedule == UM_REQ_SCHEDULE_POLICY ? traits.schedule
+                                                            : (um_schedule_t)req->schedule,
+        .eps = req->eps,
+        .eot_id = srv->eot_id,
+        .ban_eos = req->ban_eos,
+        .suppress_eos = req->suppress_eos_confidence,
+        .early_stop = req->early_stop,
     };
     const char *field = NULL;
     char msg[512] = "";
@@ -1120,9 +1246,10 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
     job->t_accept_ms = s_now_ms();
     s_queue_push(srv, job);
     um_debug("server", "request %s: generate accepted: %d prompt tokens, gen_length %d, steps "
-             "%d, block_length %d, remasking %s, seed %llu, %zu waiting", job->id_text,
-             job->n_prompt, job->params.gen_length, job->params.steps,
+             "%d, block_length %d, remasking %s, schedule %s, temperature %g, seed %llu, %zu "
+             "waiting", job->id_text, job->n_prompt, job->params.gen_length, job->params.steps,
              job->params.block_length, plugin->desc->name,
+             um_schedule_name(job->params.schedule), job->params.temperature,
              (unsigned long long)job->params.seed, srv->queue_len);
     s_dispatch(srv);
     return 0;
@@ -1130,6 +1257,80 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
 fail:
     s_job_free(job);
     return -1;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Worker mode: the broker link (broker_link.h)                              */
+
+static void s_begin_shutdown(um_server_t *srv);
+
+/*
+ * Drop every job, because the broker has forgotten this worker and would drop their
+ * replies. Waiting jobs are freed without a reply. The running one is cancelled, and
+ * its final reply goes to the new socket, where the broker drops it. Then register
+ * again on a new socket.
+ */
+static void s_link_reset(um_server_t *srv)
+{
+    size_t dropped = srv->queue_len;
+    while (srv->queue_head) {
+        s_job_t *job = srv->queue_head;
+        s_queue_unlink(srv, NULL, job);
+        s_job_free(job);
+    }
+    /* NOTE: the cancelled job keeps the worker thread busy until its current step ends,
+       while the broker already counts the full capacity as free. A request that fills
+       the last place in that window gets "busy" from this daemon. */
+    if (srv->running)
+        atomic_store(&srv->running->cancel, S_CANCEL);
+    if (dropped > 0 || srv->running)
+        um_notice("server", "dropped %zu waiting and %d running generate requests that the "
+                  "broker no longer tracks", dropped, srv->running != NULL);
+
+    char err[512];
+    int rc = um_link_open(srv->link, s_info_reply(srv, NULL), err, sizeof err);
+    srv->router = um_link_socket(srv->link);
+    if (rc != 0) {
+        um_error("server", "%s", err);
+        srv->status = rc;
+        s_begin_shutdown(srv);
+    }
+}
+
+static void s_link_event(um_server_t *srv, um_link_event_t event)
+{
+    if (event == UM_LINK_RESET && !srv->stopping) {
+        s_link_reset(srv);
+    } else if (event == UM_LINK_REJECTED && !srv->stopping) {
+        srv->status = UM_EUNSUPPORTED;
+        s_begin_shutdown(srv);
+    }
+}
+
+/* Connect to the broker instead of binding, and register. */
+static int s_link_start(um_server_t *srv, char *err, size_t errlen)
+{
+    char name[160];
+    if (srv->cfg.model_name)
+        snprintf(name, sizeof name, "%s", srv->cfg.model_name);
+    else
+        um_link_default_name(um_model_dir(srv->model), name, sizeof name);
+    um_link_config_t lc = {
+        .endpoint = srv->cfg.connect,
+        .model_name = name,
+        .capacity = srv->cfg.max_queue + 1,
+        .max_frame = (long long)srv->cfg.max_request_bytes * UM_SERVER_HARD_LIMIT_FACTOR,
+        .curve_server_key = srv->cfg.curve_server_key,
+        .curve_public_key = srv->cfg.curve_public_key,
+        .curve_secret_key = srv->cfg.curve_secret_key,
+    };
+    snprintf(srv->endpoint, sizeof srv->endpoint, "%s", srv->cfg.connect);
+    int rc = um_link_new(&srv->link, srv->zctx, &lc, err, errlen);
+    if (rc == 0)
+        rc = um_link_open(srv->link, s_info_reply(srv, NULL), err, errlen);
+    if (srv->link)
+        srv->router = um_link_socket(srv->link);
+    return rc;
 }
 
 /* ------------------------------------------------------------------------- */
@@ -1217,7 +1418,20 @@ static void s_handle_client(um_server_t *srv)
             break;
     }
 
-    /* parts[0] is the routing id; ZeroMQ keeps it within 255 bytes. */
+    /* From a broker, one frame is a control message; [route, request] is a request. */
+    if (srv->link) {
+        um_link_heard(srv->link);
+        if (n_frames == 1) {
+            um_link_event_t event = um_link_control(srv->link, zmq_msg_data(&parts[0]),
+                                                    zmq_msg_size(&parts[0]));
+            zmq_msg_close(&parts[0]);
+            s_link_event(srv, event);
+            return;
+        }
+    }
+
+    /* parts[0] is the routing id (the broker's route in worker mode); ZeroMQ keeps it
+       within 255 bytes. */
     client.len = zmq_msg_size(&parts[0]);
     if (client.len > sizeof client.id)
         client.len = sizeof client.id;
@@ -1274,6 +1488,8 @@ static void s_begin_shutdown(um_server_t *srv)
     }
     if (srv->running)
         atomic_store(&srv->running->cancel, S_SHUTDOWN);
+    if (srv->link)
+        um_link_stopping(srv->link);
 }
 
 int um_server_run(um_server_t *srv)
@@ -1285,7 +1501,8 @@ int um_server_run(um_server_t *srv)
             {.socket = NULL, .fd = srv->cfg.stop_fd, .events = ZMQ_POLLIN},
         };
         int n_items = srv->cfg.stop_fd >= 0 && !srv->stopping ? 3 : 2;
-        if (zmq_poll(items, n_items, -1) < 0) {
+        int timeout_ms = srv->link ? um_link_timeout_ms(srv->link) : -1;
+        if (zmq_poll(items, n_items, timeout_ms) < 0) {
             if (errno == EINTR)
                 continue;
             um_error("server", "polling the sockets failed: %s", zmq_strerror(errno));
@@ -1297,6 +1514,8 @@ int um_server_run(um_server_t *srv)
             (void)got;
             s_begin_shutdown(srv);
         }
+        if (srv->link)
+            s_link_event(srv, um_link_tick(srv->link));
         if (items[0].revents & ZMQ_POLLIN)
             s_handle_worker(srv);
         if (srv->stopping && !srv->running)
@@ -1304,9 +1523,12 @@ int um_server_run(um_server_t *srv)
         if (!srv->stopping && (items[1].revents & ZMQ_POLLIN))
             s_handle_client(srv);
     }
+    /* Every final reply is queued by now, so the broker may forget this worker. */
+    if (srv->link)
+        um_link_disconnect(srv->link);
     s_worker_stop(srv);
     um_notice("server", "stopped");
-    return 0;
+    return srv->status;
 }
 
 /* ------------------------------------------------------------------------- */
@@ -1359,7 +1581,7 @@ static int s_bind(um_server_t *srv, const char *endpoint, char *err, size_t errl
 }
 
 int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *model,
-                  const um_plugin_registry_t *plugins, um_tokenizer_t *tok,
+                  um_plugin_registry_t *plugins, um_tokenizer_t *tok,
                   um_tokenizer_t *tok_worker, char *err, size_t errlen)
 {
     *out = NULL;
@@ -1376,6 +1598,12 @@ int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *
     srv->tok = tok;
     srv->tok_worker = tok_worker;
     srv->t_start_ms = s_now_ms();
+    srv->eot_id = s_find_eot(tok);
+    if (cfg->plugin_path && !(srv->plugin_path = strdup(cfg->plugin_path))) {
+        snprintf(err, errlen, "out of memory for the server");
+        free(srv);
+        return UM_ENOMEM;
+    }
     snprintf(srv->pipe_name, sizeof srv->pipe_name, "inproc://unmaskd-worker-%p", (void *)srv);
 
     int rc = UM_EIO;
@@ -1384,7 +1612,8 @@ int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *
         snprintf(err, errlen, "cannot create a ZeroMQ context: %s", zmq_strerror(errno));
         goto fail;
     }
-    rc = s_bind(srv, cfg->endpoint, err, errlen);
+    /* A worker connects to its broker once the worker thread runs (below). */
+    rc = cfg->connect ? 0 : s_bind(srv, cfg->endpoint, err, errlen);
     if (rc != 0)
         goto fail;
 
@@ -1400,8 +1629,11 @@ int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *
     rc = s_worker_start(srv, err, errlen);
     if (rc != 0)
         goto fail;
+    if (cfg->connect && (rc = s_link_start(srv, err, errlen)) != 0)
+        goto fail;
 
-    um_info("server", "listening on %s", srv->endpoint);
+    um_info("server", "%s %s", srv->link ? "registering with the broker at" : "listening on",
+            srv->endpoint);
     *out = srv;
     return 0;
 
@@ -1423,6 +1655,10 @@ void um_server_destroy(um_server_t **srvp)
     }
     if (srv->pipe)
         zmq_close(srv->pipe);
+    if (srv->link) {
+        um_link_destroy(&srv->link); /* closes the socket that router points to */
+        srv->router = NULL;
+    }
     if (srv->router)
         zmq_close(srv->router);
     if (srv->zctx) {
@@ -1435,6 +1671,7 @@ void um_server_destroy(um_server_t **srvp)
        an abstract socket with no file), so remove it once the socket is closed. */
     if (srv->bound && srv->ipc_inode != 0 && s_ipc_inode(srv->endpoint) == srv->ipc_inode)
         unlink(srv->endpoint + 6); /* only the file this daemon created, not a successor's */
+    free(srv->plugin_path);
     free(srv);
     *srvp = NULL;
 }

@@ -27,28 +27,41 @@ typedef struct um_server_config {
     size_t max_queue;         /* waiting generate requests; past it the reply is "busy" */
     size_t max_request_bytes; /* larger request frames get an error reply */
     int threads;              /* OpenMP threads for the worker's forward passes; 0: default */
+    const char *plugin_path;  /* colon-separated plugin folders rescanned when a request
+                                 names an unknown remasking plugin; NULL: never rescan */
     int stop_fd;              /* file descriptor that turns readable to request shutdown,
                                  -1 for none */
+    /* Worker mode, read by um_server_new only (docs/worker-protocol.md). */
+    const char *connect;      /* a broker's back end to register with instead of binding
+                                 endpoint; NULL: bind */
+    const char *model_name;   /* name the model is served under; NULL: the folder's name */
+    const char *curve_server_key; /* the broker's Z85 public key; NULL: no CURVE */
+    const char *curve_public_key; /* this worker's Z85 key pair, with curve_server_key */
+    const char *curve_secret_key;
 } um_server_config_t;
 
 typedef struct um_server um_server_t;
 
 /*
- * Bind the endpoint and start the worker thread (synchronous handshake). The server
+ * Bind the endpoint, or in worker mode connect to the broker and register, and start
+ * the worker thread (synchronous handshake). The server
  * borrows model, plugins and both tokenizers until um_server_destroy: tok serves
  * the main thread, tok_worker the worker, so the two never share tokenizer state.
+ * The main thread may add plugins to the registry (rescans, see plugin_path).
  * Returns 0 and sets *out, or a negative UM_E* code with a message in err (the
  * endpoint cannot be bound, out of memory, the thread cannot start).
  */
 int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *model,
-                  const um_plugin_registry_t *plugins, um_tokenizer_t *tok,
+                  um_plugin_registry_t *plugins, um_tokenizer_t *tok,
                   um_tokenizer_t *tok_worker, char *err, size_t errlen);
 
 /*
  * Serve until cfg->stop_fd turns readable. Shutdown stops reading requests, replies
  * to every waiting generate request with a final "cancelled", cancels the running
- * one and forwards its final reply, then stops the worker thread.
- * Returns 0, or a negative UM_E* code when polling fails.
+ * one and forwards its final reply, then stops the worker thread. In worker mode it
+ * then sends its broker "disconnect".
+ * Returns 0, or a negative UM_E* code when polling fails, or UM_EUNSUPPORTED when the
+ * broker rejected this worker.
  */
 int um_server_run(um_server_t *srv);
 

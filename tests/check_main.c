@@ -24,6 +24,8 @@ int main(void)
     srunner_add_suite(sr, um_plugins_suite());
     srunner_add_suite(sr, um_tokenizer_suite());
     srunner_add_suite(sr, um_server_suite());
+    srunner_add_suite(sr, um_gateway_suite());
+    srunner_add_suite(sr, um_broker_suite());
     srunner_set_fork_status(sr, CK_NOFORK);
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

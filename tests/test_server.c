@@ -269,6 +269,13 @@ static void s_setup_daemon(void)
     s_daemon_start_with(NULL);
 }
 
+/* A daemon that also scans the loader's fixture plugins, most of them broken. */
+static void s_setup_daemon_bad_plugins(void)
+{
+    const char *const extra[] = {"--plugin-dir", um_test_env("UM_TEST_BAD_PLUGINS"), NULL};
+    s_daemon_start_with(extra);
+}
+
 static void s_setup_daemon_queue1(void)
 {
     const char *const extra[] = {"--max-queue", "1", NULL};
@@ -701,7 +708,24 @@ START_TEST(test_generate_infill)
 }
 END_TEST
 
-/* Every case of the sampler fixture, through the daemon, token for token. */
+/* Copy the request fields of a fixture case into req: every one that is present. */
+static void s_copy_case_fields(json_t *req, json_t *c)
+{
+    static const char *const fields[] = {
+        "prompt", "gen_length", "block_length", "steps", "temperature", "cfg_scale",
+        "remasking", "seed", "remasking_params", "top_k", "top_p", "schedule", "eps",
+        "ban_eos", "suppress_eos_confidence", "early_stop"};
+    for (size_t k = 0; k < sizeof fields / sizeof fields[0]; k++) {
+        json_t *v = json_object_get(c, fields[k]);
+        if (v && !json_is_null(v))
+            json_object_set(req, fields[k], v);
+    }
+}
+
+/*
+ * The sampler fixture's older cases and those marked "daemon" (one per request field and
+ * policy family), through the daemon with the plugins loaded from disk, token for token.
+ */
 START_TEST(test_generate_fixture)
 {
     const char *path = um_test_path(um_test_env("UM_TEST_FIXTURES"), "generate.json");
@@ -714,18 +738,15 @@ START_TEST(test_generate_fixture)
 
     size_t i;
     json_t *c;
+    int n_run = 0;
     json_array_foreach(cases, i, c) {
         const char *name = json_string_value(json_object_get(c, "name"));
-        json_t *req = json_pack("{s:s, s:s, s:O, s:O, s:O, s:O, s:O, s:O, s:O, s:O}", "op",
-                                "generate", "id", name, "prompt", json_object_get(c, "prompt"),
-                                "gen_length", json_object_get(c, "gen_length"), "block_length",
-                                json_object_get(c, "block_length"), "steps",
-                                json_object_get(c, "steps"), "temperature",
-                                json_object_get(c, "temperature"), "cfg_scale",
-                                json_object_get(c, "cfg_scale"), "remasking",
-                                json_object_get(c, "remasking"), "seed",
-                                json_object_get(c, "seed"));
-        ck_assert_msg(req != NULL, "case %s lacks a field", name);
+        json_t *flag = json_object_get(c, "daemon");
+        if (flag && !json_is_true(flag))
+            continue;
+        n_run++;
+        json_t *req = json_pack("{s:s, s:s}", "op", "generate", "id", name);
+        s_copy_case_fields(req, c);
         json_t *r = s_call(s_sock, req);
         ck_assert_msg(strcmp(s_type(r), UM_REPLY_DONE) == 0, "case %s: reply %s", name, s_type(r));
 
@@ -741,9 +762,317 @@ START_TEST(test_generate_fixture)
             ck_assert_msg(got == want, "case %s: token %zu is %lld, the reference has %lld", name,
                           k, (long long)got, (long long)want);
         }
+        json_t *st = json_object_get(r, "stats");
+        ck_assert_int_eq(json_integer_value(json_object_get(st, "forward_passes")),
+                         json_integer_value(json_object_get(c, "forward_passes")));
+        ck_assert(json_equal(json_object_get(st, "early_stop"),
+                             json_object_get(c, "early_stopped")));
         json_decref(r);
     }
+    ck_assert_int_ge(n_run, 20);
     json_decref(doc);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------- */
+/* Policies, sampling fields and end-of-text controls                        */
+
+/* The remask entry of info for name, or NULL. */
+static json_t *s_find_plugin(json_t *list, const char *name)
+{
+    size_t i;
+    json_t *p;
+    json_array_foreach(list, i, p) {
+        if (strcmp(json_string_value(json_object_get(p, "name")), name) == 0)
+            return p;
+    }
+    return NULL;
+}
+
+/* The param entry called name of a plugin entry, or NULL. */
+static json_t *s_find_param(json_t *plugin, const char *name)
+{
+    return s_find_plugin(json_object_get(plugin, "params"), name);
+}
+
+/* info lists every policy with its parameters, defaults, sampler and schedule. */
+START_TEST(test_info_policies)
+{
+    json_t *r = s_done(s_call(s_sock, json_pack("{s:s, s:s}", "op", "info", "id", "i2")));
+    json_t *remask = json_object_get(json_object_get(r, "plugins"), "remask");
+    static const struct {
+        const char *name, *sampler, *schedule;
+        int adaptive;
+        const char *param;
+        double def;
+    } want[] = {
+        {"low_confidence", "gumbel", "quota", 0, NULL, 0},
+        {"random", "gumbel", "quota", 0, NULL, 0},
+        {"maskgit_plus", "categorical", "timestep", 0, "alg_temp", 0.0},
+        {"topk_margin", "categorical", "timestep", 0, "alg_temp", 0.0},
+        {"entropy", "categorical", "timestep", 0, "alg_temp", 0.0},
+        {"threshold", "gumbel", "quota", 1, "threshold", 0.9},
+        {"factor", "gumbel", "quota", 1, "factor", 1.0},
+        {"eb_sampler", "categorical", "quota", 1, "gamma", 0.01},
+        {"origin", "categorical", "timestep", 1, NULL, 0},
+    };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        json_t *p = s_find_plugin(remask, want[i].name);
+        ck_assert_msg(p != NULL, "info lacks policy %s", want[i].name);
+        ck_assert_str_eq(json_string_value(json_object_get(p, "sampler")), want[i].sampler);
+        ck_assert_str_eq(json_string_value(json_object_get(p, "schedule")), want[i].schedule);
+        ck_assert_int_eq(json_is_true(json_object_get(p, "adaptive")), want[i].adaptive);
+        ck_assert_str_eq(json_string_value(json_object_get(p, "abi")), "1.1");
+        json_t *params = json_object_get(p, "params");
+        if (!want[i].param) {
+            ck_assert_int_eq(json_array_size(params), 0);
+            continue;
+        }
+        json_t *param = s_find_param(p, want[i].param);
+        ck_assert_msg(param != NULL, "%s lacks parameter %s", want[i].name, want[i].param);
+        ck_assert_str_eq(json_string_value(json_object_get(param, "type")), "number");
+        ck_assert_double_eq_tol(json_number_value(json_object_get(param, "default")),
+                                want[i].def, 1e-12);
+        ck_assert(json_is_number(json_object_get(param, "min")));
+        ck_assert(json_is_number(json_object_get(param, "max")));
+        ck_assert(json_is_string(json_object_get(param, "help")));
+    }
+    json_t *g = json_object_get(r, "generate");
+    ck_assert_int_eq(json_integer_value(json_object_get(g, "gen_length")), 64);
+    ck_assert_double_eq(json_number_value(json_object_get(g, "top_p")), 1.0);
+    ck_assert_double_eq(json_number_value(json_object_get(g, "eps")), 1e-3);
+    ck_assert_int_eq(json_array_size(json_object_get(g, "schedules")), 2);
+    ck_assert(json_is_false(json_object_get(g, "early_stop")));
+    json_t *m = json_object_get(r, "model");
+    ck_assert(json_is_null(json_object_get(m, "eot_token_id")));
+    json_decref(r);
+}
+END_TEST
+
+/* Parameter and sampling-field errors name the field and the value. */
+START_TEST(test_error_policy_params)
+{
+    json_t *req = s_generate("pp1", "hi", 8);
+    json_object_set_new(req, "remasking", json_string("threshold"));
+    json_object_set_new(req, "remasking_params", json_pack("{s:f}", "treshold", 0.5));
+    s_expect_error(req, UM_ERR_UNKNOWN_FIELD, "remasking_params.treshold",
+                   "did you mean threshold?");
+    req = s_generate("pp2", "hi", 8);
+    json_object_set_new(req, "remasking", json_string("threshold"));
+    json_object_set_new(req, "remasking_params", json_pack("{s:f}", "threshold", 1.5));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "remasking_params.threshold", "[0, 1], got 1.5");
+    req = s_generate("pp3", "hi", 8);
+    json_object_set_new(req, "remasking", json_string("eb_sampler"));
+    json_object_set_new(req, "remasking_params", json_pack("{s:s}", "gamma", "big"));
+    s_expect_error(req, UM_ERR_INVALID, "remasking_params.gamma", "must be a number");
+    req = s_generate("pp4", "hi", 8);
+    json_object_set_new(req, "remasking", json_string("maskgit_plus"));
+    json_object_set_new(req, "remasking_params", json_pack("{s:i}", "alg_temp", -1));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "remasking_params.alg_temp", "got -1");
+    req = s_generate("pp5", "hi", 8);
+    json_object_set_new(req, "remasking", json_string("factor"));
+    json_object_set_new(req, "remasking_params", json_pack("{s:f}", "alg_temp", 1.0));
+    s_expect_error(req, UM_ERR_UNKNOWN_FIELD, "remasking_params.alg_temp",
+                   "accepted parameters are factor");
+
+    req = s_generate("ps1", "hi", 8);
+    json_object_set_new(req, "top_p", json_real(0.0));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "top_p", "got 0");
+    req = s_generate("ps2", "hi", 8);
+    json_object_set_new(req, "top_p", json_real(1.5));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "top_p", "got 1.5");
+    req = s_generate("ps3", "hi", 8);
+    json_object_set_new(req, "top_k", json_integer(-2));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "top_k", "at least 0");
+    req = s_generate("ps4", "hi", 8);
+    json_object_set_new(req, "schedule", json_string("timestpe"));
+    s_expect_error(req, UM_ERR_INVALID, "schedule", "did you mean timestep?");
+    req = s_generate("ps5", "hi", 8);
+    json_object_set_new(req, "eps", json_real(1.0));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "eps", "got 1");
+    req = s_generate("ps6", "hi", 8);
+    json_object_set_new(req, "temperature", json_real(1e-6));
+    s_expect_error(req, UM_ERR_OUT_OF_RANGE, "temperature", "1e-06");
+    req = s_generate("ps7", "hi", 8);
+    json_object_set_new(req, "early_stop", json_string("yes"));
+    s_expect_error(req, UM_ERR_INVALID, "early_stop", "true or false");
+    req = s_generate("ps8", "hi", 8);
+    json_object_set_new(req, "trim_eos", json_integer(1));
+    s_expect_error(req, UM_ERR_INVALID, "trim_eos", "true or false");
+}
+END_TEST
+
+/* Every policy serves a request by name, with its parameters and either schedule. */
+START_TEST(test_generate_each_policy)
+{
+    static const char *const names[] = {"low_confidence", "random", "maskgit_plus",
+                                        "topk_margin", "entropy", "threshold", "factor",
+                                        "eb_sampler", "origin"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        for (int timestep = 0; timestep < 2; timestep++) {
+            json_t *req = s_generate(names[i], "once upon a time", 12);
+            json_object_set_new(req, "remasking", json_string(names[i]));
+            json_object_set_new(req, "schedule", json_string(timestep ? "timestep" : "quota"));
+            json_object_set_new(req, "temperature", json_real(0.7));
+            json_object_set_new(req, "top_k", json_integer(40));
+            json_object_set_new(req, "top_p", json_real(0.95));
+            json_t *r = s_call(s_sock, req);
+            ck_assert_msg(strcmp(s_type(r), UM_REPLY_DONE) == 0, "policy %s: reply %s",
+                          names[i], s_type(r));
+            ck_assert_int_eq(json_array_size(json_object_get(r, "tokens")), 12);
+            json_int_t passes = json_integer_value(
+                json_object_get(json_object_get(r, "stats"), "forward_passes"));
+            ck_assert_msg(passes >= 1 && passes <= 12, "policy %s: %lld passes", names[i],
+                          (long long)passes);
+            json_decref(r);
+        }
+    }
+}
+END_TEST
+
+/* With stream, each step carries the whole canvas: tokens, nulls for masks. */
+START_TEST(test_generate_stream_canvas)
+{
+    const int gen_length = 16;
+    json_t *req = s_generate("sc1", "once upon a <|mdm_mask|> time", gen_length);
+    json_object_set_new(req, "steps", json_integer(8));
+    json_object_set_new(req, "block_length", json_integer(8));
+    json_object_set_new(req, "remasking", json_string("entropy"));
+    json_object_set_new(req, "stream", json_true());
+    s_send_json(s_sock, req);
+
+    json_int_t known[64];
+    int n_known = 0, n_steps = 0;
+    for (int p = 0; p < gen_length; p++)
+        known[p] = -1;
+    json_t *final = NULL;
+    while (!final) {
+        json_t *r = s_recv_must(s_sock);
+        if (strcmp(s_type(r), UM_REPLY_STEP) != 0) {
+            final = r;
+            break;
+        }
+        n_steps++;
+        json_t *canvas = json_object_get(r, "canvas");
+        ck_assert_int_eq(json_array_size(canvas), gen_length);
+        size_t i;
+        json_t *c;
+        json_array_foreach(json_object_get(r, "committed"), i, c) {
+            json_int_t pos = json_integer_value(json_object_get(c, "pos"));
+            if (pos < 0)
+                continue;
+            ck_assert_int_eq(known[pos], -1);
+            known[pos] = json_integer_value(json_object_get(c, "token"));
+            n_known++;
+        }
+        /* The canvas shows exactly the tokens committed so far, and null elsewhere. */
+        int nulls = 0;
+        for (int p = 0; p < gen_length; p++) {
+            json_t *v = json_array_get(canvas, (size_t)p);
+            if (known[p] < 0) {
+                ck_assert_msg(json_is_null(v), "position %d is not masked in the canvas", p);
+                nulls++;
+            } else {
+                ck_assert_int_eq(json_integer_value(v), known[p]);
+            }
+        }
+        json_t *infill = json_object_get(r, "infill");
+        ck_assert_int_eq(json_array_size(infill), 1);
+        nulls += json_is_null(json_object_get(json_array_get(infill, 0), "token"));
+        ck_assert_int_eq(json_integer_value(json_object_get(r, "masked")), nulls);
+        json_decref(r);
+    }
+    ck_assert_str_eq(s_type(final), UM_REPLY_DONE);
+    ck_assert_int_eq(n_known, gen_length);
+    ck_assert_int_ge(n_steps, 2);
+    json_decref(final);
+}
+END_TEST
+
+/*
+ * early_stop ends a generation at an EOS tail, and trim_eos cuts the reply there; both
+ * keep the tokens before the EOS of the full run.
+ */
+START_TEST(test_generate_eos_controls)
+{
+    const char *prompt = "the end.<|endoftext|>once upon a time";
+    json_t *full = s_generate("e1", prompt, 40);
+    json_object_set_new(full, "block_length", json_integer(4));
+    json_object_set_new(full, "steps", json_integer(40));
+    json_object_set_new(full, "seed", json_integer(7));
+    json_t *stop = json_deep_copy(full);
+    json_object_set_new(stop, "id", json_string("e2"));
+    json_object_set_new(stop, "early_stop", json_true());
+    json_object_set_new(stop, "trim_eos", json_true());
+
+    json_t *a = s_done(s_call(s_sock, full));
+    json_t *b = s_done(s_call(s_sock, stop));
+    ck_assert_str_eq(json_string_value(json_object_get(a, "finish")), "eos");
+    json_int_t eos = json_integer_value(json_object_get(a, "eos_pos"));
+    ck_assert_int_ge(eos, 0);
+    ck_assert_int_eq(json_array_size(json_object_get(a, "tokens")), 40);
+    ck_assert_int_eq(json_integer_value(json_object_get(b, "eos_pos")), eos);
+    json_t *tb = json_object_get(b, "tokens");
+    ck_assert_int_eq(json_array_size(tb), eos);
+    for (json_int_t k = 0; k < eos; k++)
+        ck_assert_int_eq(json_integer_value(json_array_get(tb, (size_t)k)),
+                         json_integer_value(json_array_get(json_object_get(a, "tokens"),
+                                                           (size_t)k)));
+    json_t *sa = json_object_get(a, "stats"), *sb = json_object_get(b, "stats");
+    ck_assert(json_is_true(json_object_get(sb, "early_stop")));
+    ck_assert(json_is_false(json_object_get(sa, "early_stop")));
+    ck_assert_int_lt(json_integer_value(json_object_get(sb, "forward_passes")),
+                     json_integer_value(json_object_get(sa, "forward_passes")));
+    json_decref(a);
+    json_decref(b);
+
+    /* ban_eos: no EOS at all, so the reply runs to the full length. */
+    json_t *ban = s_generate("e3", prompt, 40);
+    json_object_set_new(ban, "block_length", json_integer(4));
+    json_object_set_new(ban, "ban_eos", json_true());
+    json_object_set_new(ban, "trim_eos", json_true());
+    json_t *c = s_done(s_call(s_sock, ban));
+    ck_assert_str_eq(json_string_value(json_object_get(c, "finish")), "length");
+    ck_assert(json_is_null(json_object_get(c, "eos_pos")));
+    ck_assert_int_eq(json_array_size(json_object_get(c, "tokens")), 40);
+    json_decref(c);
+}
+END_TEST
+
+/*
+ * A daemon whose plugin folders hold broken plugins logs each with its reason and
+ * serves with the rest, including a plugin built against ABI 1.0.
+ */
+START_TEST(test_bad_plugins_skipped)
+{
+    json_t *r = s_done(s_call(s_sock, json_pack("{s:s, s:s}", "op", "info", "id", "i")));
+    json_t *remask = json_object_get(json_object_get(r, "plugins"), "remask");
+    ck_assert_ptr_nonnull(s_find_plugin(remask, "fixture_abi10"));
+    ck_assert_ptr_nonnull(s_find_plugin(remask, "low_confidence"));
+    ck_assert_ptr_null(s_find_plugin(remask, "fixture"));
+    json_t *abi10 = s_find_plugin(remask, "fixture_abi10");
+    ck_assert_str_eq(json_string_value(json_object_get(abi10, "abi")), "1.0");
+    ck_assert_str_eq(json_string_value(json_object_get(abi10, "sampler")), "gumbel");
+    json_decref(r);
+
+    json_t *req = s_generate("abi10", "once upon a time", 8);
+    json_object_set_new(req, "remasking", json_string("fixture_abi10"));
+    json_object_set_new(req, "steps", json_integer(4));
+    r = s_done(s_call(s_sock, req));
+    ck_assert_int_eq(json_array_size(json_object_get(r, "tokens")), 8);
+    json_decref(r);
+
+    char *log = um_test_read_file(s_daemon.log, NULL);
+    ck_assert(log != NULL);
+    static const char *const reasons[] = {
+        "bad_abi.so: built for plugin ABI 2.", "no_entry.so: no um_plugin_describe symbol",
+        "bad_init.so: plugin \"fixture\" failed to initialize", "bad_kind.so: plugin",
+        "no_table.so: remask plugin \"fixture\" has no complete function table",
+        "dup_b.so: a remask plugin named \"fixture_dup\" is already loaded"};
+    for (size_t i = 0; i < sizeof reasons / sizeof reasons[0]; i++)
+        ck_assert_msg(strstr(log, reasons[i]) != NULL, "the log %s lacks \"%s\"",
+                      s_daemon.log, reasons[i]);
+    free(log);
 }
 END_TEST
 
@@ -887,7 +1216,9 @@ START_TEST(test_error_plugins)
     s_expect_error(req, UM_ERR_UNKNOWN_PLUGIN, "remasking", "did you mean low_confidence?");
     req = s_generate("p2", "hi", 8);
     json_object_set_new(req, "remasking", json_string("entropy_bound"));
-    s_expect_error(req, UM_ERR_UNKNOWN_PLUGIN, "remasking", "low_confidence, random");
+    s_expect_error(req, UM_ERR_UNKNOWN_PLUGIN, "remasking",
+                   "available: eb_sampler, entropy, factor, low_confidence, maskgit_plus, "
+                   "origin, random, threshold, topk_margin");
 
     req = s_generate("p3", "hi", 8);
     json_object_set_new(req, "remasking_params", json_pack("{s:f}", "alpha", 0.5));
@@ -1277,6 +1608,50 @@ START_TEST(test_client_json)
 }
 END_TEST
 
+/* The client's sampling flags reach the daemon: the same request by hand gives the same reply. */
+START_TEST(test_client_sampling_flags)
+{
+    const char *args[] = {"--connect", s_daemon.endpoint, "--json", "--gen-length", "16",
+                          "--block-length", "8", "--steps", "8", "--remasking", "entropy",
+                          "--param", "alg_temp=0.5", "--schedule", "quota", "--eps", "0.01",
+                          "--temperature", "0.7", "--top-k", "30", "--top-p", "0.9",
+                          "--suppress-eos", "--early-stop", "--trim-eos", "--seed", "3",
+                          "once upon a time", NULL};
+    s_run_result_t res = s_run_client(args);
+    ck_assert_msg(res.status == 0, "unmask exited %d: %s", res.status, res.err);
+    json_t *a = json_loads(res.out, 0, NULL);
+    ck_assert_msg(a != NULL, "unmask --json printed invalid JSON: %s", res.out);
+    s_done(a);
+
+    json_t *req = s_generate("flags", "once upon a time", 16);
+    json_object_set_new(req, "block_length", json_integer(8));
+    json_object_set_new(req, "steps", json_integer(8));
+    json_object_set_new(req, "remasking", json_string("entropy"));
+    json_object_set_new(req, "remasking_params", json_pack("{s:f}", "alg_temp", 0.5));
+    json_object_set_new(req, "schedule", json_string("quota"));
+    json_object_set_new(req, "eps", json_real(0.01));
+    json_object_set_new(req, "temperature", json_real(0.7));
+    json_object_set_new(req, "top_k", json_integer(30));
+    json_object_set_new(req, "top_p", json_real(0.9));
+    json_object_set_new(req, "suppress_eos_confidence", json_true());
+    json_object_set_new(req, "early_stop", json_true());
+    json_object_set_new(req, "trim_eos", json_true());
+    json_object_set_new(req, "seed", json_integer(3));
+    json_t *b = s_done(s_call(s_sock, req));
+    ck_assert(json_equal(json_object_get(a, "tokens"), json_object_get(b, "tokens")));
+    ck_assert(json_equal(json_object_get(a, "finish"), json_object_get(b, "finish")));
+    json_decref(a);
+    json_decref(b);
+    s_run_free(&res);
+
+    const char *bad[] = {"--connect", s_daemon.endpoint, "--top-p", "0", "x", NULL};
+    res = s_run_client(bad);
+    ck_assert_int_eq(res.status, 2);
+    ck_assert_msg(strstr(res.err, "--top-p") != NULL, "stderr: %s", res.err);
+    s_run_free(&res);
+}
+END_TEST
+
 START_TEST(test_client_errors)
 {
     /* An error reply: exit 1 with the code and message on stderr. */
@@ -1368,6 +1743,14 @@ Suite *um_server_suite(void)
     tcase_add_test(tc, test_generate_stream);
     tcase_add_test(tc, test_generate_infill);
     tcase_add_test(tc, test_generate_fixture);
+    tcase_add_test(tc, test_info_policies);
+    tcase_add_test(tc, test_generate_each_policy);
+    tcase_add_test(tc, test_generate_stream_canvas);
+    tcase_add_test(tc, test_generate_eos_controls);
+    suite_add_tcase(s, tc);
+
+    tc = s_tcase("bad_plugins", s_setup_daemon_bad_plugins, 120);
+    tcase_add_test(tc, test_bad_plugins_skipped);
     suite_add_tcase(s, tc);
 
     tc = s_tcase("errors", s_setup_daemon, 120);
@@ -1376,6 +1759,7 @@ Suite *um_server_suite(void)
     tcase_add_test(tc, test_error_fields);
     tcase_add_test(tc, test_error_ranges);
     tcase_add_test(tc, test_error_plugins);
+    tcase_add_test(tc, test_error_policy_params);
     tcase_add_test(tc, test_error_missing_id);
     tcase_add_test(tc, test_error_oversized);
     tcase_add_test(tc, test_error_frames);
@@ -1395,6 +1779,7 @@ Suite *um_server_suite(void)
     tc = s_tcase("client", s_setup_daemon, 120);
     tcase_add_test(tc, test_client_plain);
     tcase_add_test(tc, test_client_json);
+    tcase_add_test(tc, test_client_sampling_flags);
     tcase_add_test(tc, test_client_errors);
     tcase_add_test(tc, test_ipc_in_use);
     suite_add_tcase(s, tc);

@@ -29,5 +29,7 @@ Suite *um_generate_suite(void);
 Suite *um_plugins_suite(void);
 Suite *um_tokenizer_suite(void);
 Suite *um_server_suite(void);
+Suite *um_gateway_suite(void);
+Suite *um_broker_suite(void);
 
 #endif /* UM_TESTUTIL_H */

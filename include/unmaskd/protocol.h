@@ -38,5 +38,39 @@
 #define UM_ERR_NOT_FOUND "not_found"
 #define UM_ERR_BUSY "busy"
 #define UM_ERR_INTERNAL "internal"
+/* Only a broker (unmask-broker) sends these two. */
+#define UM_ERR_UNKNOWN_MODEL "unknown_model" /* no worker has ever served the requested model */
+#define UM_ERR_WORKER_LOST "worker_lost"     /* the worker running the request died or went silent */
+
+/*
+ * Request fields that only a broker reads. It removes them before a worker sees the
+ * request, so a daemon reached directly rejects them as unknown fields.
+ */
+#define UM_FIELD_MODEL "model" /* string: route to a worker that serves this model */
+#define UM_FIELD_RETRY "retry" /* boolean: resend once to another worker when the first
+                                  dies before the request streamed a step */
+
+/*
+ * The worker protocol between unmask-broker and unmaskd --connect (docs/worker-protocol.md).
+ * A one-frame message is a control message: a JSON object whose "ctl" field is one of
+ * the names below. A two-frame message is [route, request] or [route, reply]. The
+ * version is bumped when a message or field changes meaning or goes away.
+ */
+#define UM_WORKER_PROTOCOL_VERSION 1
+
+/* Worker to broker. */
+#define UM_CTL_READY "ready"           /* register: version, models, capacity, info */
+#define UM_CTL_STOPPING "stopping"     /* shutting down: send no more requests */
+/* Broker to worker. */
+#define UM_CTL_WELCOME "welcome"       /* registered: heartbeat_ms and liveness to use */
+#define UM_CTL_REJECT "reject"         /* not registered, with a message; the worker exits */
+/* Both ways. */
+#define UM_CTL_HEARTBEAT "heartbeat"   /* sent every heartbeat_ms; any message proves liveness */
+#define UM_CTL_DISCONNECT "disconnect" /* worker: every final reply is sent, it leaves;
+                                          broker: it forgot the worker, which registers again */
+
+/* The broker's default endpoints: clients keep the daemon's default. */
+#define UM_BROKER_DEFAULT_FRONTEND UM_DEFAULT_ENDPOINT
+#define UM_BROKER_DEFAULT_BACKEND "tcp://127.0.0.1:5558"
 
 #endif /* UNMASKD_PROTOCOL_H */
