@@ -533,9 +533,16 @@ int um_params_check(const um_param_spec_t *spec, int32_t n_spec, const um_param_
         int type_ok = in[i].type == p->type
                       || (p->type == UM_PARAM_NUMBER && in[i].type == UM_PARAM_INTEGER);
         if (!type_ok) {
-            snprintf(err, errlen, "parameter \"%s\" must be %s %s, got %s %s", p->name,
-                     s_article(p->type), um_param_type_name(p->type), s_article(in[i].type),
-                     um_param_type_name(in[i].type));
+            int len = snprintf(err, errlen, "parameter \"%s\" must be %s %s, got %s %s",
+                               p->name, s_article(p->type), um_param_type_name(p->type),
+                               s_article(in[i].type), um_param_type_name(in[i].type));
+            if (in[i].type == UM_PARAM_STRING && in[i].string && len >= 0 &&
+                (size_t)len < errlen)
+                len += snprintf(err + len, errlen - (size_t)len, " \"%.40s\"", in[i].string);
+            if ((p->type == UM_PARAM_NUMBER || p->type == UM_PARAM_INTEGER) && len >= 0 &&
+                (size_t)len < errlen)
+                snprintf(err + len, errlen - (size_t)len, ": give a finite number in [%g, %g]",
+                         p->min, p->max);
             return UM_EINVAL;
         }
         if (p->type == UM_PARAM_NUMBER || p->type == UM_PARAM_INTEGER) {

@@ -287,8 +287,13 @@ static int s_read_number(json_t *obj, const char *key, double def, double *out,
         return 0;
     }
     if (!json_is_number(v)) {
-        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be a number, got %s", key,
-                         s_json_type(v));
+        if (json_is_string(v))
+            um_req_error_set(err, UM_ERR_INVALID, key, "%s must be a number, got the "
+                             "string \"%.40s\": write a JSON number without quotes", key,
+                             json_string_value(v));
+        else
+            um_req_error_set(err, UM_ERR_INVALID, key, "%s must be a number, got %s", key,
+                             s_json_type(v));
         return -1;
     }
     *out = json_number_value(v);

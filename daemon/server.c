@@ -299,13 +299,19 @@ static void s_send_json(um_server_t *srv, const s_client_t *client, json_t *repl
     free(text);
 }
 
-/* Send an error reply and log it at warn with the request id. */
+/*
+ * Send an error reply and log it with the request id: at warn, except a cancel whose
+ * target has already finished, a normal race for any client, which is logged at debug.
+ */
 static void s_send_error(um_server_t *srv, const s_client_t *client, const json_t *id,
                          const um_req_error_t *err)
 {
     char idbuf[80];
-    um_warn("server", "request %s: %s%s%s: %s", um_request_id_text(id, idbuf, sizeof idbuf),
-            err->code, err->field[0] ? " on " : "", err->field, err->message);
+    int late_cancel = strcmp(err->code, UM_ERR_NOT_FOUND) == 0 &&
+                      strcmp(err->field, "target") == 0;
+    UM_LOG(late_cancel ? UM_LOG_DEBUG : UM_LOG_WARN, "server", "request %s: %s%s%s: %s",
+           um_request_id_text(id, idbuf, sizeof idbuf), err->code, err->field[0] ? " on " : "",
+           err->field, err->message);
     s_send_json(srv, client, um_reply_error(id, err));
 }
 
