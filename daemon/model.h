@@ -97,10 +97,10 @@ typedef struct um_block_weights {
 
 /* Load-time choices. Zero-initialised options mean the defaults. */
 typedef struct um_model_options {
-    /* Dtype of the matrix products; 0: the environment variable UNMASKD_WEIGHT_DTYPE
-     * (f32, bf16 or auto), else auto: bf16 where oneDNN runs bf16 natively (AVX512-BF16
-     * or AMX) or where every tensor of the checkpoint is bf16 (the weights are then
-     * widened to f32 inside each product), else f32. */
+    /* Dtype of the matrix products. 0 reads the environment variable UNMASKD_WEIGHT_DTYPE
+     * (f32, bf16 or auto). Auto picks bf16 where oneDNN runs bf16 natively (AVX512-BF16
+     * or AMX) or where every tensor of the checkpoint is bf16, whose weights are then
+     * widened to f32 inside each product. Otherwise it picks f32. */
     um_wdtype_t weight_dtype;
 } um_model_options_t;
 

@@ -190,8 +190,8 @@ int um_gemm_f32_nn(int32_t M, int32_t N, int32_t K, float alpha, const float *A,
 /* Storage type of a prepared weight matrix; activations are always f32 at the API. */
 typedef enum um_wdtype {
     UM_WDTYPE_F32 = 1,
-    /* bf16 weights; with native bf16, activations are rounded to bf16 too and products
-     * accumulate in f32; without, the weights are widened and the product is f32. */
+    /* bf16 weights. With native bf16 the activations are rounded to bf16 too and the
+     * products accumulate in f32. Without it the weights are widened, so the product is f32. */
     UM_WDTYPE_BF16 = 2,
 } um_wdtype_t;
 
@@ -295,7 +295,7 @@ size_t um_attention_scratch_floats(const um_attention_shape_t *shape, int n_thre
  * 1/sqrt(head_dim) scale. Query head h reads key/value head h / (n_heads / n_kv_heads).
  * Tasks run under OpenMP, each thread with its own tile of scratch (at least
  * um_attention_scratch_floats floats for omp_get_max_threads() threads), so no
- * thread holds more than one tile of one head's score matrix. Returns 0, UM_EINVAL
+ * thread keeps more than one tile of one head's score matrix. Returns 0, UM_EINVAL
  * or UM_EBACKEND.
  */
 int um_attention(const um_kernel_table_t *k, const um_attention_shape_t *shape, float *q,
