@@ -64,12 +64,26 @@ void um_shape_format(char *buf, size_t len, const int64_t *shape, int32_t ndim)
 
 const char *um_dtype_name(um_dtype_t dtype)
 {
-    return dtype == UM_DTYPE_BF16 ? "BF16" : dtype == UM_DTYPE_I64 ? "I64" : "F32";
+    switch (dtype) {
+    case UM_DTYPE_BF16:
+        return "BF16";
+    case UM_DTYPE_I64:
+        return "I64";
+    default:
+        return "F32";
+    }
 }
 
 size_t um_dtype_size(um_dtype_t dtype)
 {
-    return dtype == UM_DTYPE_BF16 ? 2 : dtype == UM_DTYPE_I64 ? 8 : 4;
+    switch (dtype) {
+    case UM_DTYPE_BF16:
+        return 2;
+    case UM_DTYPE_I64:
+        return 8;
+    default:
+        return 4;
+    }
 }
 
 static uint64_t s_read_le64(const unsigned char *p)

@@ -92,7 +92,7 @@ static uint64_t s_xcr0(void)
     return ((uint64_t)edx << 32) | eax;
 }
 
-/* Linux keeps AMX tile data disabled until a process asks for it. */
+/* Linux keeps AMX tile data disabled until a process requests it. */
 static int s_amx_permitted(void)
 {
 #ifdef SYS_arch_prctl

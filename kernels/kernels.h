@@ -205,7 +205,7 @@ typedef struct um_gemm_weight um_gemm_weight_t;
  * Prepare W from src, N rows of K contiguous values, f32 (src_bf16 == 0) or bf16
  * (src_bf16 != 0). The data is reordered once into the primitive's preferred layout
  * and dtype; when that layout and dtype are those of src, the weight borrows src, which
- * must then outlive it (um_gemm_weight_borrows says which). Returns 0 and sets *out,
+ * must then outlive it (um_gemm_weight_borrows reports which). Returns 0 and sets *out,
  * UM_EINVAL for a bad size or NULL src, UM_ENOMEM, or UM_EBACKEND.
  */
 int um_gemm_weight_new(int32_t N, int32_t K, const void *src, int src_bf16, um_wdtype_t dtype,
