@@ -106,11 +106,32 @@ int um_gen_check(const um_model_config_t *cfg, int32_t n_prompt, const um_gen_pa
     int rc = s_check_sampling(p, field, err, errlen);
     if (rc != 0)
         return rc;
-    if (n_prompt >= cfg->max_sequence_length) {
+    if (p->n_suffix < 0 || p->n_suffix >= cfg->max_sequence_length
+        || (p->n_suffix > 0 && !p->suffix)) {
+        *field = "suffix";
+        snprintf(err, errlen, "n_suffix is %d with suffix %s: pass the suffix tokens and "
+                 "their count, or 0", p->n_suffix, p->suffix ? "set" : "NULL");
+        return UM_EINVAL;
+    }
+    if ((int64_t)n_prompt + p->n_suffix >= cfg->max_sequence_length) {
         *field = "prompt";
-        snprintf(err, errlen, "the prompt is %d tokens, and the model has %d positions in all: "
+        snprintf(err, errlen, "the prompt is %d tokens, and the model has %d positions in all%s: "
                  "shorten the prompt to at most %d tokens to leave room for generation",
-                 n_prompt, cfg->max_sequence_length, cfg->max_sequence_length - 1);
+                 n_prompt, cfg->max_sequence_length,
+                 p->n_suffix > 0 ? " including its closing token" : "",
+                 cfg->max_sequence_length - 1 - p->n_suffix);
+        return UM_ERANGE;
+    }
+    if (p->n_suffix > 0
+        && (int64_t)n_prompt + p->gen_length + p->n_suffix > cfg->max_sequence_length) {
+        *field = "gen_length";
+        int64_t room = (int64_t)cfg->max_sequence_length - n_prompt - p->n_suffix;
+        snprintf(err, errlen, "prompt (%d tokens) plus gen_length (%d) plus %d closing "
+                 "token%s is %lld tokens, past the model's %d positions: shorten the prompt "
+                 "or set gen_length to at most %lld", n_prompt, p->gen_length, p->n_suffix,
+                 p->n_suffix == 1 ? "" : "s",
+                 (long long)n_prompt + p->gen_length + p->n_suffix, cfg->max_sequence_length,
+                 room > 0 ? (long long)room : 0LL);
         return UM_ERANGE;
     }
     if (n_prompt < 0 || (int64_t)n_prompt + p->gen_length > cfg->max_sequence_length) {
@@ -286,9 +307,10 @@ typedef struct s_run {
     const um_gen_params_t *p;
     um_remask_traits_t traits;
     um_sample_config_t sample;
-    int32_t banned[2];
+    int32_t banned[UM_MODEL_MAX_NEVER_SAMPLED + 1];
     int32_t suppressed[2];
     int32_t n_prompt, L, E, mask_id, eos_id;
+    int32_t T; /* tokens in one forward sequence: L plus the suffix */
     int32_t n_seq;
 } s_run_t;
 
@@ -300,17 +322,18 @@ typedef struct s_run {
  */
 static int s_forward(const s_run_t *r, s_work_t *w, const int32_t *canvas, int32_t n_cand)
 {
-    const int32_t L = r->L, E = r->E;
-    memcpy(w->ids, canvas, (size_t)L * sizeof *w->ids);
+    const int32_t T = r->T, E = r->E;
+    memcpy(w->ids, canvas, (size_t)T * sizeof *w->ids);
     for (int32_t j = 0; j < n_cand; j++)
         w->rows[j] = w->cand[j];
     if (r->n_seq == 2) {
-        for (int32_t pos = 0; pos < L; pos++)
-            w->ids[L + pos] = w->prompt_token[pos] ? r->mask_id : canvas[pos];
+        /* The suffix is framing, not prompt: the unconditional sequence keeps it. */
+        for (int32_t pos = 0; pos < T; pos++)
+            w->ids[T + pos] = w->prompt_token[pos] ? r->mask_id : canvas[pos];
         for (int32_t j = 0; j < n_cand; j++)
-            w->rows[n_cand + j] = L + w->cand[j];
+            w->rows[n_cand + j] = T + w->cand[j];
     }
-    int rc = um_model_forward_rows(r->model, w->ids, r->n_seq, L, w->rows, r->n_seq * n_cand,
+    int rc = um_model_forward_rows(r->model, w->ids, r->n_seq, T, w->rows, r->n_seq * n_cand,
                                    w->logits);
     if (rc != 0 || r->n_seq == 1)
         return rc;
@@ -448,13 +471,14 @@ static void s_run_init(s_run_t *r, um_model_t *model, const um_gen_params_t *p,
     *r = (s_run_t){.model = model, .p = p, .n_prompt = n_prompt};
     r->traits = um_remask_traits(p->remask);
     r->L = n_prompt + p->gen_length;
+    r->T = r->L + p->n_suffix;
     r->E = cfg->embedding_size;
     r->mask_id = cfg->mask_token_id;
     r->eos_id = cfg->eos_token_id;
     r->n_seq = p->cfg_scale > 0 ? 2 : 1;
 
-    int32_t n_banned = 0, n_suppressed = 0;
-    r->banned[n_banned++] = r->mask_id;
+    int32_t n_suppressed = 0;
+    int32_t n_banned = um_model_never_sampled(cfg, r->banned);
     if (p->ban_eos && r->eos_id >= 0)
         r->banned[n_banned++] = r->eos_id;
     if (p->suppress_eos) {
@@ -503,6 +527,8 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
     memcpy(canvas, prompt, (size_t)n_prompt * sizeof *canvas);
     for (int32_t i = n_prompt; i < L; i++)
         canvas[i] = mask_id;
+    if (p->n_suffix > 0)
+        memcpy(canvas + L, p->suffix, (size_t)p->n_suffix * sizeof *canvas);
 
     /* Candidates are masked positions, and no step adds masks, so the initial count bounds them. */
     int32_t max_cand = 0;
@@ -510,8 +536,8 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
         max_cand += canvas[i] == mask_id;
 
     s_work_t w = {0};
-    if (s_work_alloc(&w, r.n_seq, L, max_cand, r.E, r.sample.n_vocab) != 0) {
-        snprintf(err, errlen, "out of memory for a canvas of %d tokens", L);
+    if (s_work_alloc(&w, r.n_seq, r.T, max_cand, r.E, r.sample.n_vocab) != 0) {
+        snprintf(err, errlen, "out of memory for a canvas of %d tokens", r.T);
         rc = UM_ENOMEM;
         goto done;
     }

@@ -54,6 +54,10 @@ typedef struct um_gen_params {
                                (LLaDA's confidence_eos_eot_inf, fixed for T > 0) */
     int early_stop;         /* stop once the first committed EOS is followed only by EOS
                                and masks, with no mask before it; the masks become EOS */
+    const int32_t *suffix;  /* (n_suffix) fixed tokens after the generated positions: the
+                               model sees them, nothing changes them. BERT's closing [SEP]
+                               (um_model_framing). May be NULL when n_suffix is 0 */
+    int32_t n_suffix;
 } um_gen_params_t;
 
 /* What one denoising step did, passed to the step callback. */
@@ -62,8 +66,9 @@ typedef struct um_step_info {
     int32_t n_steps;       /* planned steps over the whole generation */
     int32_t block;         /* 0-based block index */
     int32_t n_blocks;
-    const int32_t *canvas; /* (canvas_length) tokens after this step's commits */
-    int32_t canvas_length;
+    const int32_t *canvas; /* (canvas_length) tokens after this step's commits; the
+                              suffix follows them */
+    int32_t canvas_length; /* prompt plus gen_length */
     const int32_t *committed; /* positions committed this step, ascending */
     int32_t n_committed;
     int32_t n_masked;      /* mask tokens left on the canvas */
@@ -87,7 +92,7 @@ typedef struct um_gen_stats {
 } um_gen_stats_t;
 
 /*
- * Check params against the model (ranges, prompt plus gen_length within
+ * Check params against the model (ranges, prompt plus gen_length plus suffix within
  * max_sequence_length). Returns 0 or UM_EINVAL / UM_ERANGE with a message in err
  * that names the field, the value and the fix; *field is set to the field name.
  */
@@ -95,8 +100,9 @@ int um_gen_check(const um_model_config_t *cfg, int32_t n_prompt, const um_gen_pa
                  const char **field, char *err, size_t errlen);
 
 /*
- * Generate: canvas = prompt followed by gen_length mask tokens, denoised in place.
- * canvas must have room for n_prompt + gen_length ids. Returns 0, UM_ECANCELLED when
+ * Generate: canvas = prompt, then gen_length mask tokens, then the suffix; the masks are
+ * denoised in place. canvas must have room for n_prompt + gen_length + n_suffix ids.
+ * Predictions never include the tokens um_model_never_sampled lists. Returns 0, UM_ECANCELLED when
  * the callback requested a stop (canvas then contains the partial result), or another
  * UM_E* code with a message in err.
  */

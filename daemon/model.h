@@ -125,6 +125,23 @@ void um_model_destroy(um_model_t **model);
 
 const um_model_config_t *um_model_config(const um_model_t *model);
 
+/*
+ * How a family frames the canvas it was trained on. BERT and DistilBERT read
+ * "[CLS] text [SEP]": *prefix is set to [CLS], which goes before the prompt, and *suffix
+ * to [SEP], which closes the canvas after the generated positions. Both are -1 for
+ * LLaDA and Dream, whose prompts carry their own beginning-of-text token.
+ */
+void um_model_framing(const um_model_config_t *cfg, int32_t *prefix, int32_t *suffix);
+
+/*
+ * Write to out the tokens a sampler must never predict and return their count (at most
+ * UM_MODEL_MAX_NEVER_SAMPLED): the mask token, and for the BERT family [CLS] and [PAD],
+ * which only frame and pad sequences. LLaDA's and Dream's padding token is their EOS,
+ * which stays a valid prediction.
+ */
+#define UM_MODEL_MAX_NEVER_SAMPLED 3
+int32_t um_model_never_sampled(const um_model_config_t *cfg, int32_t *out);
+
 /* Folder the model was loaded from. */
 const char *um_model_dir(const um_model_t *model);
 

@@ -481,3 +481,23 @@ cleanup:
     json_decref(root);
     return rc;
 }
+
+void um_model_framing(const um_model_config_t *cfg, int32_t *prefix, int32_t *suffix)
+{
+    const int bert = cfg->arch == UM_ARCH_BERT || cfg->arch == UM_ARCH_DISTILBERT;
+    *prefix = bert ? cfg->cls_token_id : -1;
+    *suffix = bert ? cfg->sep_token_id : -1;
+}
+
+int32_t um_model_never_sampled(const um_model_config_t *cfg, int32_t *out)
+{
+    int32_t n = 0;
+    out[n++] = cfg->mask_token_id;
+    if (cfg->arch != UM_ARCH_BERT && cfg->arch != UM_ARCH_DISTILBERT)
+        return n;
+    const int32_t extra[] = {cfg->cls_token_id, cfg->pad_token_id};
+    for (size_t i = 0; i < sizeof extra / sizeof extra[0]; i++)
+        if (extra[i] >= 0 && extra[i] != cfg->mask_token_id && extra[i] != cfg->eos_token_id)
+            out[n++] = extra[i];
+    return n;
+}

@@ -133,8 +133,9 @@ typedef struct s_job {
     struct s_job *next; /* queue link */
     s_client_t client;
     um_request_t req;        /* owns the JSON the request fields point into */
-    int32_t *prompt;         /* (n_prompt) token ids of the prompt */
+    int32_t *prompt;         /* (n_prompt) token ids of the prompt, framing included */
     int32_t n_prompt;
+    int32_t suffix;          /* the token that closes the canvas, when params.n_suffix is 1 */
     um_gen_params_t params;  /* checked; remask_state from request_begin */
     um_param_t *remask_params; /* (params.remask->n_params) values given to request_begin */
     int remask_begun;        /* request_end is owed */
@@ -597,7 +598,8 @@ static json_t *s_done_reply(um_server_t *srv, const s_job_t *job, const int32_t 
 /* Run one job on the worker thread and send its final reply. */
 static void s_worker_run(um_server_t *srv, void *pipe, s_job_t *job)
 {
-    const size_t n_canvas = (size_t)job->n_prompt + (size_t)job->params.gen_length;
+    const size_t n_canvas = (size_t)job->n_prompt + (size_t)job->params.gen_length
+                            + (size_t)job->params.n_suffix;
     int32_t *canvas = malloc(n_canvas * sizeof *canvas);
     char err[512] = "";
     um_gen_stats_t stats = {0};
@@ -1144,6 +1146,19 @@ static void s_unknown_plugin(um_server_t *srv, const char *name, um_req_error_t 
                      hint ? hint : "", hint ? "? " : "", list);
 }
 
+/* Put token before the job's prompt (BERT's [CLS]). */
+static int s_prepend_token(s_job_t *job, int32_t token)
+{
+    int32_t *p = realloc(job->prompt, ((size_t)job->n_prompt + 1) * sizeof *p);
+    if (!p)
+        return UM_ENOMEM;
+    memmove(p + 1, p, (size_t)job->n_prompt * sizeof *p);
+    p[0] = token;
+    job->prompt = p;
+    job->n_prompt++;
+    return 0;
+}
+
 /*
  * Check a generate request completely and queue it. On success the job takes over
  * the request (req is zeroed) and 0 is returned; otherwise -1 with err filled.
@@ -1191,12 +1206,18 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
                          "prompt: %s", srv->tok->plugin->desc->name, um_strerror(rc));
         goto fail;
     }
-    if (n_prompt > (size_t)INT32_MAX) {
+    if (n_prompt >= (size_t)INT32_MAX) {
         um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "prompt", "the prompt has %zu tokens, more "
                          "than any model takes", n_prompt);
         goto fail;
     }
     job->n_prompt = (int32_t)n_prompt;
+    int32_t prefix = -1;
+    um_model_framing(srv->model_cfg, &prefix, &job->suffix);
+    if (prefix >= 0 && s_prepend_token(job, prefix) != 0) {
+        um_req_error_set(err, UM_ERR_INTERNAL, NULL, "out of memory for the prompt");
+        goto fail;
+    }
 
     um_remask_traits_t traits = um_remask_traits(plugin->desc->remask);
     job->params = (um_gen_params_t){
@@ -1217,6 +1238,8 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
         .ban_eos = req->ban_eos,
         .suppress_eos = req->suppress_eos_confidence,
         .early_stop = req->early_stop,
+        .suffix = &job->suffix,
+        .n_suffix = job->suffix >= 0 ? 1 : 0,
     };
     const char *field = NULL;
     char msg[512] = "";

@@ -14,10 +14,14 @@
 
 #include <unmaskd/error.h>
 
+#include "generate.h"
 #include "model.h"
+#include "plugins.h"
 #include "testutil.h"
 
-static const char *const s_families[] = {"dream", "bert", "distilbert"};
+/* The last entry is the bundled DistilBERT model, whose case.json names its folder. */
+static const char *const s_families[] = {"dream", "bert", "distilbert",
+                                         "tinystories-distilbert"};
 #define S_N_FAMILIES (int)(sizeof s_families / sizeof s_families[0])
 
 static const char *s_family_dir(const char *name)
@@ -53,6 +57,21 @@ static void s_read_case(const char *dir, int32_t **ids, int32_t *n_seq, int32_t 
     *logits = (float *)raw;
 }
 
+/* The model folder of a logits case: the fixture folder itself, or the folder its
+ * case.json names relative to the source tree. */
+static const char *s_case_model_dir(const char *dir)
+{
+    static char model_dir[4096];
+    json_t *c = json_load_file(um_test_path(dir, "case.json"), 0, NULL);
+    const char *model = json_string_value(json_object_get(c, "model"));
+    if (model)
+        snprintf(model_dir, sizeof model_dir, "%s/%s", um_test_env("UM_TEST_SRCDIR"), model);
+    else
+        snprintf(model_dir, sizeof model_dir, "%s", dir);
+    json_decref(c);
+    return model_dir;
+}
+
 static um_model_t *s_load(const char *dir, um_wdtype_t dtype)
 {
     char err[1024] = "";
@@ -71,7 +90,7 @@ START_TEST(family_logits_match_reference)
     float *expected;
     s_read_case(dir, &ids, &n_seq, &L, &expected, &V);
 
-    um_model_t *m = s_load(dir, UM_WDTYPE_F32);
+    um_model_t *m = s_load(s_case_model_dir(dir), UM_WDTYPE_F32);
     const um_model_config_t *c = um_model_config(m);
     ck_assert_int_eq(c->embedding_size, V);
     size_t n = (size_t)n_seq * L * V;
@@ -119,6 +138,139 @@ START_TEST(family_logits_match_reference)
     free(logits);
     free(expected);
     free(ids);
+    um_model_destroy(&m);
+}
+END_TEST
+
+/*
+ * Generations of tools/make_family_generations.py through um_generate: the family's
+ * framing (um_model_framing), its never-sampled tokens, guidance and sampling, token for
+ * token. The fixture keeps only cases whose closest decision clears the margin that f32
+ * rounding differences between the engines could cross.
+ */
+static const char *const s_generation_sets[] = {"dream", "bert", "distilbert"};
+#define S_N_GENERATION_SETS (int)(sizeof s_generation_sets / sizeof s_generation_sets[0])
+
+static int32_t *s_json_ids(const json_t *arr, size_t *n)
+{
+    *n = json_array_size(arr);
+    int32_t *ids = malloc((*n + 1) * sizeof *ids);
+    for (size_t i = 0; i < *n; i++)
+        ids[i] = (int32_t)json_integer_value(json_array_get(arr, i));
+    return ids;
+}
+
+START_TEST(family_generation_matches_reference)
+{
+    const char *set = s_generation_sets[_i];
+    const char *dir = s_family_dir(set);
+    json_error_t jerr;
+    json_t *doc = json_load_file(um_test_path(dir, "generate.json"), 0, &jerr);
+    ck_assert_msg(doc != NULL, "%s/generate.json: %s (run tools/make_family_generations.py)",
+                  dir, jerr.text);
+    /* Random-weight fixtures sit in their own folder; the bundled model in models/. */
+    char model_dir[4096];
+    const char *model = json_string_value(json_object_get(doc, "model"));
+    if (strncmp(model, "tests/fixtures/", 15) == 0)
+        snprintf(model_dir, sizeof model_dir, "%s", dir);
+    else
+        snprintf(model_dir, sizeof model_dir, "%s/../../%s", um_test_env("UM_TEST_FIXTURES"),
+                 model);
+
+    um_plugin_registry_t reg = {0};
+    ck_assert_uint_ge(um_plugins_scan(&reg, um_test_env("UM_TEST_PLUGINS")), 1);
+    const um_plugin_t *pl = um_plugins_find(&reg, UM_PLUGIN_REMASK, "low_confidence");
+    ck_assert_ptr_nonnull(pl);
+    const um_remask_ops_t *ops = pl->desc->remask;
+    um_model_t *m = s_load(model_dir, UM_WDTYPE_F32);
+    const um_model_config_t *cfg = um_model_config(m);
+    int32_t prefix, suffix;
+    um_model_framing(cfg, &prefix, &suffix);
+
+    size_t i;
+    json_t *c;
+    json_array_foreach(json_object_get(doc, "cases"), i, c) {
+        const char *name = json_string_value(json_object_get(c, "name"));
+        size_t n_prompt, n_expected, n_suffix;
+        int32_t *prompt = s_json_ids(json_object_get(c, "prompt_ids"), &n_prompt);
+        int32_t *expected = s_json_ids(json_object_get(c, "canvas"), &n_expected);
+        int32_t *want_suffix = s_json_ids(json_object_get(c, "suffix"), &n_suffix);
+        /* The reference framed the prompt as the daemon does. */
+        ck_assert_int_eq(n_suffix, suffix >= 0 ? 1 : 0);
+        if (suffix >= 0)
+            ck_assert_int_eq(want_suffix[0], suffix);
+        if (prefix >= 0)
+            ck_assert_int_eq(prompt[0], prefix);
+
+        void *state = NULL;
+        char err[512] = "";
+        um_param_t checked[8];
+        ck_assert_int_eq(um_params_check(ops->params, ops->n_params, NULL, 0, checked, err,
+                                         sizeof err), 0);
+        ck_assert_int_eq(ops->request_begin(um_plugin_host(), checked, ops->n_params, &state,
+                                            err, sizeof err), 0);
+        um_gen_params_t p = {
+            .gen_length = (int32_t)json_integer_value(json_object_get(c, "gen_length")),
+            .block_length = (int32_t)json_integer_value(json_object_get(c, "block_length")),
+            .steps = (int32_t)json_integer_value(json_object_get(c, "steps")),
+            .temperature = json_number_value(json_object_get(c, "temperature")),
+            .cfg_scale = json_number_value(json_object_get(c, "cfg_scale")),
+            .seed = (uint64_t)json_integer_value(json_object_get(c, "seed")),
+            .remask = ops,
+            .remask_state = state,
+            .schedule = um_remask_traits(ops).schedule,
+            .eot_id = -1,
+            .suffix = &suffix,
+            .n_suffix = suffix >= 0 ? 1 : 0,
+        };
+        ck_assert_uint_eq(n_expected, n_prompt + (size_t)p.gen_length);
+        int32_t *canvas = malloc((n_expected + 1) * sizeof *canvas);
+        um_gen_stats_t st;
+        int rc = um_generate(m, prompt, (int32_t)n_prompt, &p, NULL, NULL, canvas, &st, err,
+                             sizeof err);
+        ops->request_end(state);
+        ck_assert_msg(rc == 0, "%s %s: %s", set, name, err);
+        for (size_t k = 0; k < n_expected; k++)
+            ck_assert_msg(canvas[k] == expected[k], "%s %s: position %zu is %d, the reference "
+                          "has %d", set, name, k, canvas[k], expected[k]);
+        if (suffix >= 0)
+            ck_assert_int_eq(canvas[n_expected], suffix);
+        ck_assert_int_eq(st.forward_passes,
+                         (int)json_integer_value(json_object_get(c, "forward_passes")));
+        free(canvas);
+        free(prompt);
+        free(expected);
+        free(want_suffix);
+    }
+    um_model_destroy(&m);
+    um_plugins_clear(&reg);
+    json_decref(doc);
+}
+END_TEST
+
+/* The BERT family never predicts [MASK], [CLS] or [PAD]; Dream only never the mask. */
+START_TEST(family_never_sampled)
+{
+    um_model_t *m = s_load(s_family_dir("bert"), UM_WDTYPE_F32);
+    const um_model_config_t *c = um_model_config(m);
+    int32_t ids[UM_MODEL_MAX_NEVER_SAMPLED], prefix, suffix;
+    ck_assert_int_eq(um_model_never_sampled(c, ids), 3);
+    ck_assert_int_eq(ids[0], c->mask_token_id);
+    ck_assert_int_eq(ids[1], c->cls_token_id);
+    ck_assert_int_eq(ids[2], c->pad_token_id);
+    um_model_framing(c, &prefix, &suffix);
+    ck_assert_int_eq(prefix, c->cls_token_id);
+    ck_assert_int_eq(suffix, c->sep_token_id);
+    ck_assert_int_eq(c->eos_token_id, c->sep_token_id);
+    um_model_destroy(&m);
+
+    m = s_load(s_family_dir("dream"), UM_WDTYPE_F32);
+    c = um_model_config(m);
+    ck_assert_int_eq(um_model_never_sampled(c, ids), 1);
+    ck_assert_int_eq(ids[0], c->mask_token_id);
+    um_model_framing(c, &prefix, &suffix);
+    ck_assert_int_eq(prefix, -1);
+    ck_assert_int_eq(suffix, -1);
     um_model_destroy(&m);
 }
 END_TEST
@@ -247,6 +399,12 @@ Suite *um_families_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_loop_test(tc, family_logits_match_reference, 0, S_N_FAMILIES);
     tcase_add_test(tc, family_config_fields);
+    tcase_add_test(tc, family_never_sampled);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("generation");
+    tcase_set_timeout(tc, 120);
+    tcase_add_loop_test(tc, family_generation_matches_reference, 0, S_N_GENERATION_SETS);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("errors");

@@ -309,7 +309,7 @@ START_TEST(attention_matches_double)
     if (!k)
         return; /* this host cannot run that ISA; the kernel suite reports which */
 
-    int32_t L = ac->seq_len, hd = ac->head_dim, H = ac->n_heads, G = H / ac->n_kv_heads;
+    int32_t L = ac->seq_len, hd = ac->head_dim, H = ac->n_heads;
     um_attention_shape_t shape = {
         .n_seq = ac->n_seq, .seq_len = L, .n_heads = H, .n_kv_heads = ac->n_kv_heads,
         .head_dim = hd, .q_stride = H * hd + ac->q_pad,

@@ -774,6 +774,69 @@ START_TEST(test_generate_fixture)
 }
 END_TEST
 
+/* A daemon on the random-weight BERT fixture, whose vocab.txt has the words w0, w1, ... */
+static void s_setup_daemon_bert(void)
+{
+    static char dir[4096];
+    snprintf(dir, sizeof dir, "%s/families/bert", um_test_env("UM_TEST_FIXTURES"));
+    const char *const extra[] = {"--model", dir, NULL};
+    s_daemon_start_with(extra);
+}
+
+/*
+ * BERT through the daemon: the prompt is framed "[CLS] prompt ... [SEP]" and the tokens
+ * are those of the reference sampler (tools/make_family_generations.py), whose prompts
+ * are the fixture's words w0, w1, ... (id 5 + n).
+ */
+START_TEST(test_generate_bert_framing)
+{
+    const char *path = um_test_path(um_test_env("UM_TEST_FIXTURES"),
+                                    "families/bert/generate.json");
+    json_error_t jerr;
+    json_t *doc = json_load_file(path, 0, &jerr);
+    ck_assert_msg(doc != NULL, "cannot read %s: %s", path, jerr.text);
+    size_t i;
+    json_t *c;
+    json_array_foreach(json_object_get(doc, "cases"), i, c) {
+        const char *name = json_string_value(json_object_get(c, "name"));
+        json_t *ids = json_object_get(c, "prompt_ids");
+        char prompt[512] = "";
+        for (size_t k = 1; k < json_array_size(ids); k++) /* [CLS] is the daemon's to add */
+            snprintf(prompt + strlen(prompt), sizeof prompt - strlen(prompt), "%sw%lld",
+                     k > 1 ? " " : "", (long long)json_integer_value(json_array_get(ids, k)) - 5);
+        json_t *req = json_pack("{s:s, s:s, s:s, s:O, s:O, s:O, s:O, s:O, s:O}", "op",
+                                "generate", "id", name, "prompt", prompt, "gen_length",
+                                json_object_get(c, "gen_length"), "block_length",
+                                json_object_get(c, "block_length"), "steps",
+                                json_object_get(c, "steps"), "temperature",
+                                json_object_get(c, "temperature"), "cfg_scale",
+                                json_object_get(c, "cfg_scale"), "seed",
+                                json_object_get(c, "seed"));
+        json_t *r = s_done(s_call(s_sock, req));
+        size_t n_prompt = json_array_size(ids);
+        ck_assert_int_eq(json_integer_value(json_object_get(r, "prompt_tokens")),
+                         (json_int_t)n_prompt);
+        json_t *canvas = json_object_get(c, "canvas"), *tokens = json_object_get(r, "tokens");
+        ck_assert_int_eq(json_array_size(tokens), json_array_size(canvas) - n_prompt);
+        for (size_t k = 0; k < json_array_size(tokens); k++)
+            ck_assert_msg(json_integer_value(json_array_get(tokens, k))
+                              == json_integer_value(json_array_get(canvas, n_prompt + k)),
+                          "case %s: token %zu is %lld, the reference has %lld", name, k,
+                          (long long)json_integer_value(json_array_get(tokens, k)),
+                          (long long)json_integer_value(json_array_get(canvas, n_prompt + k)));
+        json_decref(r);
+    }
+    json_decref(doc);
+
+    /* 40 positions: [CLS] and 3 words leave 35 for generation, as [SEP] takes one. */
+    json_t *ok = s_done(s_call(s_sock, s_generate("fits", "w1 w2 w3", 35)));
+    ck_assert_int_eq(json_integer_value(json_object_get(ok, "prompt_tokens")), 4);
+    json_decref(ok);
+    s_expect_error(s_generate("over", "w1 w2 w3", 36), UM_ERR_OUT_OF_RANGE, "gen_length",
+                   "closing token");
+}
+END_TEST
+
 /* ------------------------------------------------------------------------- */
 /* Policies, sampling fields and end-of-text controls                        */
 
@@ -1747,6 +1810,10 @@ Suite *um_server_suite(void)
     tcase_add_test(tc, test_generate_each_policy);
     tcase_add_test(tc, test_generate_stream_canvas);
     tcase_add_test(tc, test_generate_eos_controls);
+    suite_add_tcase(s, tc);
+
+    tc = s_tcase("bert", s_setup_daemon_bert, 60);
+    tcase_add_test(tc, test_generate_bert_framing);
     suite_add_tcase(s, tc);
 
     tc = s_tcase("bad_plugins", s_setup_daemon_bad_plugins, 120);

@@ -200,7 +200,7 @@ def save_safetensors(path, tensors, dtype):
 
 
 def load_safetensors(path):
-    """Read a safetensors file into {name: float32 tensor}."""
+    """Read a safetensors file into {name: tensor}: float32, or int64 for I64 buffers."""
     with open(path, "rb") as f:
         data = f.read()
     (n,) = struct.unpack("<Q", data[:8])
@@ -216,6 +216,8 @@ def load_safetensors(path):
             t = torch.frombuffer(raw, dtype=torch.float32)
         elif info["dtype"] == "BF16":
             t = torch.frombuffer(raw, dtype=torch.int16).view(torch.bfloat16).float()
+        elif info["dtype"] == "I64":
+            t = torch.frombuffer(raw, dtype=torch.int64)
         else:
             raise ValueError(f"tensor {name}: dtype {info['dtype']} is not supported")
         out[name] = t.reshape(info["shape"]).clone()
@@ -556,11 +558,14 @@ def select(policy, params, cands, quota, step_info, seed, margin):
 def generate(model, prompt, gen_length=64, block_length=32, steps=64, temperature=0.0,
              cfg_scale=0.0, remasking="low_confidence", seed=0, on_step=None, params=None,
              top_k=0, top_p=1.0, schedule=None, eps=1e-3, ban_eos=False, suppress_eos=False,
-             early_stop=False, eot_id=-1, margin=None, stats=None):
+             early_stop=False, eot_id=-1, margin=None, stats=None, suffix=(),
+             never_sampled=None):
     """Run unmaskd's sampler and return the full canvas (prompt + generation) as a list.
 
     margin (a Margin) collects the closest decision; stats (a dict) receives
-    forward_passes, steps_run, early_stop and eos_position.
+    forward_passes, steps_run, early_stop and eos_position. suffix: fixed tokens after
+    the generation that the model sees (BERT's closing [SEP]); they are not returned.
+    never_sampled: tokens never predicted, by default the mask token only.
     """
     c = model.config
     mask_id = c.mask_token_id
@@ -571,7 +576,8 @@ def generate(model, prompt, gen_length=64, block_length=32, steps=64, temperatur
     margin = margin if margin is not None else Margin()
     margin.scale = 2.0 * cfg_scale + 1.0
     n_embed = c.embedding_size
-    banned = [mask_id] + ([eos_id] if ban_eos and eos_id >= 0 else [])
+    banned = list(never_sampled if never_sampled is not None else [mask_id])
+    banned += [eos_id] if ban_eos and eos_id >= 0 else []
     suppressed = []
     if suppress_eos:
         suppressed = [t for t in (eos_id, eot_id) if t >= 0]
@@ -582,7 +588,7 @@ def generate(model, prompt, gen_length=64, block_length=32, steps=64, temperatur
 
     P = len(prompt)
     L = P + gen_length
-    x = torch.tensor([list(prompt) + [mask_id] * gen_length], dtype=torch.long)
+    x = torch.tensor([list(prompt) + [mask_id] * gen_length + list(suffix)], dtype=torch.long)
     # Prompt positions that hold a token: guidance masks exactly these.
     prompt_index = torch.zeros_like(x, dtype=torch.bool)
     prompt_index[0, :P] = True
@@ -641,7 +647,7 @@ def generate(model, prompt, gen_length=64, block_length=32, steps=64, temperatur
                 x[0, cands["position"][j]] = cands["token"][j]
 
             if early_stop and eos_id >= 0:
-                row = x[0].tolist()
+                row = x[0, :L].tolist()
                 eos_at = [p for p in range(P, L) if row[p] == eos_id]
                 if eos_at:
                     first = eos_at[0]
@@ -655,16 +661,16 @@ def generate(model, prompt, gen_length=64, block_length=32, steps=64, temperatur
                         st["eos_position"] = first
                         done = True
             if on_step:
-                on_step(step, x[0].tolist())
+                on_step(step, x[0, :L].tolist())
             if done:
                 break
         global_step += n_steps
         if done:
             break
     if st["eos_position"] < 0 and eos_id >= 0:
-        row = x[0].tolist()
+        row = x[0, :L].tolist()
         eos_at = [p for p in range(P, L) if row[p] == eos_id]
         st["eos_position"] = eos_at[0] if eos_at else -1
     if stats is not None:
         stats.update(st)
-    return x[0].tolist()
+    return x[0, :L].tolist()

@@ -665,7 +665,10 @@ static int s_probe_json(const char *path)
     return score;
 }
 
-/* 80 when the first 1 MiB of vocab.txt has a line "[UNK]" and lines starting with "##". */
+/*
+ * When the first 1 MiB of vocab.txt has a line "[UNK]": 80 with lines starting with "##",
+ * 70 without (a vocabulary of whole words only, still read the WordPiece way).
+ */
 static int s_probe_txt(const char *path)
 {
     FILE *f = fopen(path, "rb");
@@ -685,7 +688,7 @@ static int s_probe_txt(const char *path)
             break;
     }
     fclose(f);
-    return unk && continuation ? 80 : 0;
+    return unk ? (continuation ? 80 : 70) : 0;
 }
 
 int um_wp_probe_dir(const char *model_dir)
