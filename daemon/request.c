@@ -31,12 +31,12 @@ static const char *const s_op_names[] = {
 #define UM_REQ_N_OPS (sizeof s_op_names / sizeof s_op_names[0])
 
 static const char *const s_generate_fields[] = {
-    "op", "id", "prompt", "gen_length", "steps", "block_length", "temperature",
+    "op", "id", "prompt", "messages", "gen_length", "steps", "block_length", "temperature",
     "cfg_scale", "remasking", "remasking_params", "seed", "stream", "top_k", "top_p",
     "schedule", "eps", "ban_eos", "suppress_eos_confidence", "early_stop", "trim_eos",
 };
 static const char *const s_schedule_names[] = {"quota", "timestep"};
-static const char *const s_tokenize_fields[] = {"op", "id", "text"};
+static const char *const s_tokenize_fields[] = {"op", "id", "text", "messages"};
 static const char *const s_detokenize_fields[] = {"op", "id", "tokens"};
 static const char *const s_plain_fields[] = {"op", "id"};
 static const char *const s_cancel_fields[] = {"op", "id", "target"};
@@ -344,6 +344,96 @@ static int s_read_string(json_t *obj, const char *key, int required, const char 
     return 0;
 }
 
+/*
+ * The messages field of a chat: a non-empty array of {"role", "content"} objects, role
+ * one of system, user and assistant, content a string. *out stays NULL when absent.
+ */
+static int s_read_messages(json_t *obj, json_t **out, um_req_error_t *err)
+{
+    json_t *v = json_object_get(obj, "messages");
+    *out = NULL;
+    if (!v)
+        return 0;
+    if (!json_is_array(v) || json_array_size(v) == 0) {
+        um_req_error_set(err, UM_ERR_INVALID, "messages", "messages must be a non-empty array "
+                         "of {\"role\", \"content\"} objects, got %s",
+                         json_is_array(v) ? "an empty array" : s_json_type(v));
+        return -1;
+    }
+    if (json_array_size(v) > UM_REQ_MAX_MESSAGES) {
+        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "messages", "messages has %zu entries, "
+                         "more than the %d accepted: drop older turns",
+                         json_array_size(v), UM_REQ_MAX_MESSAGES);
+        return -1;
+    }
+    size_t i;
+    json_t *m;
+    json_array_foreach(v, i, m) {
+        char field[48];
+        snprintf(field, sizeof field, "messages[%zu]", i);
+        if (!json_is_object(m)) {
+            um_req_error_set(err, UM_ERR_INVALID, field, "%s must be a {\"role\", "
+                             "\"content\"} object, got %s", field, s_json_type(m));
+            return -1;
+        }
+        const char *key;
+        json_t *value;
+        json_object_foreach(m, key, value) {
+            if (strcmp(key, "role") != 0 && strcmp(key, "content") != 0) {
+                um_req_error_set(err, UM_ERR_INVALID, field, "%s has an unknown field \"%.64s\": "
+                                 "a message has only \"role\" and \"content\"", field, key);
+                return -1;
+            }
+        }
+        json_t *role = json_object_get(m, "role"), *content = json_object_get(m, "content");
+        const char *r = json_string_value(role);
+        if (!r || (strcmp(r, "system") != 0 && strcmp(r, "user") != 0
+                   && strcmp(r, "assistant") != 0)) {
+            um_req_error_set(err, UM_ERR_INVALID, field, "%s.role must be \"system\", "
+                             "\"user\" or \"assistant\", got %s%.64s%s", field,
+                             r ? "\"" : "", r ? r : (role ? s_json_type(role) : "nothing"),
+                             r ? "\"" : "");
+            return -1;
+        }
+        if (!json_is_string(content)) {
+            um_req_error_set(err, UM_ERR_INVALID, field, "%s.content must be a string, got %s",
+                             field, content ? s_json_type(content) : "nothing");
+            return -1;
+        }
+    }
+    *out = v;
+    return 0;
+}
+
+/*
+ * Exactly one of a text field (prompt or text) and messages. A request with messages
+ * leaves the text NULL for the server to render.
+ */
+static int s_read_text_or_messages(um_request_t *req, const char *key, const char **text,
+                                   size_t *len, um_req_error_t *err)
+{
+    if (s_read_messages(req->root, &req->messages, err) != 0)
+        return -1;
+    int has_text = json_object_get(req->root, key) != NULL;
+    if (req->messages && has_text) {
+        um_req_error_set(err, UM_ERR_INVALID, key, "a %s request takes either \"%s\" or "
+                         "\"messages\", not both: drop one", um_request_op_name(req->op), key);
+        return -1;
+    }
+    if (req->messages) {
+        *text = NULL;
+        *len = 0;
+        return 0;
+    }
+    if (!has_text) {
+        um_req_error_set(err, UM_ERR_INVALID, key, "missing field \"%s\": a %s request needs "
+                         "a string %s, or \"messages\" for the model's chat template", key,
+                         um_request_op_name(req->op), key);
+        return -1;
+    }
+    return s_read_string(req->root, key, 1, text, len, err);
+}
+
 /* ------------------------------------------------------------------------- */
 /* Per-op parsing                                                            */
 
@@ -412,7 +502,7 @@ static int s_parse_generate(um_request_t *req, um_req_error_t *err)
                          "and it can be cancelled, e.g. \"id\": \"g1\"");
         return -1;
     }
-    if (s_read_string(o, "prompt", 1, &req->prompt, &req->prompt_len, err) != 0)
+    if (s_read_text_or_messages(req, "prompt", &req->prompt, &req->prompt_len, err) != 0)
         return -1;
     if (s_read_count(o, "gen_length", UM_REQ_DEFAULT_GEN_LENGTH, &req->gen_length, err) != 0)
         return -1;
@@ -625,7 +715,7 @@ int um_request_parse(const char *data, size_t len, um_request_t *req, um_req_err
     case UM_REQ_GENERATE:
         return s_parse_generate(req, err);
     case UM_REQ_TOKENIZE:
-        return s_read_string(req->root, "text", 1, &req->text, &req->text_len, err);
+        return s_read_text_or_messages(req, "text", &req->text, &req->text_len, err);
     case UM_REQ_DETOKENIZE:
         return s_parse_detokenize(req, err);
     case UM_REQ_CANCEL:

@@ -20,6 +20,9 @@
 #define UM_REQ_DEFAULT_REMASKING "low_confidence"
 #define UM_REQ_DEFAULT_EPS 1e-3
 
+/* Most messages a chat request may carry. */
+#define UM_REQ_MAX_MESSAGES 1024
+
 /* Values of the schedule field; UM_REQ_SCHEDULE_POLICY when absent (the policy's own). */
 typedef enum um_req_schedule {
     UM_REQ_SCHEDULE_POLICY = -1,
@@ -49,8 +52,11 @@ typedef struct um_request {
     json_t *id;    /* borrowed from root; NULL when the request has no id */
     um_req_op_t op;
 
+    /* generate and tokenize: a chat, when given in place of prompt or text */
+    json_t *messages;          /* borrowed array of checked {"role", "content"} objects */
+
     /* generate */
-    const char *prompt;        /* UTF-8, may contain NUL bytes */
+    const char *prompt;        /* UTF-8, may contain NUL bytes; NULL with messages */
     size_t prompt_len;         /* bytes */
     int32_t gen_length;
     int32_t steps;
@@ -72,7 +78,7 @@ typedef struct um_request {
     int trim_eos;              /* cut the reply's tokens and text at the first EOS */
 
     /* tokenize */
-    const char *text;
+    const char *text;          /* NULL with messages */
     size_t text_len;
 
     /* detokenize: ids as sent, range-checked against the vocabulary by the server */

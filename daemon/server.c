@@ -49,6 +49,7 @@
 #include <unmaskd/protocol.h>
 
 #include "broker_link.h"
+#include "chat.h"
 #include "generate.h"
 #include "kernels.h"
 #include "log.h"
@@ -156,6 +157,7 @@ struct um_server {
     um_plugin_registry_t *plugins;     /* main thread; entries never move (plugins.h) */
     char *plugin_path;                 /* folders to rescan, or NULL */
     int32_t eot_id;                    /* end-of-turn token of the tokenizer, or -1 */
+    um_chat_template_t chat;           /* the model's chat template, read-only */
     um_tokenizer_t *tok;               /* main thread */
     um_tokenizer_t *tok_worker;        /* worker thread */
 
@@ -888,6 +890,8 @@ static json_t *s_info_reply(um_server_t *srv, const json_t *id)
     json_object_set_new(m, "eot_token_id",
                         srv->eot_id >= 0 ? json_integer(srv->eot_id) : json_null());
     json_object_set_new(m, "dtype", json_string(um_model_dtype(srv->model)));
+    const char *chat = um_chat_kind_name(srv->chat.kind);
+    json_object_set_new(m, "chat_template", chat ? json_string(chat) : json_null());
     json_object_set_new(r, "model", m);
     json_object_set_new(r, "backend", um_reply_text(um_model_backend(srv->model)));
     json_object_set_new(r, "isa", json_string(um_isa_name(um_kernels_isa())));
@@ -941,15 +945,41 @@ static json_t *s_health_reply(um_server_t *srv, const json_t *id)
 /* ------------------------------------------------------------------------- */
 /* tokenize, detokenize, cancel                                              */
 
+/*
+ * Render the request's messages with the model's chat template into *text (malloc'ed).
+ * Returns 0, or -1 with err set.
+ */
+static int s_render_messages(um_server_t *srv, const um_request_t *req, char **text,
+                             size_t *len, um_req_error_t *err)
+{
+    char msg[512] = "";
+    int rc = um_chat_render(&srv->chat, req->messages, text, len, msg, sizeof msg);
+    if (rc != 0) {
+        um_req_error_set(err, rc == UM_ENOMEM ? UM_ERR_INTERNAL : UM_ERR_INVALID, "messages",
+                         "%s", msg);
+        return -1;
+    }
+    return 0;
+}
+
 static json_t *s_tokenize_reply(um_server_t *srv, const um_request_t *req, um_req_error_t *err)
 {
+    char *rendered = NULL;
+    const char *text = req->text;
+    size_t text_len = req->text_len;
+    if (req->messages) {
+        if (s_render_messages(srv, req, &rendered, &text_len, err) != 0)
+            return NULL;
+        text = rendered;
+    }
     int32_t *ids = NULL;
     size_t n = 0;
-    int rc = um_tokenizer_encode(srv->tok, req->text, req->text_len, &ids, &n);
+    int rc = um_tokenizer_encode(srv->tok, text, text_len, &ids, &n);
     if (rc != 0) {
-        um_req_error_set(err, UM_ERR_INTERNAL, "text", "tokenizer %s failed to encode %zu "
-                         "bytes of text: %s", srv->tok->plugin->desc->name, req->text_len,
-                         um_strerror(rc));
+        um_req_error_set(err, UM_ERR_INTERNAL, req->messages ? "messages" : "text",
+                         "tokenizer %s failed to encode %zu bytes of text: %s",
+                         srv->tok->plugin->desc->name, text_len, um_strerror(rc));
+        free(rendered);
         return NULL;
     }
     json_t *r = um_reply_new(req->id, UM_REPLY_DONE);
@@ -958,6 +988,10 @@ static json_t *s_tokenize_reply(um_server_t *srv, const um_request_t *req, um_re
         json_array_append_new(tokens, json_integer(ids[i]));
     free(ids);
     json_object_set_new(r, "tokens", tokens);
+    /* A chat's reply carries the rendered text, so clients can show or reuse it. */
+    if (rendered)
+        json_object_set_new(r, "text", um_reply_textn(rendered, text_len));
+    free(rendered);
     return r;
 }
 
@@ -1199,11 +1233,21 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
     atomic_init(&job->cancel, S_RUN);
     um_request_id_text(req->id, job->id_text, sizeof job->id_text);
 
+    char *rendered = NULL;
+    const char *prompt = req->prompt;
+    size_t prompt_len = req->prompt_len;
+    if (req->messages) {
+        if (s_render_messages(srv, req, &rendered, &prompt_len, err) != 0)
+            goto fail;
+        prompt = rendered;
+    }
     size_t n_prompt = 0;
-    int rc = um_tokenizer_encode(srv->tok, req->prompt, req->prompt_len, &job->prompt, &n_prompt);
+    int rc = um_tokenizer_encode(srv->tok, prompt, prompt_len, &job->prompt, &n_prompt);
+    free(rendered);
     if (rc != 0) {
-        um_req_error_set(err, UM_ERR_INTERNAL, "prompt", "tokenizer %s failed to encode the "
-                         "prompt: %s", srv->tok->plugin->desc->name, um_strerror(rc));
+        um_req_error_set(err, UM_ERR_INTERNAL, req->messages ? "messages" : "prompt",
+                         "tokenizer %s failed to encode the prompt: %s",
+                         srv->tok->plugin->desc->name, um_strerror(rc));
         goto fail;
     }
     if (n_prompt >= (size_t)INT32_MAX) {
@@ -1628,14 +1672,23 @@ int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *
     srv->tok_worker = tok_worker;
     srv->t_start_ms = s_now_ms();
     srv->eot_id = s_find_eot(tok);
+    int rc = um_chat_load(um_model_dir(model), &srv->chat, err, errlen);
+    if (rc != 0) {
+        free(srv);
+        return rc;
+    }
+    if (srv->chat.kind == UM_CHAT_UNSUPPORTED)
+        um_warn("server", "the model's chat template (\"%s...\") is neither LLaMA-3-style "
+                "headers nor ChatML: requests with messages will be rejected", srv->chat.head);
     if (cfg->plugin_path && !(srv->plugin_path = strdup(cfg->plugin_path))) {
         snprintf(err, errlen, "out of memory for the server");
+        um_chat_free(&srv->chat);
         free(srv);
         return UM_ENOMEM;
     }
     snprintf(srv->pipe_name, sizeof srv->pipe_name, "inproc://unmaskd-worker-%p", (void *)srv);
 
-    int rc = UM_EIO;
+    rc = UM_EIO;
     srv->zctx = zmq_ctx_new();
     if (!srv->zctx) {
         snprintf(err, errlen, "cannot create a ZeroMQ context: %s", zmq_strerror(errno));
@@ -1701,6 +1754,7 @@ void um_server_destroy(um_server_t **srvp)
     if (srv->bound && srv->ipc_inode != 0 && s_ipc_inode(srv->endpoint) == srv->ipc_inode)
         unlink(srv->endpoint + 6); /* only the file this daemon created, not a successor's */
     free(srv->plugin_path);
+    um_chat_free(&srv->chat);
     free(srv);
     *srvp = NULL;
 }

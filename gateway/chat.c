@@ -23,6 +23,8 @@ int um_gw_chat_template_parse(const char *name, um_gw_chat_template_t *out)
         *out = UM_GW_CHAT_PLAIN;
     else if (strcmp(name, "llada") == 0)
         *out = UM_GW_CHAT_LLADA;
+    else if (strcmp(name, "model") == 0)
+        *out = UM_GW_CHAT_MODEL;
     else
         return -1;
     return 0;
@@ -35,17 +37,25 @@ const char *um_gw_chat_template_name(um_gw_chat_template_t t)
         return "plain";
     case UM_GW_CHAT_LLADA:
         return "llada";
+    case UM_GW_CHAT_MODEL:
+        return "model";
     default:
         return "auto";
     }
 }
 
 int um_gw_chat_template_resolve(um_gw_session_t *s, um_gw_chat_template_t t,
-                                um_gw_chat_template_t *out, um_gw_error_t *e)
+                                const char *model_template, um_gw_chat_template_t *out,
+                                um_gw_error_t *e)
 {
     *out = t;
     if (t != UM_GW_CHAT_AUTO)
         return 0;
+    if (model_template && (strcmp(model_template, "headers") == 0
+                           || strcmp(model_template, "chatml") == 0)) {
+        *out = UM_GW_CHAT_MODEL;
+        return 0;
+    }
     /* A tokenizer that has the four special tokens reads this text as four tokens. Any
        other splits it into many pieces of punctuation and letters. */
     const char *probe = S_LLADA_BOS S_LLADA_HEADER_START S_LLADA_HEADER_END S_LLADA_EOT;
@@ -66,6 +76,43 @@ int um_gw_chat_template_resolve(um_gw_session_t *s, um_gw_chat_template_t t,
     json_decref(reply);
     *out = n == 4 ? UM_GW_CHAT_LLADA : UM_GW_CHAT_PLAIN;
     return 0;
+}
+
+json_t *um_gw_chat_render_model(um_gw_session_t *s, const json_t *messages, um_gw_error_t *e)
+{
+    /* OpenAI's developer role is the system role of the model's template. */
+    json_t *msgs = json_array();
+    size_t i;
+    const json_t *m;
+    json_array_foreach(messages, i, m) {
+        const char *role = json_string_value(json_object_get(m, "role"));
+        json_array_append_new(msgs, json_pack("{s:s, s:O}", "role",
+                                              strcmp(role, "developer") == 0 ? "system" : role,
+                                              "content", json_object_get(m, "content")));
+    }
+    json_t *req = json_pack("{s:s, s:o}", "op", UM_OP_TOKENIZE, "messages", msgs);
+    json_t *reply = NULL;
+    int rc = req ? um_gw_session_call(s, req, &reply) : UM_GW_NOMEM;
+    json_decref(req);
+    if (rc != 0) {
+        um_gw_error_from_status(e, rc, s->up->endpoint);
+        return NULL;
+    }
+    if (strcmp(um_gw_reply_type(reply), UM_REPLY_DONE) != 0) {
+        um_gw_error_from_reply(e, reply, NULL, NULL);
+        json_decref(reply);
+        return NULL;
+    }
+    json_t *text = json_incref(json_object_get(reply, "text"));
+    json_decref(reply);
+    if (!json_is_string(text)) {
+        json_decref(text);
+        um_gw_error_set(e, 502, UM_ERR_INTERNAL, NULL, "the daemon's tokenize reply for the "
+                        "chat has no rendered text: update unmaskd to a version that renders "
+                        "chat templates");
+        return NULL;
+    }
+    return text;
 }
 
 /*

@@ -16,22 +16,32 @@
 
 #include "gateway.h"
 
-/* Parse "auto", "plain" or "llada". Returns 0, or -1 for another name. */
+/* Parse "auto", "model", "plain" or "llada". Returns 0, or -1 for another name. */
 int um_gw_chat_template_parse(const char *name, um_gw_chat_template_t *out);
 
 const char *um_gw_chat_template_name(um_gw_chat_template_t t);
 
 /*
- * Resolve UM_GW_CHAT_AUTO on session s: llada when the daemon's tokenizer reads each of
- * the llada template's special tokens as one token, plain otherwise. Other templates
- * are returned unchanged. Returns 0, or -1 with e filled when the daemon fails.
+ * Resolve UM_GW_CHAT_AUTO on session s: model when model_template (the chat_template
+ * the daemon's info reports, or NULL) is one the daemon renders; else llada when the
+ * daemon's tokenizer reads each of the llada template's special tokens as one token;
+ * else plain. Other templates are returned unchanged. Returns 0, or -1 with e filled
+ * when the daemon fails.
  */
 int um_gw_chat_template_resolve(um_gw_session_t *s, um_gw_chat_template_t t,
-                                um_gw_chat_template_t *out, um_gw_error_t *e);
+                                const char *model_template, um_gw_chat_template_t *out,
+                                um_gw_error_t *e);
+
+/*
+ * Have the daemon render messages with the model's chat template (a tokenize request
+ * with messages). Returns the rendered text as a new JSON string, or NULL with e filled.
+ */
+json_t *um_gw_chat_render_model(um_gw_session_t *s, const json_t *messages,
+                                um_gw_error_t *e);
 
 /*
  * Render messages, an array of {"role": string, "content": string} objects already
- * checked by the caller, with template t (not auto). Returns a malloc'ed
+ * checked by the caller, with template t (llada or plain). Returns a malloc'ed
  * NUL-terminated prompt with its length in *len, or NULL when out of memory.
  */
 char *um_gw_chat_render(um_gw_chat_template_t t, const json_t *messages, size_t *len);

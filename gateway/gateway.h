@@ -40,9 +40,11 @@
 
 /* Chat templates that turn a list of messages into one prompt (see chat.c). */
 typedef enum um_gw_chat_template {
-    UM_GW_CHAT_AUTO = 0, /* llada when the daemon's tokenizer has its header tokens, else plain */
+    UM_GW_CHAT_AUTO = 0, /* model when the daemon renders the model's own template; else
+                            llada when its tokenizer has LLaDA's header tokens; else plain */
     UM_GW_CHAT_PLAIN,
     UM_GW_CHAT_LLADA,
+    UM_GW_CHAT_MODEL,    /* the daemon renders the model's chat template */
 } um_gw_chat_template_t;
 
 typedef struct um_gw_config {

@@ -43,9 +43,11 @@ static void s_usage(FILE *out)
             "  --port N               TCP port, 0 for a free one; default %d\n"
             "  --model-name NAME      model id in /v1/models and in responses; default: the\n"
             "                         name of the daemon's model folder\n"
-            "  --chat-template NAME   how chat messages become a prompt: llada, plain, or\n"
-            "                         auto (llada when the daemon's tokenizer has its special\n"
-            "                         tokens, else plain); default auto\n"
+            "  --chat-template NAME   how chat messages become a prompt: model (the daemon\n"
+            "                         renders the model's own template), llada, plain, or\n"
+            "                         auto (model when the daemon renders the model's\n"
+            "                         template, else llada when its tokenizer has LLaDA's\n"
+            "                         special tokens, else plain); default auto\n"
             "  --max-body-size N      largest request body in bytes; larger ones get 413;\n"
             "                         default %d\n"
             "  --max-connections N    HTTP connections served at once, one thread each;\n"
@@ -151,7 +153,7 @@ static int s_parse_options(int argc, char **argv, um_gw_config_t *cfg, int *log_
             break;
         case S_OPT_CHAT_TEMPLATE:
             if (um_gw_chat_template_parse(optarg, &cfg->chat_template) != 0) {
-                fprintf(stderr, "unmask-gateway: --chat-template must be auto, llada or plain, "
+                fprintf(stderr, "unmask-gateway: --chat-template must be auto, model, llada or plain, "
                         "got \"%s\"\n", optarg);
                 rc = -1;
             }

@@ -711,15 +711,28 @@ int um_gw_oai_prepare(um_gw_oai_t *o, um_gw_session_t *s, um_gw_error_t *e)
     um_gw_model_id(o->gw, info, o->model, sizeof o->model);
     json_int_t max_seq = json_integer_value(
         json_object_get(json_object_get(info, "model"), "max_sequence_length"));
+    char model_template[32] = "";
+    const char *mt = json_string_value(
+        json_object_get(json_object_get(info, "model"), "chat_template"));
+    if (mt)
+        snprintf(model_template, sizeof model_template, "%s", mt);
     json_decref(info);
 
     if (o->kind == UM_GW_OAI_CHAT) {
-        if (um_gw_chat_template_resolve(s, o->gw->cfg.chat_template, &o->chat_template, e) != 0)
+        if (um_gw_chat_template_resolve(s, o->gw->cfg.chat_template,
+                                        model_template[0] ? model_template : NULL,
+                                        &o->chat_template, e) != 0)
             return -1;
-        size_t len = 0;
-        char *prompt = um_gw_chat_render(o->chat_template, o->messages, &len);
-        json_t *p = prompt ? json_stringn(prompt, len) : NULL;
-        free(prompt);
+        json_t *p = NULL;
+        if (o->chat_template == UM_GW_CHAT_MODEL) {
+            if (!(p = um_gw_chat_render_model(s, o->messages, e)))
+                return -1;
+        } else {
+            size_t len = 0;
+            char *prompt = um_gw_chat_render(o->chat_template, o->messages, &len);
+            p = prompt ? json_stringn(prompt, len) : NULL;
+            free(prompt);
+        }
         o->prompts = json_array();
         if (!p || !o->prompts || json_array_append_new(o->prompts, p) != 0) {
             um_gw_error_set(e, 500, UM_ERR_INTERNAL, NULL, "out of memory for the chat prompt");

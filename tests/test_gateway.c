@@ -1218,6 +1218,72 @@ START_TEST(test_daemon_down)
 }
 END_TEST
 
+/*
+ * A model with its own chat template (ChatML, as Dream ships): in auto mode the gateway
+ * has the daemon render it, the developer role as system, so usage counts the tokens of
+ * the daemon's rendering.
+ */
+START_TEST(test_chat_model_template)
+{
+    char dir[64];
+    snprintf(dir, sizeof dir, "/tmp/unmask-gateway-chat-%ld", (long)getpid());
+    mkdir(dir, 0755);
+    static const char *const files[] = {"config.json", "model.safetensors", "tokenizer.json"};
+    for (size_t i = 0; i < 3; i++) {
+        char from[4096], to[256];
+        snprintf(from, sizeof from, "%s/%s", um_test_env("UM_TEST_MODEL"), files[i]);
+        snprintf(to, sizeof to, "%s/%s", dir, files[i]);
+        unlink(to);
+        ck_assert_int_eq(symlink(from, to), 0);
+    }
+    json_t *doc = json_load_file(um_test_path(um_test_env("UM_TEST_FIXTURES"), "chat/cases.json"),
+                                 0, NULL);
+    ck_assert_ptr_nonnull(doc);
+    json_t *config = json_object_get(json_array_get(json_object_get(doc, "templates"), 1),
+                                     "tokenizer_config");
+    char config_path[256];
+    snprintf(config_path, sizeof config_path, "%s/tokenizer_config.json", dir);
+    ck_assert_int_eq(json_dump_file(config, config_path, 0), 0);
+    json_decref(doc);
+
+    s_stack_t st = {.daemon = {.pid = -1}, .gateway = {.pid = -1}};
+    const char *const extra[] = {"--model", dir, NULL};
+    s_start_daemon(&st, extra);
+    s_start_gateway(&st, st.endpoint, NULL);
+    s_wait_healthy(&st);
+
+    json_t *r = s_daemon_call(st.endpoint, json_pack("{s:s, s:[{s:s, s:s}, {s:s, s:s}]}", "op",
+                                                     UM_OP_TOKENIZE, "messages", "role",
+                                                     "system", "content", "be brief.", "role",
+                                                     "user", "content", "a cat"));
+    int want = (int)json_array_size(json_object_get(r, "tokens"));
+    ck_assert_ptr_nonnull(strstr(json_string_value(json_object_get(r, "text")),
+                                 "<|im_start|>system\nbe brief.<|im_end|>"));
+    json_decref(r);
+    char body[] = "{\"messages\": [{\"role\": \"developer\", \"content\": \"be brief.\"}, "
+                  "{\"role\": \"user\", \"content\": \"a cat\"}], \"max_tokens\": 4}";
+    s_http_t h = {0};
+    s_http_to(st.url, "POST", "/v1/chat/completions", body, strlen(body), 0, &h);
+    ck_assert_msg(h.status == 200, "status %ld: %s", h.status, h.body);
+    r = json_loads(h.body, 0, NULL);
+    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(r, "usage"),
+                                                        "prompt_tokens")), want);
+    json_decref(r);
+    free(h.body);
+
+    s_stop(&st.gateway, 30000);
+    s_stop(&st.daemon, 30000);
+    unlink(st.endpoint + strlen("ipc://"));
+    for (size_t i = 0; i < 3; i++) {
+        char to[256];
+        snprintf(to, sizeof to, "%s/%s", dir, files[i]);
+        unlink(to);
+    }
+    unlink(config_path);
+    rmdir(dir);
+}
+END_TEST
+
 /* A daemon that dies mid-stream ends the stream with an error event at once. */
 START_TEST(test_daemon_lost)
 {
@@ -1358,7 +1424,7 @@ START_TEST(test_command_line)
     ck_assert_msg(strstr(out, "--port must be a whole number in [0, 65535]") != NULL, "%s", out);
     const char *bad_template[] = {"--chat-template", "jinja", NULL};
     ck_assert_int_eq(s_run_gateway(bad_template, out, sizeof out), 2);
-    ck_assert_msg(strstr(out, "auto, llada or plain") != NULL, "%s", out);
+    ck_assert_msg(strstr(out, "auto, model, llada or plain") != NULL, "%s", out);
     const char *bad_listen[] = {"--listen", "example.org", "--port", "0", NULL};
     ck_assert_int_eq(s_run_gateway(bad_listen, out, sizeof out), 1);
     ck_assert_msg(strstr(out, "not a numeric IPv4 or IPv6 address") != NULL, "%s", out);
@@ -1407,6 +1473,7 @@ Suite *um_gateway_suite(void)
     tcase_set_timeout(tc, 300);
     tcase_add_unchecked_fixture(tc, s_setup_curl, s_teardown_curl);
     tcase_add_test(tc, test_daemon_down);
+    tcase_add_test(tc, test_chat_model_template);
     tcase_add_test(tc, test_daemon_lost);
     tcase_add_test(tc, test_daemon_busy);
     tcase_add_test(tc, test_command_line);

@@ -1218,6 +1218,129 @@ START_TEST(test_error_fields)
 }
 END_TEST
 
+/* messages: its shape, its exclusion with prompt, and a model without a chat template. */
+START_TEST(test_error_messages)
+{
+    s_expect_error(json_pack("{s:s, s:s, s:s, s:[{s:s, s:s}]}", "op", "generate", "id", "m1",
+                             "prompt", "hi", "messages", "role", "user", "content", "hi"),
+                   UM_ERR_INVALID, "prompt", "either \"prompt\" or \"messages\", not both");
+    s_expect_error(json_pack("{s:s, s:s, s:[]}", "op", "generate", "id", "m2", "messages"),
+                   UM_ERR_INVALID, "messages", "got an empty array");
+    s_expect_error(json_pack("{s:s, s:s, s:{}}", "op", "generate", "id", "m3", "messages"),
+                   UM_ERR_INVALID, "messages", "got an object");
+    s_expect_error(json_pack("{s:s, s:s, s:[{s:s, s:s}]}", "op", "generate", "id", "m4",
+                             "messages", "role", "robot", "content", "hi"),
+                   UM_ERR_INVALID, "messages[0]", "role must be \"system\", \"user\" or "
+                   "\"assistant\", got \"robot\"");
+    s_expect_error(json_pack("{s:s, s:s, s:[{s:s, s:s}, {s:s, s:i}]}", "op", "generate", "id",
+                             "m5", "messages", "role", "user", "content", "hi", "role", "user",
+                             "content", 3),
+                   UM_ERR_INVALID, "messages[1]", "content must be a string, got an integer");
+    s_expect_error(json_pack("{s:s, s:s, s:[{s:s, s:s, s:s}]}", "op", "tokenize", "id", "m6",
+                             "messages", "role", "user", "content", "hi", "name", "bob"),
+                   UM_ERR_INVALID, "messages[0]", "unknown field \"name\"");
+    /* The bundled model ships no chat template. */
+    s_expect_error(json_pack("{s:s, s:s, s:[{s:s, s:s}]}", "op", "generate", "id", "m7",
+                             "messages", "role", "user", "content", "hi"),
+                   UM_ERR_INVALID, "messages", "has no chat_template");
+    s_expect_error(json_pack("{s:s, s:s}", "op", "generate", "id", "m8"), UM_ERR_INVALID,
+                   "prompt", "or \"messages\" for the model's chat template");
+    s_assert_serving(s_sock);
+}
+END_TEST
+
+/* A copy of the test model whose tokenizer_config.json has Dream's ChatML template. */
+static char s_chat_model[64];
+
+static void s_setup_daemon_chat(void)
+{
+    snprintf(s_chat_model, sizeof s_chat_model, "/tmp/unmaskd-chat-model-%ld", (long)getpid());
+    mkdir(s_chat_model, 0755);
+    const char *model = um_test_env("UM_TEST_MODEL");
+    static const char *const files[] = {"config.json", "model.safetensors", "tokenizer.json"};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        char from[4096], to[4096];
+        snprintf(from, sizeof from, "%s/%s", model, files[i]);
+        snprintf(to, sizeof to, "%s/%s", s_chat_model, files[i]);
+        unlink(to);
+        ck_assert_int_eq(symlink(from, to), 0);
+    }
+    json_error_t jerr;
+    json_t *doc = json_load_file(um_test_path(um_test_env("UM_TEST_FIXTURES"), "chat/cases.json"),
+                                 0, &jerr);
+    ck_assert_ptr_nonnull(doc);
+    json_t *chatml = json_array_get(json_object_get(doc, "templates"), 1);
+    ck_assert_str_eq(json_string_value(json_object_get(chatml, "kind")), "chatml");
+    ck_assert_int_eq(json_dump_file(json_object_get(chatml, "tokenizer_config"),
+                                    um_test_path(s_chat_model, "tokenizer_config.json"), 0), 0);
+    json_decref(doc);
+    const char *const extra[] = {"--model", s_chat_model, NULL};
+    s_daemon_start_with(extra);
+}
+
+static void s_teardown_daemon_chat(void)
+{
+    s_teardown_daemon();
+    static const char *const files[] = {"config.json", "model.safetensors", "tokenizer.json",
+                                        "tokenizer_config.json"};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
+        unlink(um_test_path(s_chat_model, files[i]));
+    rmdir(s_chat_model);
+}
+
+/*
+ * messages through the daemon: info names the template, tokenize returns the text Jinja
+ * renders (tests/fixtures/chat) and its tokens, and generate reads the same prompt.
+ */
+START_TEST(test_generate_messages)
+{
+    json_t *info = s_done(s_call(s_sock, json_pack("{s:s, s:s}", "op", "info", "id", "i")));
+    ck_assert_str_eq(json_string_value(json_object_get(json_object_get(info, "model"),
+                                                       "chat_template")), "chatml");
+    json_decref(info);
+
+    json_error_t jerr;
+    json_t *doc = json_load_file(um_test_path(um_test_env("UM_TEST_FIXTURES"), "chat/cases.json"),
+                                 0, &jerr);
+    ck_assert_ptr_nonnull(doc);
+    json_t *messages = json_array_get(json_object_get(doc, "conversations"), 2);
+    json_t *want = json_array_get(json_object_get(json_array_get(json_object_get(doc,
+                                                                                 "templates"), 1),
+                                                  "rendered"), 2);
+    json_t *tok = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:O}", "op", "tokenize", "id", "t",
+                                                  "messages", messages)));
+    ck_assert_msg(json_equal(json_object_get(tok, "text"), want), "rendered %s, expected %s",
+                  json_string_value(json_object_get(tok, "text")), json_string_value(want));
+    json_t *plain = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:O}", "op", "tokenize", "id",
+                                                    "p", "text", want)));
+    ck_assert(json_equal(json_object_get(tok, "tokens"), json_object_get(plain, "tokens")));
+
+    /* A shorter chat to generate from: the bundled vocabulary splits the ChatML markers. */
+    messages = json_array_get(json_object_get(doc, "conversations"), 0);
+    want = json_array_get(json_object_get(json_array_get(json_object_get(doc, "templates"), 1),
+                                          "rendered"), 0);
+    json_decref(tok);
+    tok = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:O}", "op", "tokenize", "id", "t0",
+                                          "messages", messages)));
+    size_t n_tokens = json_array_size(json_object_get(tok, "tokens"));
+
+    json_t *gen = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:O, s:i, s:i}", "op", "generate",
+                                                  "id", "g", "messages", messages, "gen_length",
+                                                  8, "seed", 3)));
+    ck_assert_int_eq(json_integer_value(json_object_get(gen, "prompt_tokens")),
+                     (json_int_t)n_tokens);
+    json_t *same = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:O, s:i, s:i}", "op",
+                                                   "generate", "id", "g2", "prompt", want,
+                                                   "gen_length", 8, "seed", 3)));
+    ck_assert(json_equal(json_object_get(gen, "tokens"), json_object_get(same, "tokens")));
+    json_decref(same);
+    json_decref(gen);
+    json_decref(plain);
+    json_decref(tok);
+    json_decref(doc);
+}
+END_TEST
+
 START_TEST(test_error_ranges)
 {
     json_t *req = s_generate("r1", "hi", 8);
@@ -1812,6 +1935,13 @@ Suite *um_server_suite(void)
     tcase_add_test(tc, test_generate_eos_controls);
     suite_add_tcase(s, tc);
 
+    tc = tcase_create("chat");
+    tcase_add_unchecked_fixture(tc, s_setup_daemon_chat, s_teardown_daemon_chat);
+    tcase_add_checked_fixture(tc, s_setup_client, s_teardown_client);
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_generate_messages);
+    suite_add_tcase(s, tc);
+
     tc = s_tcase("bert", s_setup_daemon_bert, 60);
     tcase_add_test(tc, test_generate_bert_framing);
     suite_add_tcase(s, tc);
@@ -1824,6 +1954,7 @@ Suite *um_server_suite(void)
     tcase_add_test(tc, test_error_json);
     tcase_add_test(tc, test_error_op);
     tcase_add_test(tc, test_error_fields);
+    tcase_add_test(tc, test_error_messages);
     tcase_add_test(tc, test_error_ranges);
     tcase_add_test(tc, test_error_plugins);
     tcase_add_test(tc, test_error_policy_params);

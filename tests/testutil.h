@@ -25,6 +25,7 @@ Suite *um_gemm_suite(void);
 Suite *um_safetensors_suite(void);
 Suite *um_model_suite(void);
 Suite *um_families_suite(void);
+Suite *um_chat_suite(void);
 Suite *um_generate_suite(void);
 Suite *um_plugins_suite(void);
 Suite *um_tokenizer_suite(void);
