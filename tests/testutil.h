@@ -26,6 +26,7 @@ Suite *um_safetensors_suite(void);
 Suite *um_model_suite(void);
 Suite *um_families_suite(void);
 Suite *um_chat_suite(void);
+Suite *um_score_suite(void);
 Suite *um_generate_suite(void);
 Suite *um_plugins_suite(void);
 Suite *um_tokenizer_suite(void);

@@ -674,3 +674,60 @@ def generate(model, prompt, gen_length=64, block_length=32, steps=64, temperatur
     if stats is not None:
         stats.update(st)
     return x[0, :L].tolist()
+
+
+STREAM_SCORE = 1 << 62
+
+
+def score_mask_counts(k, L, b):
+    """Stratified mask counts of one batch: ((round(k + j L / b) - 1) mod L) + 1."""
+    return [((round(k + j * L / b) - 1) % L) + 1 for j in range(b)]
+
+
+@torch.no_grad()
+def score(model, prompt, answer, n_samples=128, batch_size=16, cfg_scale=0.0, seed=0,
+          suffix=()):
+    """LLaDA's Monte-Carlo estimate of log p(answer | prompt), with unmaskd's draws.
+
+    Returns (log_likelihood, std_error, per-sample losses, forward passes). Unlike
+    LLaDA's get_log_likelihood, a last batch smaller than batch_size is run, not dropped.
+    """
+    mask_id = model.config.mask_token_id
+    P, L = len(prompt), len(answer)
+    base = list(prompt) + list(answer) + list(suffix)
+    losses, passes, done = [], 0, 0
+    batch = 0
+    while done < n_samples:
+        b = min(batch_size, n_samples - done)
+        stream = STREAM_SCORE + batch
+        k = 1 + int(rng_uniform(seed, stream, [0])[0] * L)
+        counts = score_mask_counts(min(k, L), L, b)
+        x = torch.tensor([base] * b, dtype=torch.long)
+        masked = []
+        for j in range(b):
+            u = rng_uniform(seed, stream, [1 + j * L + i for i in range(L)])
+            order = np.argsort(u, kind="stable")[:counts[j]]
+            masked.append(sorted(int(i) for i in order))
+            for i in masked[-1]:
+                x[j, P + i] = mask_id
+        if cfg_scale > 0:
+            un = x.clone()
+            for j in range(b):
+                for i in range(P):
+                    if prompt[i] != mask_id:
+                        un[j, i] = mask_id
+            both = model(torch.cat([x, un], 0)).float()
+            scale = torch.tensor(np.float32(cfg_scale + 1.0))
+            logits = both[b:] + scale * (both[:b] - both[b:])
+        else:
+            logits = model(x).float()
+        passes += 1
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        for j in range(b):
+            nll = -sum(float(logp[j, P + i, answer[i]]) for i in masked[j])
+            losses.append(nll * L / counts[j])
+        done += b
+        batch += 1
+    mean = float(np.mean(losses))
+    se = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else 0.0
+    return -mean, se, losses, passes
