@@ -7,7 +7,10 @@
  * timed batches, in nanoseconds per call and in GB/s of the bytes the op reads and writes
  * through its arguments (a row read twice counts once). Prints a table, and with
  * --json FILE also writes the figures as JSON. Single-threaded, like the kernels.
+ * --info prints what unmask-bench records about the build and the ISA choice instead.
  */
+#include "config.h"
+
 #include <getopt.h>
 #include <math.h>
 #include <stdio.h>
@@ -17,9 +20,10 @@
 
 #include "kernels.h"
 
-/* The fastest of S_BATCHES batches, each of at least S_BATCH_NS, is reported. */
-#define S_BATCHES 5
-#define S_BATCH_NS 4e6
+/* The fastest of s_batches batches, each of at least s_batch_ns, is reported; --quick
+ * lowers both, which makes the figures noisier on a busy machine. */
+static int s_batches = 5;
+static double s_batch_ns = 4e6;
 
 static double s_now_ns(void)
 {
@@ -78,8 +82,8 @@ static void s_call(const um_kernel_table_t *t, size_t op, int32_t n, s_operands_
     }
 }
 
-/* Nanoseconds per call: batches grow until one lasts S_BATCH_NS, then the fastest of
- * S_BATCHES such batches counts. */
+/* Nanoseconds per call: batches grow until one lasts s_batch_ns, then the fastest of
+ * s_batches such batches counts. */
 static double s_time_op(const um_kernel_table_t *t, size_t op, int32_t n, s_operands_t *o)
 {
     long reps = 1;
@@ -88,12 +92,12 @@ static double s_time_op(const um_kernel_table_t *t, size_t op, int32_t n, s_oper
         for (long r = 0; r < reps; r++)
             s_call(t, op, n, o);
         double took = s_now_ns() - start;
-        if (took >= S_BATCH_NS || reps >= (1L << 30))
+        if (took >= s_batch_ns || reps >= (1L << 30))
             break;
-        reps = took > 0 ? (long)(reps * 1.2 * S_BATCH_NS / took) + 1 : reps * 16;
+        reps = took > 0 ? (long)(reps * 1.2 * s_batch_ns / took) + 1 : reps * 16;
     }
     double best = INFINITY;
-    for (int b = 0; b < S_BATCHES; b++) {
+    for (int b = 0; b < s_batches; b++) {
         /* Softmax and add work in place, so restore the row and keep its values logits. */
         memcpy(o->out, o->y, (size_t)n * sizeof(float));
         double start = s_now_ns();
@@ -136,22 +140,107 @@ static int s_write_json(const char *path, const s_result_t *res, size_t count)
     return 0;
 }
 
+/* ------------------------------------------------------------------------- */
+/* Build and ISA information (--info)                                        */
+
+#if defined(__clang__)
+#define S_COMPILER "clang " __clang_version__
+#elif defined(__GNUC__)
+#define S_COMPILER "gcc " __VERSION__
+#else
+#define S_COMPILER "unknown"
+#endif
+
+#if defined(__x86_64__)
+#define S_ARCH "x86_64"
+#elif defined(__aarch64__)
+#define S_ARCH "aarch64"
+#else
+#define S_ARCH "other"
+#endif
+
+/* Write text as a JSON string, with quotes, backslashes and control characters escaped. */
+static void s_json_string(FILE *f, const char *text)
+{
+    fputc('"', f);
+    for (const unsigned char *p = (const unsigned char *)text; *p; p++) {
+        if (*p == '"' || *p == '\\')
+            fprintf(f, "\\%c", *p);
+        else if (*p < 0x20)
+            fprintf(f, "\\u%04x", *p);
+        else
+            fputc(*p, f);
+    }
+    fputc('"', f);
+}
+
+/* Print the build (version, architecture, compiler, oneDNN, libxsmm) and every ISA with
+ * whether this host runs it, and which one the kernels selected and why, as JSON. */
+static void s_print_info(void)
+{
+    printf("{\n  \"version\": ");
+    s_json_string(stdout, PACKAGE_VERSION);
+    printf(",\n  \"arch\": \"%s\",\n  \"compiler\": ", S_ARCH);
+    s_json_string(stdout, S_COMPILER);
+    printf(",\n  \"gemm_backend\": ");
+    s_json_string(stdout, um_gemm_backend());
+    printf(",\n  \"bf16_native\": %s", um_gemm_bf16_native() ? "true" : "false");
+    /* Selecting libxsmm succeeds only in a build that has it, and then names its target.
+     * The default backend is restored at once; nothing runs in between. */
+    char err[256];
+    printf(",\n  \"libxsmm\": ");
+    if (um_attention_select("libxsmm", err, sizeof err) == 0)
+        s_json_string(stdout, um_attention_backend_name());
+    else
+        printf("null");
+    um_attention_select("onednn", err, sizeof err);
+    printf(",\n  \"isa\": \"%s\",\n  \"isa_reason\": ", um_isa_name(um_kernels_isa()));
+    s_json_string(stdout, um_kernels_reason());
+    printf(",\n  \"isas\": [");
+    for (int i = 0; i < UM_ISA_COUNT; i++) {
+        char why[160] = "";
+        int ok = um_isa_supported((um_isa_t)i, why, sizeof why);
+        printf("%s\n    {\"name\": \"%s\", \"supported\": %s, \"reason\": ", i ? "," : "",
+               um_isa_name((um_isa_t)i), ok ? "true" : "false");
+        if (ok)
+            printf("null}");
+        else {
+            s_json_string(stdout, why);
+            printf("}");
+        }
+    }
+    printf("\n  ]\n}\n");
+}
+
 static void s_usage(FILE *out)
 {
-    fprintf(out, "usage: kernel-bench [--json FILE]\n"
+    fprintf(out, "usage: kernel-bench [--json FILE] [--isa NAME] [--quick] [--info]\n"
                  "  --json FILE   also write the figures to FILE as JSON\n"
-                 "Times every kernel op on every ISA this host runs (capped by UNMASKD_ISA).\n");
+                 "  --isa NAME    highest ISA to time: scalar, avx2, avx512, amx or neon\n"
+                 "                (default: UNMASKD_ISA, else the best this host runs)\n"
+                 "  --quick       3 batches of 1 ms per figure instead of 5 of 4 ms\n"
+                 "  --info        print the build and ISA information as JSON and exit\n"
+                 "Times every kernel op on every ISA this host runs, up to the cap.\n");
 }
 
 int main(int argc, char **argv)
 {
-    const char *json_path = NULL;
+    const char *json_path = NULL, *isa = NULL;
+    int info = 0;
     static const struct option opts[] = {
-        {"json", required_argument, 0, 'j'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        {"json", required_argument, 0, 'j'}, {"isa", required_argument, 0, 'i'},
+        {"quick", no_argument, 0, 'q'},      {"info", no_argument, 0, 'I'},
+        {"help", no_argument, 0, 'h'},       {0, 0, 0, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
         case 'j': json_path = optarg; break;
+        case 'i': isa = optarg; break;
+        case 'q':
+            s_batches = 3;
+            s_batch_ns = 1e6;
+            break;
+        case 'I': info = 1; break;
         case 'h': s_usage(stdout); return 0;
         default: s_usage(stderr); return 2;
         }
@@ -162,9 +251,13 @@ int main(int argc, char **argv)
     }
 
     char err[256];
-    if (um_kernels_select(NULL, err, sizeof err) != 0) {
+    if (um_kernels_select(isa, err, sizeof err) != 0) {
         fprintf(stderr, "kernel-bench: %s\n", err);
         return 2;
+    }
+    if (info) {
+        s_print_info();
+        return 0;
     }
 
     /* Every ISA up to the selected one (UNMASKD_ISA caps it), each table once, because

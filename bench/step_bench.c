@@ -44,12 +44,20 @@ static void s_usage(FILE *out)
             "  --block-length N    block length (default 32)\n"
             "  --repeat N          timed runs of each measurement (default 5)\n"
             "  --threads N         OpenMP threads (default: OpenMP's choice)\n"
+            "  --isa NAME          kernel ISA cap: scalar, avx2, avx512, amx or neon\n"
+            "                      (default: UNMASKD_ISA, else the best this host runs)\n"
+            "  --weight-dtype TYPE f32, bf16 or auto (default: UNMASKD_WEIGHT_DTYPE, else\n"
+            "                      auto)\n"
+            "  --attention NAME    attention products: onednn or libxsmm (default:\n"
+            "                      UNMASKD_ATTENTION, else onednn)\n"
             "  --json              print one JSON object instead of the table\n");
 }
 
 int main(int argc, char **argv)
 {
     const char *model_dir = "models/tinystories", *plugin_dir = "build-plugins";
+    const char *isa = NULL, *attention = NULL;
+    um_model_options_t load_opts = {0};
     int prompt_tokens = 16, gen_length = 64, steps = 64, block_length = 32, repeat = 5;
     int threads = 0, json = 0;
     static const struct option opts[] = {
@@ -57,6 +65,8 @@ int main(int argc, char **argv)
         {"prompt-tokens", required_argument, 0, 'P'}, {"gen-length", required_argument, 0, 'g'},
         {"steps", required_argument, 0, 's'},      {"block-length", required_argument, 0, 'b'},
         {"repeat", required_argument, 0, 'r'},     {"threads", required_argument, 0, 't'},
+        {"isa", required_argument, 0, 'i'},        {"weight-dtype", required_argument, 0, 'w'},
+        {"attention", required_argument, 0, 'a'},
         {"json", no_argument, 0, 'j'},             {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
@@ -70,6 +80,19 @@ int main(int argc, char **argv)
         case 'b': block_length = atoi(optarg); break;
         case 'r': repeat = atoi(optarg); break;
         case 't': threads = atoi(optarg); break;
+        case 'i': isa = optarg; break;
+        case 'a': attention = optarg; break;
+        case 'w':
+            if (strcmp(optarg, "f32") == 0)
+                load_opts.weight_dtype = UM_WDTYPE_F32;
+            else if (strcmp(optarg, "bf16") == 0)
+                load_opts.weight_dtype = UM_WDTYPE_BF16;
+            else if (strcmp(optarg, "auto") != 0) {
+                fprintf(stderr, "step-bench: --weight-dtype must be f32, bf16 or auto, got "
+                        "\"%s\"\n", optarg);
+                return 2;
+            }
+            break;
         case 'j': json = 1; break;
         case 'h': s_usage(stdout); return 0;
         default: s_usage(stderr); return 2;
@@ -85,8 +108,13 @@ int main(int argc, char **argv)
     um_log_set_level(UM_LOG_WARN);
 
     char err[1024] = "";
+    if (um_kernels_select(isa, err, sizeof err) != 0 ||
+        um_attention_select(attention, err, sizeof err) != 0) {
+        fprintf(stderr, "step-bench: %s\n", err);
+        return 2;
+    }
     um_model_t *model = NULL;
-    if (um_model_load(model_dir, &model, err, sizeof err) != 0) {
+    if (um_model_load_opts(model_dir, &load_opts, &model, err, sizeof err) != 0) {
         fprintf(stderr, "step-bench: %s\n", err);
         return 1;
     }
@@ -151,13 +179,16 @@ int main(int argc, char **argv)
 
     if (json) {
         printf("{\"model\":\"%s\",\"d_model\":%d,\"n_layers\":%d,\"vocab\":%d,\"dtype\":\"%s\","
-               "\"backend\":\"%s\",\"isa\":\"%s\",\"threads\":%d,\"prompt_tokens\":%d,"
+               "\"backend\":\"%s\",\"weight_dtype\":\"%s\",\"attention\":\"%s\",\"isa\":\"%s\","
+               "\"threads\":%d,\"prompt_tokens\":%d,"
                "\"gen_length\":%d,\"steps\":%d,\"block_length\":%d,\"repeat\":%d,"
                "\"forward_passes\":%d,\"forward_ms_median\":%.3f,\"forward_ms_min\":%.3f,"
                "\"forward_gflops\":%.2f,\"ms_per_step_median\":%.3f,"
                "\"tokens_per_second_median\":%.2f}\n",
                model_dir, cfg->d_model, cfg->n_layers, cfg->embedding_size,
-               um_model_dtype(model), um_model_backend(model), um_kernels()->isa,
+               um_model_dtype(model), um_model_backend(model),
+               um_model_weight_dtype(model) == UM_WDTYPE_BF16 ? "bf16" : "f32",
+               um_attention_backend_name(), um_isa_name(um_kernels_isa()),
                omp_get_max_threads(), prompt_tokens, gen_length, steps, block_length, repeat,
                passes, fwd[mid], fwd[0], flops / (fwd[mid] * 1e6), step_ms[mid], tps[mid]);
     } else {

@@ -402,7 +402,7 @@ static const char *s_json_type(const json_t *v)
 }
 
 /*
- * Accept a generate, tokenize or detokenize request and send it to a worker. root has
+ * Accept a generate, score, tokenize or detokenize request and send it to a worker. root has
  * lost the broker's fields; it is serialized again only when it had any.
  */
 static void s_forward(um_broker_t *b, const um_bk_peer_t *client, json_t *root,
@@ -411,7 +411,9 @@ static void s_forward(um_broker_t *b, const um_bk_peer_t *client, json_t *root,
     json_t *id = json_object_get(root, "id");
     if (id && !json_is_string(id) && !json_is_integer(id))
         id = NULL; /* the worker rejects it and replies with id null */
-    int generate = strcmp(json_string_value(json_object_get(root, "op")), UM_OP_GENERATE) == 0;
+    /* score runs the model as generate does, so it counts against a worker's capacity. */
+    const char *op = json_string_value(json_object_get(root, "op"));
+    int generate = strcmp(op, UM_OP_GENERATE) == 0 || strcmp(op, UM_OP_SCORE) == 0;
     um_req_error_t err;
 
     if (generate && id && s_find_generate(b, client, id)) {
@@ -500,7 +502,7 @@ static void s_handle_request(um_broker_t *b, const um_bk_peer_t *client, const c
         s_handle_local(b, client, root, model_name);
         free(model_name);
     } else if (op && (strcmp(op, UM_OP_GENERATE) == 0 || strcmp(op, UM_OP_TOKENIZE) == 0
-                      || strcmp(op, UM_OP_DETOKENIZE) == 0)) {
+                      || strcmp(op, UM_OP_DETOKENIZE) == 0 || strcmp(op, UM_OP_SCORE) == 0)) {
         s_forward(b, client, root, data, len, stripped, model_name, allow_retry);
     } else {
         /* A missing or unknown op: the daemon's parser words the error and the hint. */

@@ -295,6 +295,15 @@ int um_curve_read_event(void *monitor, int *event, int *failed, char *text, size
     return 1;
 }
 
+int um_curve_endpoint_is_public(const char *endpoint)
+{
+    if (strncmp(endpoint, "tcp://", 6) != 0)
+        return 0;
+    const char *host = endpoint + 6;
+    return !(strncmp(host, "127.", 4) == 0 || strncmp(host, "localhost:", 10) == 0
+             || strncmp(host, "[::1]:", 6) == 0);
+}
+
 int um_curve_set_server(void *sock, const um_curve_keypair_t *own, const char *domain,
                         char *err, size_t errlen)
 {

@@ -58,6 +58,14 @@ int um_curve_set_client(void *sock, const char *server_key, const um_curve_keypa
 int um_curve_set_server(void *sock, const um_curve_keypair_t *own, const char *domain,
                         char *err, size_t errlen);
 
+/*
+ * Whether a ZeroMQ endpoint accepts connections from other hosts: a tcp endpoint whose
+ * host is not 127.0.0.0/8, localhost or [::1]. A wildcard (*, 0.0.0.0), any other address
+ * and an interface name count as reachable, so the check errs on the side of CURVE.
+ * ipc and inproc endpoints are not.
+ */
+int um_curve_endpoint_is_public(const char *endpoint);
+
 /* ZeroMQ connection events that um_curve_read_event reports. */
 #define UM_CURVE_EVENTS                                                                   \
     (ZMQ_EVENT_CONNECTED | ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED                    \

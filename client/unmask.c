@@ -76,6 +76,8 @@ typedef struct s_options {
     int no_live;
     double step_delay_ms; /* pause after each live redraw, so a fast model can be watched */
     int info;
+    const char *score;  /* --score: the answer whose likelihood to estimate, or NULL */
+    long long samples;  /* --samples for --score; -1 when not given */
     double timeout_s;
     const char *prompt; /* argument, or "-" for stdin */
     const char *model;  /* for a broker: route to this model, or NULL */
@@ -122,6 +124,10 @@ static void s_usage(FILE *out)
             "  --timeout SECONDS      give up when the daemon sends nothing for this long;\n"
             "                         default 300\n"
             "  --info                 print the daemon's model, plugins and versions as JSON\n"
+            "  --score ANSWER         estimate log p(ANSWER | PROMPT) instead of generating\n"
+            "                         (Monte-Carlo, as LLaDA); --seed and --cfg-scale apply\n"
+            "  --samples N            Monte-Carlo samples for --score; default: the daemon's\n"
+            "                         (32)\n"
             "  --model NAME           through unmask-broker: the model to route to\n"
             "  --retry                through unmask-broker: let it resend the request once\n"
             "                         when its worker dies before the first step streamed\n"
@@ -220,6 +226,8 @@ enum {
     S_OPT_STEP_DELAY,
     S_OPT_TIMEOUT,
     S_OPT_INFO,
+    S_OPT_SCORE,
+    S_OPT_SAMPLES,
     S_OPT_MODEL,
     S_OPT_RETRY,
     S_OPT_CURVE_SERVER_KEY,
@@ -255,6 +263,8 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         {"step-delay", required_argument, NULL, S_OPT_STEP_DELAY},
         {"timeout", required_argument, NULL, S_OPT_TIMEOUT},
         {"info", no_argument, NULL, S_OPT_INFO},
+        {"score", required_argument, NULL, S_OPT_SCORE},
+        {"samples", required_argument, NULL, S_OPT_SAMPLES},
         {"model", required_argument, NULL, S_OPT_MODEL},
         {"retry", no_argument, NULL, S_OPT_RETRY},
         {"curve-server-key", required_argument, NULL, S_OPT_CURVE_SERVER_KEY},
@@ -269,6 +279,7 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         .steps = -1,
         .block_length = -1,
         .seed = -1,
+        .samples = -1,
         .temperature = NAN,
         .cfg_scale = NAN,
         .top_p = NAN,
@@ -363,6 +374,12 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         case S_OPT_INFO:
             opt->info = 1;
             break;
+        case S_OPT_SCORE:
+            opt->score = optarg;
+            break;
+        case S_OPT_SAMPLES:
+            rc = s_parse_int("--samples", optarg, 1, 4096, &opt->samples);
+            break;
         case S_OPT_MODEL:
             opt->model = optarg;
             break;
@@ -393,6 +410,10 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
     if (opt->curve_key && !opt->curve_server_key) {
         fprintf(stderr, "unmask: --curve-key needs --curve-server-key, the public key of the "
                 "daemon or broker to encrypt for\n");
+        return -1;
+    }
+    if (opt->samples > 0 && !opt->score) {
+        fprintf(stderr, "unmask: --samples applies to --score only\n");
         return -1;
     }
     if (opt->info) {
@@ -1042,6 +1063,52 @@ static int s_run_info(const s_options_t *opt, void *sock)
     return status;
 }
 
+/* --score: send a score request and print the estimate, or the reply with --json. */
+static int s_run_score(const s_options_t *opt, void *sock, const char *prompt, size_t len)
+{
+    json_t *req = json_object();
+    json_object_set_new(req, "op", json_string(UM_OP_SCORE));
+    json_object_set_new(req, "id", json_string("score"));
+    json_object_set_new(req, "prompt", json_stringn(prompt, len));
+    json_object_set_new(req, "answer", json_string(opt->score));
+    if (opt->samples > 0)
+        json_object_set_new(req, "n_samples", json_integer(opt->samples));
+    if (opt->seed >= 0)
+        json_object_set_new(req, "seed", json_integer(opt->seed));
+    if (!isnan(opt->cfg_scale))
+        json_object_set_new(req, "cfg_scale", json_real(opt->cfg_scale));
+    if (opt->model)
+        json_object_set_new(req, UM_FIELD_MODEL, json_string(opt->model));
+    int rc = s_send_json(sock, req);
+    json_decref(req);
+    json_t *reply = NULL;
+    if (rc != 0 || s_recv_reply(sock, s_now_s() + opt->timeout_s, &reply) != 1) {
+        s_no_reply(opt);
+        return S_EXIT_UNREACHABLE;
+    }
+    int status = 0;
+    const char *type = json_string_value(json_object_get(reply, "type"));
+    if (type && strcmp(type, UM_REPLY_ERROR) == 0) {
+        status = s_print_error(reply);
+    } else if (opt->json) {
+        char *s = json_dumps(reply, JSON_COMPACT);
+        printf("%s\n", s ? s : "{}");
+        free(s);
+    } else {
+        json_t *st = json_object_get(reply, "stats");
+        printf("log p(answer | prompt) = %.4f +- %.4f nats (%lld answer tokens, %lld samples, "
+               "%lld forward passes, %.0f ms)\n",
+               json_number_value(json_object_get(reply, "log_likelihood")),
+               json_number_value(json_object_get(reply, "std_error")),
+               (long long)json_integer_value(json_object_get(reply, "answer_tokens")),
+               (long long)json_integer_value(json_object_get(reply, "n_samples")),
+               (long long)json_integer_value(json_object_get(st, "forward_passes")),
+               json_number_value(json_object_get(st, "total_ms")));
+    }
+    json_decref(reply);
+    return status;
+}
+
 /* Make sock a CURVE client when --curve-server-key is given; prints the problem. */
 static int s_setup_curve(const s_options_t *opt, void *sock)
 {
@@ -1112,7 +1179,12 @@ int main(int argc, char **argv)
         goto done;
     }
     s_install_sigint();
-    status = opt.info ? s_run_info(&opt, sock) : s_run_generate(&opt, sock, prompt, prompt_len);
+    if (opt.info)
+        status = s_run_info(&opt, sock);
+    else if (opt.score)
+        status = s_run_score(&opt, sock, prompt, prompt_len);
+    else
+        status = s_run_generate(&opt, sock, prompt, prompt_len);
 
 done:
     if (sock)

@@ -1,10 +1,11 @@
 /*
  * unmaskd: the daemon's entry point. Parses the command line, loads the model, the
  * plugins and the tokenizer, logs what it found, and runs the server until SIGINT
- * or SIGTERM. This is the only place that decides to exit the process.
+ * or SIGTERM; SIGHUP reopens the log file. This is the only place that decides to
+ * exit the process.
  *
  * Threading: runs on the main thread; the server starts the worker thread. The
- * signal handler only writes a byte to a pipe that the server polls.
+ * signal handler only writes the signal's number to a pipe that the server polls.
  */
 #include "config.h"
 
@@ -13,6 +14,7 @@
 #include <getopt.h>
 #include <limits.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,8 +54,15 @@ typedef struct s_options {
     int bind_given;
     const char *connect;          /* --connect: a broker's back end (worker mode), or NULL */
     const char *model_name;       /* --model-name, or NULL */
-    const char *curve_key;        /* --curve-key: this worker's key file, or NULL */
+    const char *curve_key;        /* --curve-key: this daemon's key file, or NULL */
     const char *curve_server_key; /* --curve-server-key: the broker's key or its file */
+    const char *curve_clients;    /* --curve-clients: folder of allowed clients' keys */
+    int insecure;                 /* --insecure: a public tcp bind without CURVE is fine */
+    const char *log_file;         /* --log-file, or NULL for stderr */
+    int shutdown_grace_s;
+    int32_t max_prompt_tokens;    /* 0: the model's positions (server.h) */
+    int32_t max_gen_length;
+    int32_t max_steps;
 } s_options_t;
 
 /* Written by the signal handler, polled by the server: [0] read end, [1] write end. */
@@ -92,26 +101,43 @@ static void s_usage(FILE *out)
             "                         (then widened to f32 inside each product), else f32;\n"
             "                         default auto\n"
             "  --log-level LEVEL      debug, info, notice, warn or error; default info\n"
+            "  --log-file PATH        append the log to PATH instead of stderr; SIGHUP\n"
+            "                         reopens it (for logrotate)\n"
             "  --max-queue N          generate requests that may wait behind the running one;\n"
             "                         more get a \"busy\" error; default %d\n"
             "  --max-request-size N   largest request in bytes; larger ones get an error;\n"
             "                         default %d\n"
+            "  --max-prompt-tokens N  longest prompt in tokens; default: the model's positions\n"
+            "                         less one\n"
+            "  --max-gen-length N     largest gen_length; default: the model's positions\n"
+            "  --max-steps N          largest steps; default: no limit (a generation never\n"
+            "                         runs more steps than it has masks to fill)\n"
+            "  --shutdown-grace SECONDS  after SIGTERM, let accepted generate requests run for\n"
+            "                         up to this long before cancelling them; default 0\n"
+            "  --curve-key FILE       this daemon's CURVE key pair (a .key file from\n"
+            "                         unmask-broker --keygen): with --bind, encrypt a tcp\n"
+            "                         endpoint; with --connect, the worker's key\n"
+            "  --curve-clients DIR    with --bind and --curve-key: accept only clients whose\n"
+            "                         public key is a .pub file in DIR; default: any client\n"
+            "                         that has the daemon's public key\n"
+            "  --insecure             allow --bind on a tcp address that other hosts can reach\n"
+            "                         without --curve-key (a trusted network only)\n"
             "  --connect ENDPOINT     work for an unmask-broker: connect to its back end\n"
             "                         instead of binding (not with --bind)\n"
             "  --model-name NAME      with --connect: the model name clients route by;\n"
             "                         default: the model folder's name\n"
-            "  --curve-key FILE       with --connect: this worker's CURVE key pair (a .key\n"
-            "                         file from unmask-broker --keygen)\n"
             "  --curve-server-key KEY with --connect: the broker's CURVE public key, as 40\n"
             "                         Z85 characters or its .pub file\n"
             "  --help                 show this help and exit\n"
             "  --version              show the version and exit\n"
             "\n"
-            "SIGINT or SIGTERM stops the daemon: every waiting or running request gets a\n"
-            "final reply, then it exits with status 0. The protocol is described in\n"
-            "%s/protocol.md.\n",
+            "SIGINT or SIGTERM stops the daemon: accepted generate requests may finish\n"
+            "within --shutdown-grace, the rest get a final \"cancelled\" reply, then it\n"
+            "exits with status 0. SIGHUP reopens the --log-file.\n"
+            "The protocol is described in %s/protocol.md, the security model in\n"
+            "%s/security.md.\n",
             UM_MODEL_DIR, UM_DEFAULT_ENDPOINT, UM_PLUGIN_DIR, UM_SERVER_DEFAULT_MAX_QUEUE,
-            UM_SERVER_DEFAULT_MAX_REQUEST, UM_DOC_DIR);
+            UM_SERVER_DEFAULT_MAX_REQUEST, UM_DOC_DIR, UM_DOC_DIR);
 }
 
 /* Parse a whole decimal number in [min, max] for flag; prints the problem and returns -1. */
@@ -147,6 +173,13 @@ enum {
     S_OPT_MODEL_NAME,
     S_OPT_CURVE_KEY,
     S_OPT_CURVE_SERVER_KEY,
+    S_OPT_CURVE_CLIENTS,
+    S_OPT_INSECURE,
+    S_OPT_LOG_FILE,
+    S_OPT_SHUTDOWN_GRACE,
+    S_OPT_MAX_PROMPT_TOKENS,
+    S_OPT_MAX_GEN_LENGTH,
+    S_OPT_MAX_STEPS,
     S_OPT_HELP,
     S_OPT_VERSION,
 };
@@ -171,17 +204,46 @@ static int s_check_worker_options(const s_options_t *opt)
                 "requests from its broker and binds nothing\n");
         return -1;
     }
-    if (!opt->connect && (opt->model_name || opt->curve_key || opt->curve_server_key)) {
-        fprintf(stderr, "unmaskd: --model-name, --curve-key and --curve-server-key apply to a "
-                "worker only: add --connect with the broker's back-end endpoint\n");
+    if (!opt->connect && (opt->model_name || opt->curve_server_key)) {
+        fprintf(stderr, "unmaskd: --model-name and --curve-server-key apply to a worker only: "
+                "add --connect with the broker's back-end endpoint\n");
         return -1;
     }
-    if (!opt->curve_key != !opt->curve_server_key) {
+    if (opt->connect && (opt->curve_clients || opt->insecure)) {
+        fprintf(stderr, "unmaskd: --curve-clients and --insecure apply to --bind only: a "
+                "worker's broker decides which clients reach it\n");
+        return -1;
+    }
+    if (opt->connect && !opt->curve_key != !opt->curve_server_key) {
         fprintf(stderr, "unmaskd: CURVE needs both --curve-key (this worker's key pair) and "
                 "--curve-server-key (the broker's public key)\n");
         return -1;
     }
+    if (opt->curve_clients && !opt->curve_key) {
+        fprintf(stderr, "unmaskd: --curve-clients needs --curve-key FILE, the daemon's own "
+                "key pair\n");
+        return -1;
+    }
     return 0;
+}
+
+/*
+ * Refuse a bind that other hosts can reach without CURVE: anyone who reaches the port
+ * could use the model, and prompts and replies would cross the network in clear text.
+ * Runs before the model loads, so the daemon exits before it binds anything.
+ */
+static int s_check_bind_security(const s_options_t *opt)
+{
+    if (opt->connect || !um_curve_endpoint_is_public(opt->endpoint) || opt->curve_key
+        || opt->insecure)
+        return 0;
+    fprintf(stderr, "unmaskd: --bind %s accepts connections from other hosts, but the socket "
+            "has no CURVE key, so anyone who reaches the port could use the model and "
+            "prompts and replies would cross the network in clear text: give --curve-key "
+            "FILE (and --curve-clients DIR to admit only known clients), or bind to "
+            "127.0.0.1 or an ipc:// path, or add --insecure on a network you trust (see "
+            "%s/security.md)\n", opt->endpoint, UM_DOC_DIR);
+    return -1;
 }
 
 /* Parse argv into opt. Returns 0 to run, 1 when --help or --version was served, -1 on error. */
@@ -204,6 +266,13 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         {"model-name", required_argument, NULL, S_OPT_MODEL_NAME},
         {"curve-key", required_argument, NULL, S_OPT_CURVE_KEY},
         {"curve-server-key", required_argument, NULL, S_OPT_CURVE_SERVER_KEY},
+        {"curve-clients", required_argument, NULL, S_OPT_CURVE_CLIENTS},
+        {"insecure", no_argument, NULL, S_OPT_INSECURE},
+        {"log-file", required_argument, NULL, S_OPT_LOG_FILE},
+        {"shutdown-grace", required_argument, NULL, S_OPT_SHUTDOWN_GRACE},
+        {"max-prompt-tokens", required_argument, NULL, S_OPT_MAX_PROMPT_TOKENS},
+        {"max-gen-length", required_argument, NULL, S_OPT_MAX_GEN_LENGTH},
+        {"max-steps", required_argument, NULL, S_OPT_MAX_STEPS},
         {"help", no_argument, NULL, S_OPT_HELP},
         {"version", no_argument, NULL, S_OPT_VERSION},
         {NULL, 0, NULL, 0},
@@ -244,6 +313,36 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
             break;
         case S_OPT_CURVE_SERVER_KEY:
             opt->curve_server_key = optarg;
+            break;
+        case S_OPT_CURVE_CLIENTS:
+            opt->curve_clients = optarg;
+            break;
+        case S_OPT_INSECURE:
+            opt->insecure = 1;
+            break;
+        case S_OPT_LOG_FILE:
+            opt->log_file = optarg;
+            break;
+        case S_OPT_SHUTDOWN_GRACE:
+            /* A day, so that the grace in milliseconds fits an int. */
+            if (s_parse_count("--shutdown-grace", optarg, 0, 86400, &x) != 0)
+                return -1;
+            opt->shutdown_grace_s = (int)x;
+            break;
+        case S_OPT_MAX_PROMPT_TOKENS:
+            if (s_parse_count("--max-prompt-tokens", optarg, 1, INT32_MAX, &x) != 0)
+                return -1;
+            opt->max_prompt_tokens = (int32_t)x;
+            break;
+        case S_OPT_MAX_GEN_LENGTH:
+            if (s_parse_count("--max-gen-length", optarg, 1, INT32_MAX, &x) != 0)
+                return -1;
+            opt->max_gen_length = (int32_t)x;
+            break;
+        case S_OPT_MAX_STEPS:
+            if (s_parse_count("--max-steps", optarg, 1, INT32_MAX, &x) != 0)
+                return -1;
+            opt->max_steps = (int32_t)x;
             break;
         case S_OPT_PLUGIN_DIR:
             opt->plugin_dirs[opt->n_plugin_dirs++] = optarg;
@@ -313,7 +412,9 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
                 "unmaskd --help\n", argv[optind]);
         return -1;
     }
-    return s_check_worker_options(opt);
+    if (s_check_worker_options(opt) != 0)
+        return -1;
+    return s_check_bind_security(opt);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -399,7 +500,21 @@ static void s_on_signal(int sig)
     errno = saved;
 }
 
-static int s_install_signals(void)
+/* Route sig to s_on_signal. */
+static int s_catch(int sig)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = s_on_signal;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(sig, &sa, NULL);
+}
+
+/*
+ * Create the signal pipe and catch SIGHUP at startup, so that a log rotation while the
+ * model loads is served once the server runs instead of ending the process.
+ */
+static int s_install_hangup(void)
 {
     if (pipe(s_stop_pipe) != 0)
         return -1;
@@ -407,14 +522,32 @@ static int s_install_signals(void)
         fcntl(s_stop_pipe[i], F_SETFL, fcntl(s_stop_pipe[i], F_GETFL) | O_NONBLOCK);
         fcntl(s_stop_pipe[i], F_SETFD, FD_CLOEXEC);
     }
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = s_on_signal;
-    sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGTERM, &sa, NULL) != 0)
+    return s_catch(SIGHUP);
+}
+
+/*
+ * Catch SIGINT and SIGTERM once there is a server to stop them. Until then they end the
+ * process at once, which is all that a daemon still loading its model needs.
+ */
+static int s_install_stop_signals(void)
+{
+    if (s_catch(SIGINT) != 0 || s_catch(SIGTERM) != 0)
         return -1;
     signal(SIGPIPE, SIG_IGN);
     return 0;
+}
+
+/* SIGHUP, on the main thread: open the log file again, for logrotate. */
+static void s_on_hangup(void)
+{
+    char err[512];
+    int rc = um_log_reopen(err, sizeof err);
+    if (rc > 0)
+        um_notice("main", "SIGHUP: log file reopened");
+    else if (rc == 0)
+        um_info("main", "SIGHUP: the log goes to stderr (no --log-file), nothing to reopen");
+    else
+        um_warn("main", "SIGHUP: %s; logging to the old file", err);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -428,6 +561,17 @@ int main(int argc, char **argv)
         return rc > 0 ? EXIT_SUCCESS : S_EXIT_USAGE;
     }
     um_log_set_level(opt.log_level);
+    char err[1024] = "";
+    if (opt.log_file && um_log_open_file(opt.log_file, err, sizeof err) != 0) {
+        fprintf(stderr, "unmaskd: %s\n", err);
+        free(opt.plugin_dirs);
+        return EXIT_FAILURE;
+    }
+    if (s_install_hangup() != 0) {
+        fprintf(stderr, "unmaskd: cannot install the SIGHUP handler: %s\n", strerror(errno));
+        free(opt.plugin_dirs);
+        return EXIT_FAILURE;
+    }
     um_info("main", "unmaskd %s starting (protocol %d)", PACKAGE_VERSION, UM_PROTOCOL_VERSION);
 
     int status = EXIT_FAILURE;
@@ -436,16 +580,15 @@ int main(int argc, char **argv)
     um_tokenizer_t tok = {0}, tok_worker = {0};
     um_server_t *server = NULL;
     char *plugin_path = NULL;
-    char err[1024] = "";
-    um_curve_keypair_t worker_keys = {.public_key = "", .secret_key = ""};
+    um_curve_keypair_t own_keys = {.public_key = "", .secret_key = ""};
     char broker_key[UM_CURVE_KEY_LEN + 1] = "";
 
     if (s_check_model_dir(&opt) != 0)
         goto done;
     /* Keys are read before the model, so a wrong path fails in a second, not minutes. */
-    if (opt.curve_key && (um_curve_load(opt.curve_key, 1, &worker_keys, err, sizeof err) != 0
-                          || um_curve_public_arg(opt.curve_server_key, broker_key, err,
-                                                 sizeof err) != 0)) {
+    if ((opt.curve_key && um_curve_load(opt.curve_key, 1, &own_keys, err, sizeof err) != 0)
+        || (opt.curve_server_key
+            && um_curve_public_arg(opt.curve_server_key, broker_key, err, sizeof err) != 0)) {
         um_error("main", "%s", err);
         goto done;
     }
@@ -506,7 +649,7 @@ int main(int argc, char **argv)
                 "tokenizer may not belong to this model", vocab,
                 um_model_config(model)->embedding_size);
 
-    if (s_install_signals() != 0) {
+    if (s_install_stop_signals() != 0) {
         um_error("main", "cannot install the SIGINT and SIGTERM handlers: %s", strerror(errno));
         goto done;
     }
@@ -517,11 +660,18 @@ int main(int argc, char **argv)
         .threads = opt.threads,
         .plugin_path = plugin_path,
         .stop_fd = s_stop_pipe[0],
+        .on_hangup = s_on_hangup,
+        .shutdown_grace_ms = opt.shutdown_grace_s * 1000,
+        .max_prompt_tokens = opt.max_prompt_tokens,
+        .max_gen_length = opt.max_gen_length,
+        .max_steps = opt.max_steps,
+        .curve = opt.curve_key && !opt.connect ? &own_keys : NULL,
+        .curve_clients = opt.curve_clients,
         .connect = opt.connect,
         .model_name = opt.model_name,
-        .curve_server_key = opt.curve_key ? broker_key : NULL,
-        .curve_public_key = worker_keys.public_key,
-        .curve_secret_key = worker_keys.secret_key,
+        .curve_server_key = opt.curve_key && opt.connect ? broker_key : NULL,
+        .curve_public_key = own_keys.public_key,
+        .curve_secret_key = own_keys.secret_key,
     };
     rc = um_server_new(&server, &cfg, model, &plugins, &tok, &tok_worker, err, sizeof err);
     if (rc != 0) {

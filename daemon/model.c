@@ -349,8 +349,8 @@ static int s_slots_match(const um_model_t *m, s_slot_t *slots, size_t n_slots, c
             um_shape_format(got, sizeof got, s->view->shape, s->view->ndim);
             um_shape_format(expected, sizeof expected, s->shape, s->ndim);
             return um_fail(err, errlen, UM_EFORMAT,
-                          "tensor %s has shape %s, expected %s: the checkpoint does not match "
-                          "config.json", s->name, got, expected);
+                          "tensor %s in %s has shape %s, expected %s: the checkpoint does not "
+                          "match config.json", s->name, s->view->path, got, expected);
         }
     }
 

@@ -2,7 +2,9 @@
  * The plugin host: discovery, ABI checks and the registry (see plugins.h).
  *
  * A plugin is accepted only when every check passes; otherwise it is unloaded,
- * logged with the reason and skipped, and the daemon keeps going.
+ * logged with the reason and skipped, and the daemon keeps going. A plugin runs inside
+ * the daemon with its rights, so folders and files that other users may write are
+ * refused before dlopen ever reads them.
  */
 #include "plugins.h"
 
@@ -13,8 +15,11 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <errno.h>
+#include <limits.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "log.h"
 #include "rng.h"
@@ -252,8 +257,62 @@ static void (*s_desc_fini(const um_plugin_desc_t *d))(void)
     return d->fini;
 }
 
+/*
+ * Check that only root and this process's user and group may write path: not writable
+ * by every user, and group-writable only for group root or the process's group. A plugin
+ * folder or file that others can write lets them run code as the daemon. label names it
+ * in the message ("plugin folder", "plugin file"). Returns 0, or -1 with the reason and
+ * the fix in err.
+ */
+static int s_check_writers(const char *path, const char *label, char *err, size_t errlen)
+{
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        snprintf(err, errlen, "cannot read the permissions of %s %s: %s", label, path,
+                 strerror(errno));
+        return -1;
+    }
+    unsigned mode = (unsigned)st.st_mode & 07777;
+    if (st.st_mode & S_IWOTH) {
+        snprintf(err, errlen, "%s %s is writable by every user (mode %04o), so anyone could "
+                 "make unmaskd run their code: run chmod o-w %s", label, path, mode, path);
+        return -1;
+    }
+    if ((st.st_mode & S_IWGRP) && st.st_gid != 0 && st.st_gid != getegid()) {
+        snprintf(err, errlen, "%s %s is writable by group %u (mode %04o), which is neither "
+                 "root's nor unmaskd's group %u, so its members could make unmaskd run their "
+                 "code: run chmod g-w %s", label, path, (unsigned)st.st_gid, mode,
+                 (unsigned)getegid(), path);
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * Check a plugin file and the folder that really contains it (after symbolic links,
+ * since build-plugins/ links into .libs/). Returns 0, or -1 with the reason in err.
+ */
+static int s_check_plugin_file(const char *path, char *err, size_t errlen)
+{
+    char real[PATH_MAX];
+    if (!realpath(path, real)) {
+        snprintf(err, errlen, "cannot resolve %s: %s", path, strerror(errno));
+        return -1;
+    }
+    if (s_check_writers(real, "plugin file", err, errlen) != 0)
+        return -1;
+    char *slash = strrchr(real, '/');
+    if (slash && slash != real)
+        *slash = '\0';
+    else if (slash)
+        slash[1] = '\0'; /* a file in / */
+    return s_check_writers(real, "plugin folder", err, errlen);
+}
+
 int um_plugins_load_file(um_plugin_registry_t *reg, const char *path, char *err, size_t errlen)
 {
+    if (s_check_plugin_file(path, err, errlen) != 0)
+        return UM_EPLUGIN;
     if (reg->n == UM_PLUGINS_MAX) {
         snprintf(err, errlen, "the daemon holds at most %d plugins: remove unused plugin files "
                  "from the plugin folders", UM_PLUGINS_MAX);
@@ -382,6 +441,13 @@ static size_t s_scan_dir(um_plugin_registry_t *reg, const char *dir, int only_ne
     if (!d) {
         if (!only_new)
             um_info("plugins", "plugin folder %s not found or not readable, skipped", dir);
+        return 0;
+    }
+    char why[1024];
+    if (s_check_writers(dir, "plugin folder", why, sizeof why) != 0) {
+        /* A rescan runs for every request that names an unknown plugin: warn once. */
+        UM_LOG(only_new ? UM_LOG_DEBUG : UM_LOG_WARN, "plugins", "skipped: %s", why);
+        closedir(d);
         return 0;
     }
     char **names = NULL;

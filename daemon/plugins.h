@@ -52,7 +52,8 @@ const um_host_t *um_plugin_host(void);
 
 /*
  * Load one plugin file and run its init. Returns 0, or a negative UM_E* code with the
- * reason in err (not a shared object, no um_plugin_describe, ABI major mismatch,
+ * reason in err (the file or its folder is writable by users other than root and the
+ * daemon's user or group, not a shared object, no um_plugin_describe, ABI major mismatch,
  * descriptor too small, unknown kind, missing function table, invalid or duplicate
  * name, init failed, registry full). A rejected file is unloaded.
  */
@@ -62,7 +63,8 @@ int um_plugins_load_file(um_plugin_registry_t *reg, const char *path, char *err,
 /*
  * Scan each folder in the colon-separated list for *.so files and load them in name
  * order. Every plugin loaded or rejected is logged with the reason. Missing folders
- * are logged at debug and skipped. Returns the number of plugins loaded.
+ * are logged at info and skipped, and so are folders that users other than root and
+ * the daemon's user or group may write (at warn). Returns the number of plugins loaded.
  */
 size_t um_plugins_scan(um_plugin_registry_t *reg, const char *dirs);
 

@@ -27,6 +27,7 @@
 
 static const char *const s_op_names[] = {
     UM_OP_GENERATE, UM_OP_TOKENIZE, UM_OP_DETOKENIZE, UM_OP_INFO, UM_OP_HEALTH, UM_OP_CANCEL,
+    UM_OP_SCORE,
 };
 #define UM_REQ_N_OPS (sizeof s_op_names / sizeof s_op_names[0])
 
@@ -40,6 +41,8 @@ static const char *const s_tokenize_fields[] = {"op", "id", "text", "messages"};
 static const char *const s_detokenize_fields[] = {"op", "id", "tokens"};
 static const char *const s_plain_fields[] = {"op", "id"};
 static const char *const s_cancel_fields[] = {"op", "id", "target"};
+static const char *const s_score_fields[] = {"op", "id", "prompt", "messages", "answer",
+                                             "n_samples", "batch_size", "cfg_scale", "seed"};
 
 typedef struct s_field_list {
     const char *const *names;
@@ -52,6 +55,7 @@ typedef struct s_field_list {
 static const s_field_list_t s_op_fields[] = {
     S_FIELDS(s_generate_fields), S_FIELDS(s_tokenize_fields), S_FIELDS(s_detokenize_fields),
     S_FIELDS(s_plain_fields),    S_FIELDS(s_plain_fields),    S_FIELDS(s_cancel_fields),
+    S_FIELDS(s_score_fields),
 };
 
 const char *um_request_op_name(um_req_op_t op)
@@ -108,17 +112,66 @@ static void s_utf8_trim(char *s)
         s[i - 1] = '\0';
 }
 
+/* Length of the valid UTF-8 character at s[0..n), or 0 when the bytes there are not one. */
+static size_t s_utf8_char_len(const unsigned char *s, size_t n)
+{
+    size_t need;
+    unsigned lo = 0x80, hi = 0xBF; /* allowed range of the second byte */
+    if (s[0] < 0x80)
+        return 1;
+    if (s[0] >= 0xC2 && s[0] <= 0xDF) {
+        need = 2;
+    } else if (s[0] >= 0xE0 && s[0] <= 0xEF) {
+        need = 3;
+        lo = s[0] == 0xE0 ? 0xA0 : 0x80; /* no overlong forms */
+        hi = s[0] == 0xED ? 0x9F : 0xBF; /* no surrogates */
+    } else if (s[0] >= 0xF0 && s[0] <= 0xF4) {
+        need = 4;
+        lo = s[0] == 0xF0 ? 0x90 : 0x80;
+        hi = s[0] == 0xF4 ? 0x8F : 0xBF; /* nothing above U+10FFFF */
+    } else {
+        return 0;
+    }
+    if (n < need || s[1] < lo || s[1] > hi)
+        return 0;
+    for (size_t i = 2; i < need; i++)
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+    return need;
+}
+
+/*
+ * Replace each byte that does not belong to a valid UTF-8 character with '?'. A message
+ * can quote text cut inside a character (jansson's "near '...'" or a %.40s precision),
+ * and um_reply_text would otherwise turn every non-ASCII byte of it into '?'.
+ */
+static void s_utf8_scrub(char *s)
+{
+    unsigned char *p = (unsigned char *)s;
+    size_t len = strlen(s);
+    for (size_t i = 0; i < len;) {
+        size_t n = s_utf8_char_len(p + i, len - i);
+        if (n == 0) {
+            p[i++] = '?';
+        } else {
+            i += n;
+        }
+    }
+}
+
 void um_req_error_set(um_req_error_t *err, const char *code, const char *field,
                       const char *fmt, ...)
 {
     err->code = code;
     snprintf(err->field, sizeof err->field, "%s", field ? field : "");
     s_utf8_trim(err->field);
+    s_utf8_scrub(err->field);
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(err->message, sizeof err->message, fmt, ap);
     va_end(ap);
     s_utf8_trim(err->message);
+    s_utf8_scrub(err->message);
 }
 
 /* Article and name of a JSON value's type, for "must be an integer, got a string". */
@@ -239,8 +292,9 @@ static int s_read_int(json_t *obj, const char *key, int64_t min, int64_t max, in
         double x = json_number_value(v);
         /* Compare as doubles first: a real such as 1e300 does not fit an int64. */
         if (x < (double)min || (json_is_integer(v) && json_integer_value(v) < min)) {
-            um_req_error_set(err, UM_ERR_OUT_OF_RANGE, key, "%s must be at least %lld, got %.17g",
-                             key, (long long)min, x);
+            um_req_error_set(err, UM_ERR_OUT_OF_RANGE, key, "%s must be at least %lld, got "
+                             "%.17g: use a whole number in [%lld, %lld]", key, (long long)min,
+                             x, (long long)min, (long long)max);
             return -1;
         }
         /* (double)INT64_MAX rounds up to 2^63, so a real equal to 2^63 needs its own test. */
@@ -248,22 +302,31 @@ static int s_read_int(json_t *obj, const char *key, int64_t min, int64_t max, in
             || (json_is_real(v) && x >= 9223372036854775808.0)) {
             if (json_is_integer(v))
                 um_req_error_set(err, UM_ERR_OUT_OF_RANGE, key,
-                                 "%s must be at most %lld, got %" JSON_INTEGER_FORMAT, key,
-                                 (long long)max, json_integer_value(v));
+                                 "%s must be at most %lld, got %" JSON_INTEGER_FORMAT ": use "
+                                 "a whole number in [%lld, %lld]", key, (long long)max,
+                                 json_integer_value(v), (long long)min, (long long)max);
             else
                 um_req_error_set(err, UM_ERR_OUT_OF_RANGE, key,
-                                 "%s must be at most %lld, got %.17g", key, (long long)max, x);
+                                 "%s must be at most %lld, got %.17g: use a whole number in "
+                                 "[%lld, %lld]", key, (long long)max, x, (long long)min,
+                                 (long long)max);
             return -1;
         }
         *out = json_is_integer(v) ? (int64_t)json_integer_value(v) : (int64_t)x;
         return 0;
     }
     if (json_is_real(v))
-        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be an integer, got %g", key,
-                         json_real_value(v));
+        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be an integer, got %g: use a "
+                         "whole number in [%lld, %lld]", key, json_real_value(v),
+                         (long long)min, (long long)max);
+    else if (json_is_string(v))
+        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be an integer, got the string "
+                         "\"%.40s\": write a JSON number without quotes", key,
+                         json_string_value(v));
     else
-        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be an integer, got %s", key,
-                         s_json_type(v));
+        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be an integer, got %s: use a "
+                         "whole number in [%lld, %lld]", key, s_json_type(v), (long long)min,
+                         (long long)max);
     return -1;
 }
 
@@ -292,8 +355,8 @@ static int s_read_number(json_t *obj, const char *key, double def, double *out,
                              "string \"%.40s\": write a JSON number without quotes", key,
                              json_string_value(v));
         else
-            um_req_error_set(err, UM_ERR_INVALID, key, "%s must be a number, got %s", key,
-                             s_json_type(v));
+            um_req_error_set(err, UM_ERR_INVALID, key, "%s must be a number, got %s: write a "
+                             "JSON number such as 0.5", key, s_json_type(v));
         return -1;
     }
     *out = json_number_value(v);
@@ -308,8 +371,8 @@ static int s_read_bool(json_t *obj, const char *key, int def, int *out, um_req_e
         return 0;
     }
     if (!json_is_boolean(v)) {
-        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be true or false, got %s", key,
-                         s_json_type(v));
+        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be true or false, got %s: write "
+                         "the JSON literal without quotes", key, s_json_type(v));
         return -1;
     }
     *out = json_is_true(v);
@@ -334,8 +397,8 @@ static int s_read_string(json_t *obj, const char *key, int required, const char 
         return 0;
     }
     if (!json_is_string(v)) {
-        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be a string, got %s", key,
-                         s_json_type(v));
+        um_req_error_set(err, UM_ERR_INVALID, key, "%s must be a string, got %s: put the "
+                         "text in double quotes", key, s_json_type(v));
         return -1;
     }
     *out = json_string_value(v);
@@ -488,7 +551,9 @@ static int s_parse_sampling(um_request_t *req, um_req_error_t *err)
     if (s_read_bool(o, "ban_eos", 0, &req->ban_eos, err) != 0
         || s_read_bool(o, "suppress_eos_confidence", 0, &req->suppress_eos_confidence, err)
                != 0
-        || s_read_bool(o, "early_stop", 0, &req->early_stop, err) != 0)
+        /* A chat (messages) is instruct-style use: its answer ends at EOS, so early
+           stop is on unless the request turns it off. */
+        || s_read_bool(o, "early_stop", req->messages != NULL, &req->early_stop, err) != 0)
         return -1;
     return s_read_bool(o, "trim_eos", 0, &req->trim_eos, err);
 }
@@ -600,6 +665,142 @@ static int s_parse_cancel(um_request_t *req, um_req_error_t *err)
 }
 
 /* ------------------------------------------------------------------------- */
+/* JSON errors                                                               */
+
+/* One open object or array while s_json_path_at walks a JSON text. */
+typedef struct s_json_frame {
+    int is_object;
+    int in_value;      /* object: the current member's key has been read */
+    const char *key;   /* object: the current member's key, as in the text */
+    size_t key_len;
+    size_t index;      /* array: the current element */
+} s_json_frame_t;
+
+/*
+ * Write to out the path of the member whose value is being read at byte pos of a JSON
+ * text ("prompt", "messages[1].content"), or "" when pos is in no member's value. The
+ * text before pos is assumed well-formed, which is true where jansson reports a bad
+ * character inside a string. Keys are copied as written, escapes included.
+ */
+static void s_json_path_at(const char *data, size_t len, size_t pos, char *out, size_t size)
+{
+    enum { MAX_DEPTH = 16 };
+    s_json_frame_t stack[MAX_DEPTH];
+    int depth = 0, in_string = 0, escape = 0, is_key = 0;
+    const char *string_start = NULL;
+    out[0] = '\0';
+    if (pos > len)
+        pos = len;
+    for (size_t i = 0; i < pos; i++) {
+        char c = data[i];
+        s_json_frame_t *top = depth > 0 ? &stack[depth - 1] : NULL;
+        if (in_string) {
+            if (escape) {
+                escape = 0;
+            } else if (c == '\\') {
+                escape = 1;
+            } else if (c == '"') {
+                in_string = 0;
+                if (is_key && top) {
+                    top->key = string_start;
+                    top->key_len = (size_t)(data + i - string_start);
+                }
+            }
+            continue;
+        }
+        switch (c) {
+        case '"':
+            in_string = 1;
+            string_start = data + i + 1;
+            is_key = top && top->is_object && !top->in_value;
+            break;
+        case '{':
+        case '[':
+            if (depth == MAX_DEPTH)
+                return;
+            stack[depth++] = (s_json_frame_t){.is_object = c == '{'};
+            break;
+        case '}':
+        case ']':
+            if (depth > 0)
+                depth--;
+            break;
+        case ':':
+            if (top && top->is_object)
+                top->in_value = 1;
+            break;
+        case ',':
+            if (top && top->is_object)
+                top->in_value = 0;
+            else if (top)
+                top->index++;
+            break;
+        default:
+            break;
+        }
+    }
+    if (in_string && is_key)
+        return; /* the fault is in a key, not in a value */
+    size_t used = 0;
+    for (int d = 0; d < depth && used < size; d++) {
+        const s_json_frame_t *f = &stack[d];
+        if (f->is_object && (!f->in_value || !f->key))
+            return;
+        /* The precision keeps the copy inside the key, which is not NUL-terminated. */
+        int key_len = f->key_len > UM_REQ_QUOTE_MAX ? UM_REQ_QUOTE_MAX : (int)f->key_len;
+        if (f->is_object)
+            used += (size_t)snprintf(out + used, size - used, "%s%.*s", d ? "." : "", key_len,
+                                     f->key);
+        else
+            used += (size_t)snprintf(out + used, size - used, "[%zu]", f->index);
+    }
+}
+
+/*
+ * Fill err for a frame that jansson rejected. A string that is not valid UTF-8, contains
+ * a raw control character or line break, or an escape that JSON lacks or that names half
+ * a surrogate pair gets the field it is in, so the client learns which text to fix.
+ */
+static void s_json_error(const char *data, size_t len, const json_error_t *jerr,
+                         um_req_error_t *err)
+{
+    static const struct {
+        const char *prefix; /* the start of jansson's message (2.14) */
+        const char *fault;
+        const char *fix;
+    } faults[] = {
+        {"unable to decode byte", "is not valid UTF-8", "send the text encoded as UTF-8"},
+        {"control character", "contains a raw control character",
+         "escape control characters as JSON requires, e.g. \\u0000 for NUL and \\n for a "
+         "line feed"},
+        {"unexpected newline", "contains a raw line break",
+         "write a line feed inside a string as \\n, as JSON requires"},
+        {"invalid escape", "has an invalid escape",
+         "JSON knows only \\\", \\\\, \\/, \\b, \\f, \\n, \\r, \\t and \\uXXXX: write a "
+         "backslash as \\\\"},
+        {"invalid Unicode", "has a \\u escape that is no character",
+         "write a character outside the Basic Multilingual Plane as a surrogate pair such as "
+         "\\uD83D\\uDE00, never one half alone"},
+    };
+    char field[96] = "";
+    for (size_t i = 0; i < sizeof faults / sizeof faults[0]; i++) {
+        if (strncmp(jerr->text, faults[i].prefix, strlen(faults[i].prefix)) != 0)
+            continue;
+        s_json_path_at(data, len, jerr->position > 0 ? (size_t)jerr->position : 0, field,
+                       sizeof field);
+        if (!field[0])
+            break;
+        um_req_error_set(err, UM_ERR_BAD_JSON, field, "%s %s (%s at line %d, column %d): %s",
+                         field, faults[i].fault, jerr->text, jerr->line, jerr->column,
+                         faults[i].fix);
+        return;
+    }
+    um_req_error_set(err, UM_ERR_BAD_JSON, NULL,
+                     "request is not valid JSON: %s at line %d, column %d", jerr->text,
+                     jerr->line, jerr->column);
+}
+
+/* ------------------------------------------------------------------------- */
 /* Entry point                                                               */
 
 static int s_parse_id(um_request_t *req, um_req_error_t *err)
@@ -682,6 +883,34 @@ static int s_check_fields(um_request_t *req, um_req_error_t *err)
     return 0;
 }
 
+/* score: a prompt (or messages), the answer, and the Monte-Carlo settings. */
+static int s_parse_score(um_request_t *req, um_req_error_t *err)
+{
+    json_t *o = req->root;
+    if (!req->id) {
+        um_req_error_set(err, UM_ERR_INVALID, "id", "missing field \"id\": a score request "
+                         "needs an id (a string or an integer) so its reply can be matched "
+                         "and it can be cancelled, e.g. \"id\": \"s1\"");
+        return -1;
+    }
+    if (s_read_text_or_messages(req, "prompt", &req->prompt, &req->prompt_len, err) != 0)
+        return -1;
+    if (s_read_string(o, "answer", 1, &req->answer, &req->answer_len, err) != 0)
+        return -1;
+    if (s_read_count(o, "n_samples", UM_REQ_DEFAULT_SCORE_SAMPLES, &req->n_samples, err) != 0)
+        return -1;
+    if (s_read_count(o, "batch_size", UM_REQ_DEFAULT_SCORE_BATCH, &req->batch_size, err) != 0)
+        return -1;
+    if (s_read_number(o, "cfg_scale", 0.0, &req->cfg_scale, err) != 0)
+        return -1;
+    int64_t seed = 0;
+    req->has_seed = json_object_get(o, "seed") != NULL;
+    if (s_read_int(o, "seed", 0, INT64_MAX, 0, &seed, err) != 0)
+        return -1;
+    req->seed = (uint64_t)seed;
+    return 0;
+}
+
 int um_request_parse(const char *data, size_t len, um_request_t *req, um_req_error_t *err)
 {
     memset(req, 0, sizeof *req);
@@ -695,9 +924,7 @@ int um_request_parse(const char *data, size_t len, um_request_t *req, um_req_err
     req->root = json_loadb(data, len, JSON_DECODE_ANY | JSON_ALLOW_NUL | JSON_REJECT_DUPLICATES,
                            &jerr);
     if (!req->root) {
-        um_req_error_set(err, UM_ERR_BAD_JSON, NULL,
-                         "request is not valid JSON: %s at line %d, column %d", jerr.text,
-                         jerr.line, jerr.column);
+        s_json_error(data, len, &jerr, err);
         return -1;
     }
     if (!json_is_object(req->root)) {
@@ -720,6 +947,8 @@ int um_request_parse(const char *data, size_t len, um_request_t *req, um_req_err
         return s_parse_detokenize(req, err);
     case UM_REQ_CANCEL:
         return s_parse_cancel(req, err);
+    case UM_REQ_SCORE:
+        return s_parse_score(req, err);
     case UM_REQ_INFO:
     case UM_REQ_HEALTH:
         return 0;

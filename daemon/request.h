@@ -20,6 +20,10 @@
 #define UM_REQ_DEFAULT_REMASKING "low_confidence"
 #define UM_REQ_DEFAULT_EPS 1e-3
 
+/* Defaults of a score request: LLaDA's batch size, and fewer samples than its 128. */
+#define UM_REQ_DEFAULT_SCORE_SAMPLES 32
+#define UM_REQ_DEFAULT_SCORE_BATCH 16
+
 /* Most messages a chat request may carry. */
 #define UM_REQ_MAX_MESSAGES 1024
 
@@ -37,6 +41,7 @@ typedef enum um_req_op {
     UM_REQ_INFO,
     UM_REQ_HEALTH,
     UM_REQ_CANCEL,
+    UM_REQ_SCORE,
 } um_req_op_t;
 
 /* A protocol error: a UM_ERR_* code, the request field it concerns, and a message. */
@@ -76,6 +81,12 @@ typedef struct um_request {
     int suppress_eos_confidence;
     int early_stop;
     int trim_eos;              /* cut the reply's tokens and text at the first EOS */
+
+    /* score: prompt (or messages), cfg_scale and seed as in generate, and these */
+    const char *answer;        /* the text whose likelihood is estimated */
+    size_t answer_len;
+    int32_t n_samples;
+    int32_t batch_size;
 
     /* tokenize */
     const char *text;          /* NULL with messages */

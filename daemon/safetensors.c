@@ -401,7 +401,9 @@ static int s_name_cmp(const void *a, const void *b)
 /* Sort the tensors by name and reject a name stored in two files. */
 static int s_finish(um_safetensors_t *st, char *err, size_t errlen)
 {
-    qsort(st->tensors, st->n_tensors, sizeof *st->tensors, s_name_cmp);
+    /* A header with no tensors leaves st->tensors NULL, which qsort must not get. */
+    if (st->n_tensors > 1)
+        qsort(st->tensors, st->n_tensors, sizeof *st->tensors, s_name_cmp);
     for (size_t i = 1; i < st->n_tensors; i++)
         if (strcmp(st->tensors[i - 1].name, st->tensors[i].name) == 0)
             return um_fail(err, errlen, UM_EFORMAT,
@@ -596,6 +598,8 @@ void um_safetensors_release(const um_tensor_view_t *t)
 const um_tensor_view_t *um_safetensors_find(const um_safetensors_t *st, const char *name)
 {
     um_tensor_view_t key = {.name = name};
+    if (st->n_tensors == 0)
+        return NULL;
     return bsearch(&key, st->tensors, st->n_tensors, sizeof key, s_name_cmp);
 }
 

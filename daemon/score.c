@@ -44,7 +44,7 @@ static int s_cmp_draw(const void *a, const void *b)
     return (x->pos > y->pos) - (x->pos < y->pos);
 }
 
-static int s_check(const um_model_config_t *cfg, int32_t n_prompt, int32_t n_answer,
+int um_score_check(const um_model_config_t *cfg, int32_t n_prompt, int32_t n_answer,
                    const um_score_params_t *p, char *err, size_t errlen)
 {
     if (n_answer < 1)
@@ -78,7 +78,7 @@ int um_score(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
 {
     const um_model_config_t *cfg = um_model_config(model);
     memset(out, 0, sizeof *out);
-    int rc = s_check(cfg, n_prompt, n_answer, p, err, errlen);
+    int rc = um_score_check(cfg, n_prompt, n_answer, p, err, errlen);
     if (rc != 0)
         return rc;
     const double t0 = s_now_ms();
@@ -105,6 +105,10 @@ int um_score(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
     const um_kernel_table_t *k = um_kernels();
     int32_t done_samples = 0;
     for (int32_t batch = 0; done_samples < p->n_samples; batch++) {
+        if (p->on_batch && p->on_batch(p->user) != 0) {
+            rc = um_fail(err, errlen, UM_ECANCELLED, "cancelled before batch %d", batch);
+            goto done;
+        }
         const int32_t b = p->n_samples - done_samples < b_max ? p->n_samples - done_samples
                                                               : b_max;
         const uint64_t key = um_rng_key(p->seed, UM_RNG_STREAM_SCORE(batch));

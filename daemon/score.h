@@ -28,6 +28,8 @@ typedef struct um_score_params {
     uint64_t seed;
     const int32_t *suffix; /* (n_suffix) fixed tokens after the answer (BERT's [SEP]) */
     int32_t n_suffix;
+    int (*on_batch)(void *user); /* called before each batch; nonzero cancels. May be NULL */
+    void *user;
 } um_score_params_t;
 
 typedef struct um_score_result {
@@ -39,9 +41,16 @@ typedef struct um_score_result {
 } um_score_result_t;
 
 /*
- * Estimate log p(answer | prompt). The answer must have at least one token, and prompt
- * plus answer plus suffix must fit the model's positions. Returns 0, or a UM_E* code
+ * Check p and the lengths against the model: at least one answer token, and prompt plus
+ * answer plus suffix within the model's positions. Returns 0, or UM_ERANGE / UM_EINVAL
  * with a message in err that names the field and the fix.
+ */
+int um_score_check(const um_model_config_t *cfg, int32_t n_prompt, int32_t n_answer,
+                   const um_score_params_t *p, char *err, size_t errlen);
+
+/*
+ * Estimate log p(answer | prompt). Returns 0, UM_ECANCELLED when on_batch asked to
+ * stop, or another UM_E* code with a message in err (see um_score_check).
  */
 int um_score(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
              const int32_t *answer, int32_t n_answer, const um_score_params_t *p,

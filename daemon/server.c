@@ -18,6 +18,14 @@
  * main thread touches only the job's client address, its id (read-only) and the
  * atomic cancel flag. The worker's step callback checks that flag after every step.
  *
+ * ROUTER sockets do not tell the application that a peer left (ZMQ_ROUTER_NOTIFY is a
+ * draft option that Debian's libzmq 4.3.4 lacks), so the main thread also reads the
+ * socket monitor's ACCEPTED and DISCONNECTED events. They carry only the connection's
+ * file descriptor. Each request frame carries the same descriptor (ZMQ_SRCFD, which
+ * libzmq 4.3 still fills in although its manual calls it deprecated), and that maps the
+ * descriptor to the routing id of the client. A disconnected client's jobs are
+ * cancelled: a waiting one at once, the running one after its current step.
+ *
  * In worker mode (unmaskd --connect) a DEALER connected to a broker takes the ROUTER's
  * place (broker_link.h). Requests and replies keep their frames, with the broker's
  * route where a client's routing id was, so everything above works unchanged.
@@ -50,11 +58,14 @@
 
 #include "broker_link.h"
 #include "chat.h"
+#include "score.h"
+#include "curve.h"
 #include "generate.h"
 #include "kernels.h"
 #include "log.h"
 #include "request.h"
 #include "sample.h"
+#include "zap.h"
 
 /* Largest frame ZeroMQ accepts at all, as a multiple of the request limit. A bigger
    frame makes ZeroMQ drop the connection without a reply. */
@@ -76,8 +87,16 @@ enum {
 /* Values of a job's cancel flag. */
 enum {
     S_RUN = 0,
-    S_CANCEL = 1,   /* a cancel request named the job */
-    S_SHUTDOWN = 2, /* the daemon is stopping */
+    S_CANCEL = 1,     /* a cancel request named the job */
+    S_SHUTDOWN = 2,   /* the daemon is stopping */
+    S_DISCONNECT = 3, /* the client's connection closed */
+};
+
+/* Values of um_server.stopping. */
+enum {
+    S_SERVING = 0,
+    S_DRAINING = 1,   /* stop signal received: accepted jobs run until the grace ends */
+    S_CANCELLING = 2, /* every job is cancelled, the loop ends with the last reply */
 };
 
 /* Path of a file-backed ipc endpoint, or NULL (tcp, abstract "ipc://@name"). */
@@ -137,13 +156,25 @@ typedef struct s_job {
     int32_t *prompt;         /* (n_prompt) token ids of the prompt, framing included */
     int32_t n_prompt;
     int32_t suffix;          /* the token that closes the canvas, when params.n_suffix is 1 */
+    atomic_int steps_done;   /* steps the worker finished, for the cancel log lines */
     um_gen_params_t params;  /* checked; remask_state from request_begin */
     um_param_t *remask_params; /* (params.remask->n_params) values given to request_begin */
     int remask_begun;        /* request_end is owed */
+    int score;               /* a score request: answer and score_params, not params */
+    int32_t *answer;         /* (n_answer) token ids of a score request's answer */
+    int32_t n_answer;
+    um_score_params_t score_params;
     atomic_int cancel;       /* S_RUN, S_CANCEL or S_SHUTDOWN */
     double t_accept_ms;
     char id_text[80];        /* the id for log lines */
 } s_job_t;
+
+/* The client last seen on a connection, so a DISCONNECTED event, which carries only the
+   connection's file descriptor, finds the client's routing id. */
+typedef struct s_peer {
+    int fd;
+    s_client_t client;
+} s_peer_t;
 
 struct um_server {
     um_server_config_t cfg;
@@ -162,8 +193,13 @@ struct um_server {
     um_tokenizer_t *tok_worker;        /* worker thread */
 
     void *zctx;
-    void *router; /* clients */
-    void *pipe;   /* main thread's end of the PAIR */
+    void *router;  /* clients */
+    void *pipe;    /* main thread's end of the PAIR */
+    void *monitor; /* PAIR receiving the ROUTER's connection events; NULL in worker mode */
+    s_peer_t *peers; /* (n_peers) connections that sent a request, by file descriptor */
+    size_t n_peers;
+    size_t cap_peers;
+    um_zap_t *zap;   /* CURVE allow-list handler, or NULL */
 
     pthread_t worker;
     int worker_started;
@@ -172,7 +208,11 @@ struct um_server {
     s_job_t *queue_tail;
     size_t queue_len;
     s_job_t *running;    /* the worker's job, or NULL when idle */
-    int stopping;
+    int stopping;        /* S_SERVING, S_DRAINING or S_CANCELLING */
+    double grace_end_ms; /* when S_DRAINING turns into S_CANCELLING */
+    int32_t max_prompt_tokens; /* cfg's limits with 0 resolved; max_steps 0: none */
+    int32_t max_gen_length;
+    int32_t max_steps;
     um_link_t *link;      /* worker mode (--connect): the broker link; NULL when bound */
     int status;           /* um_server_run's result: 0, or UM_EUNSUPPORTED when the
                              broker rejected this worker, or the error of a new socket */
@@ -322,8 +362,9 @@ static json_t *s_cancelled_reply(const json_t *id, int reason)
 {
     json_t *r = um_reply_new(id, UM_REPLY_CANCELLED);
     if (r)
-        json_object_set_new(r, "reason", json_string(reason == S_SHUTDOWN ? "shutdown"
-                                                                           : "cancel"));
+        json_object_set_new(r, "reason", json_string(reason == S_SHUTDOWN     ? "shutdown"
+                                                     : reason == S_DISCONNECT ? "disconnect"
+                                                                              : "cancel"));
     return r;
 }
 
@@ -338,6 +379,7 @@ static void s_job_free(s_job_t *job)
         job->params.remask->request_end(job->params.remask_state);
     um_request_clear(&job->req);
     free(job->prompt);
+    free(job->answer);
     free(job->remask_params);
     free(job);
 }
@@ -387,7 +429,7 @@ static s_job_t *s_find_job(um_server_t *srv, const s_client_t *client, const jso
 /* Hand the oldest waiting job to the worker when it is idle. */
 static void s_dispatch(um_server_t *srv)
 {
-    if (srv->running || !srv->queue_head || srv->stopping)
+    if (srv->running || !srv->queue_head || srv->stopping == S_CANCELLING)
         return;
     s_job_t *job = srv->queue_head;
     s_queue_unlink(srv, NULL, job);
@@ -486,6 +528,7 @@ static int s_on_step(void *user, const um_step_info_t *info)
     s_step_ctx_t *c = user;
     s_job_t *job = c->job;
     c->steps_run++;
+    atomic_store(&job->steps_done, c->steps_run);
     if (atomic_load(&job->cancel) != S_RUN)
         return 1;
     if (!job->req.stream)
@@ -584,6 +627,7 @@ static json_t *s_done_reply(um_server_t *srv, const s_job_t *job, const int32_t 
     double total_ms = stats->total_ms;
     json_object_set_new(st, "forward_passes", json_integer(stats->forward_passes));
     json_object_set_new(st, "steps", json_integer(steps_run));
+    json_object_set_new(st, "steps_planned", json_integer(stats->steps_planned));
     json_object_set_new(st, "total_ms", json_real(total_ms));
     json_object_set_new(st, "ms_per_step", json_real(steps_run > 0 ? total_ms / steps_run : 0.0));
     json_object_set_new(st, "tokens_per_second",
@@ -598,8 +642,64 @@ static json_t *s_done_reply(um_server_t *srv, const s_job_t *job, const int32_t 
 }
 
 /* Run one job on the worker thread and send its final reply. */
+/* um_score's batch callback: stops a cancelled job. */
+static int s_score_should_stop(void *user)
+{
+    const s_job_t *job = user;
+    return atomic_load(&job->cancel) != S_RUN;
+}
+
+/* Run a score job on the worker thread and send its final reply. */
+static void s_worker_score(um_server_t *srv, void *pipe, s_job_t *job)
+{
+    um_score_params_t p = job->score_params;
+    p.on_batch = s_score_should_stop;
+    p.user = job;
+    um_score_result_t r;
+    char err[512] = "";
+    int rc = um_score(srv->model, job->prompt, job->n_prompt, job->answer, job->n_answer, &p,
+                      &r, err, sizeof err);
+    if (rc == UM_ECANCELLED) {
+        s_pipe_send_json(pipe, S_MSG_CANCELLED, job,
+                         s_cancelled_reply(job->req.id, atomic_load(&job->cancel)));
+        return;
+    }
+    if (rc != 0) {
+        um_req_error_t e;
+        um_req_error_set(&e, UM_ERR_INTERNAL, NULL, "scoring failed (%s): %s",
+                         um_error_name(rc), err[0] ? err : um_strerror(rc));
+        um_warn("worker", "request %s: %s", job->id_text, e.message);
+        s_pipe_send_json(pipe, S_MSG_ERROR, job, um_reply_error(job->req.id, &e));
+        return;
+    }
+    json_t *reply = um_reply_new(job->req.id, UM_REPLY_DONE);
+    json_t *st = json_object();
+    if (!reply || !st) {
+        json_decref(reply);
+        json_decref(st);
+        um_req_error_t e;
+        um_req_error_set(&e, UM_ERR_INTERNAL, NULL, "out of memory while building the reply");
+        s_pipe_send_json(pipe, S_MSG_ERROR, job, um_reply_error(job->req.id, &e));
+        return;
+    }
+    json_object_set_new(reply, "log_likelihood", json_real(r.log_likelihood));
+    json_object_set_new(reply, "std_error", json_real(r.std_error));
+    json_object_set_new(reply, "n_samples", json_integer(r.n_samples));
+    json_object_set_new(reply, "prompt_tokens", json_integer(job->n_prompt));
+    json_object_set_new(reply, "answer_tokens", json_integer(job->n_answer));
+    json_object_set_new(reply, "seed", json_integer((json_int_t)p.seed));
+    json_object_set_new(st, "forward_passes", json_integer(r.forward_passes));
+    json_object_set_new(st, "total_ms", json_real(r.total_ms));
+    json_object_set_new(reply, "stats", st);
+    s_pipe_send_json(pipe, S_MSG_DONE, job, reply);
+}
+
 static void s_worker_run(um_server_t *srv, void *pipe, s_job_t *job)
 {
+    if (job->score) {
+        s_worker_score(srv, pipe, job);
+        return;
+    }
     const size_t n_canvas = (size_t)job->n_prompt + (size_t)job->params.gen_length
                             + (size_t)job->params.n_suffix;
     int32_t *canvas = malloc(n_canvas * sizeof *canvas);
@@ -779,8 +879,10 @@ static void s_handle_worker(um_server_t *srv)
     const char *outcome = kind == S_MSG_DONE        ? UM_REPLY_DONE
                           : kind == S_MSG_CANCELLED ? UM_REPLY_CANCELLED
                                                     : UM_REPLY_ERROR;
-    um_debug("server", "request %s: generate finished with %s, %.1f ms after it was accepted",
-             job->id_text, outcome, s_now_ms() - job->t_accept_ms);
+    int steps = atomic_load(&job->steps_done);
+    um_debug("server", "request %s: generate finished with %s after %d step%s, %.1f ms after "
+             "it was accepted", job->id_text, outcome, steps, steps == 1 ? "" : "s",
+             s_now_ms() - job->t_accept_ms);
     srv->running = NULL;
     s_job_free(job);
     s_dispatch(srv);
@@ -832,6 +934,22 @@ static json_t *s_generate_defaults_json(void)
     json_object_set_new(g, "early_stop", json_false());
     json_object_set_new(g, "trim_eos", json_false());
     return g;
+}
+
+/* The limits a request meets before it is queued, for the info reply. */
+static json_t *s_limits_json(const um_server_t *srv)
+{
+    json_t *l = json_object();
+    json_object_set_new(l, "max_request_bytes",
+                        json_integer((json_int_t)srv->cfg.max_request_bytes));
+    json_object_set_new(l, "max_queue", json_integer((json_int_t)srv->cfg.max_queue));
+    json_object_set_new(l, "max_prompt_tokens", json_integer(srv->max_prompt_tokens));
+    json_object_set_new(l, "max_gen_length", json_integer(srv->max_gen_length));
+    json_object_set_new(l, "max_steps", srv->max_steps > 0 ? json_integer(srv->max_steps)
+                                                           : json_null());
+    json_object_set_new(l, "max_messages", json_integer(UM_REQ_MAX_MESSAGES));
+    json_object_set_new(l, "shutdown_grace_s", json_real(srv->cfg.shutdown_grace_ms / 1e3));
+    return l;
 }
 
 static json_t *s_plugin_json(const um_plugin_desc_t *d)
@@ -913,6 +1031,8 @@ static json_t *s_info_reply(um_server_t *srv, const json_t *id)
     json_object_set_new(plugins, "tokenizer", tokenizer);
     json_object_set_new(r, "plugins", plugins);
     json_object_set_new(r, "generate", s_generate_defaults_json());
+    json_object_set_new(r, "limits", s_limits_json(srv));
+    json_object_set_new(r, "curve", json_boolean(srv->zap != NULL));
 
     int major, minor, patch;
     zmq_version(&major, &minor, &patch);
@@ -935,7 +1055,7 @@ static json_t *s_health_reply(um_server_t *srv, const json_t *id)
     json_t *r = um_reply_new(id, UM_REPLY_DONE);
     if (!r)
         return NULL;
-    json_object_set_new(r, "status", json_string("ok"));
+    json_object_set_new(r, "status", json_string(srv->stopping ? "stopping" : "ok"));
     json_object_set_new(r, "queue", json_integer((json_int_t)srv->queue_len));
     json_object_set_new(r, "busy", json_boolean(srv->running != NULL));
     json_object_set_new(r, "uptime_s", json_real((s_now_ms() - srv->t_start_ms) / 1e3));
@@ -1041,7 +1161,9 @@ static json_t *s_cancel_reply(um_server_t *srv, const s_client_t *client,
     }
     if (job == srv->running) {
         atomic_store(&job->cancel, S_CANCEL);
-        um_debug("server", "request %s: cancel requested while it runs", job->id_text);
+        int steps = atomic_load(&job->steps_done);
+        um_debug("server", "request %s: cancel requested while it runs, after %d step%s",
+                 job->id_text, steps, steps == 1 ? "" : "s");
     } else {
         s_queue_unlink(srv, prev, job);
         s_send_json(srv, &job->client, s_cancelled_reply(job->req.id, S_CANCEL));
@@ -1180,6 +1302,35 @@ static void s_unknown_plugin(um_server_t *srv, const char *name, um_req_error_t 
                      hint ? hint : "", hint ? "? " : "", list);
 }
 
+/*
+ * Check a job against the operator's limits (--max-prompt-tokens, --max-gen-length,
+ * --max-steps). um_gen_check has already held it to the model's positions, so with the
+ * default limits none of them fails. Returns 0, or -1 with err filled.
+ */
+static int s_check_limits(const um_server_t *srv, const s_job_t *job, int chat,
+                          um_req_error_t *err)
+{
+    if (job->n_prompt > srv->max_prompt_tokens) {
+        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, chat ? "messages" : "prompt", "the prompt "
+                         "is %d tokens, over this daemon's limit of %d (--max-prompt-tokens): "
+                         "shorten it", job->n_prompt, srv->max_prompt_tokens);
+        return -1;
+    }
+    if (job->params.gen_length > srv->max_gen_length) {
+        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "gen_length", "gen_length is %d, over this "
+                         "daemon's limit of %d (--max-gen-length): ask for at most %d tokens",
+                         job->params.gen_length, srv->max_gen_length, srv->max_gen_length);
+        return -1;
+    }
+    if (srv->max_steps > 0 && job->params.steps > srv->max_steps) {
+        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "steps", "steps is %d, over this daemon's "
+                         "limit of %d (--max-steps): use at most %d steps",
+                         job->params.steps, srv->max_steps, srv->max_steps);
+        return -1;
+    }
+    return 0;
+}
+
 /* Put token before the job's prompt (BERT's [CLS]). */
 static int s_prepend_token(s_job_t *job, int32_t token)
 {
@@ -1194,12 +1345,58 @@ static int s_prepend_token(s_job_t *job, int32_t token)
 }
 
 /*
+ * Tokenize the request's prompt, or its messages rendered with the model's chat
+ * template, into job->prompt with the model's framing ([CLS] first, job->suffix after).
+ * Returns 0, or -1 with err set.
+ */
+static int s_job_encode_prompt(um_server_t *srv, const um_request_t *req, s_job_t *job,
+                               um_req_error_t *err)
+{
+    char *rendered = NULL;
+    const char *prompt = req->prompt;
+    size_t prompt_len = req->prompt_len;
+    if (req->messages) {
+        if (s_render_messages(srv, req, &rendered, &prompt_len, err) != 0)
+            return -1;
+        prompt = rendered;
+    }
+    size_t n_prompt = 0;
+    int rc = um_tokenizer_encode(srv->tok, prompt, prompt_len, &job->prompt, &n_prompt);
+    free(rendered);
+    if (rc != 0) {
+        um_req_error_set(err, UM_ERR_INTERNAL, req->messages ? "messages" : "prompt",
+                         "tokenizer %s failed to encode the prompt: %s",
+                         srv->tok->plugin->desc->name, um_strerror(rc));
+        return -1;
+    }
+    if (n_prompt >= (size_t)INT32_MAX) {
+        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "prompt", "the prompt has %zu tokens, more "
+                         "than any model takes", n_prompt);
+        return -1;
+    }
+    job->n_prompt = (int32_t)n_prompt;
+    int32_t prefix = -1;
+    um_model_framing(srv->model_cfg, &prefix, &job->suffix);
+    if (prefix >= 0 && s_prepend_token(job, prefix) != 0) {
+        um_req_error_set(err, UM_ERR_INTERNAL, NULL, "out of memory for the prompt");
+        return -1;
+    }
+    return 0;
+}
+
+/*
  * Check a generate request completely and queue it. On success the job takes over
  * the request (req is zeroed) and 0 is returned; otherwise -1 with err filled.
  */
 static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_request_t *req,
                              um_req_error_t *err)
 {
+    if (srv->stopping) {
+        um_req_error_set(err, UM_ERR_BUSY, NULL, "the daemon is shutting down and accepts no "
+                         "new generate requests: send it to another instance, or retry once "
+                         "this one has restarted");
+        return -1;
+    }
     s_job_t *prev = NULL;
     if (s_find_job(srv, client, req->id, &prev)) {
         char idbuf[80];
@@ -1233,35 +1430,9 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
     atomic_init(&job->cancel, S_RUN);
     um_request_id_text(req->id, job->id_text, sizeof job->id_text);
 
-    char *rendered = NULL;
-    const char *prompt = req->prompt;
-    size_t prompt_len = req->prompt_len;
-    if (req->messages) {
-        if (s_render_messages(srv, req, &rendered, &prompt_len, err) != 0)
-            goto fail;
-        prompt = rendered;
-    }
-    size_t n_prompt = 0;
-    int rc = um_tokenizer_encode(srv->tok, prompt, prompt_len, &job->prompt, &n_prompt);
-    free(rendered);
-    if (rc != 0) {
-        um_req_error_set(err, UM_ERR_INTERNAL, req->messages ? "messages" : "prompt",
-                         "tokenizer %s failed to encode the prompt: %s",
-                         srv->tok->plugin->desc->name, um_strerror(rc));
+    if (s_job_encode_prompt(srv, req, job, err) != 0)
         goto fail;
-    }
-    if (n_prompt >= (size_t)INT32_MAX) {
-        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "prompt", "the prompt has %zu tokens, more "
-                         "than any model takes", n_prompt);
-        goto fail;
-    }
-    job->n_prompt = (int32_t)n_prompt;
-    int32_t prefix = -1;
-    um_model_framing(srv->model_cfg, &prefix, &job->suffix);
-    if (prefix >= 0 && s_prepend_token(job, prefix) != 0) {
-        um_req_error_set(err, UM_ERR_INTERNAL, NULL, "out of memory for the prompt");
-        goto fail;
-    }
+    int rc;
 
     um_remask_traits_t traits = um_remask_traits(plugin->desc->remask);
     job->params = (um_gen_params_t){
@@ -1292,6 +1463,8 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
         um_req_error_set(err, UM_ERR_OUT_OF_RANGE, field, "%s", msg);
         goto fail;
     }
+    if (s_check_limits(srv, job, req->messages != NULL, err) != 0)
+        goto fail;
     if (s_check_remask_params(plugin->desc, req->remasking_params, &job->remask_params, err) != 0)
         goto fail;
 
@@ -1324,6 +1497,99 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
              job->params.block_length, plugin->desc->name,
              um_schedule_name(job->params.schedule), job->params.temperature,
              (unsigned long long)job->params.seed, srv->queue_len);
+    s_dispatch(srv);
+    return 0;
+
+fail:
+    s_job_free(job);
+    return -1;
+}
+
+/* Queue a score request (validated like generate, run by the worker like generate). */
+static int s_accept_score(um_server_t *srv, const s_client_t *client, um_request_t *req,
+                          um_req_error_t *err)
+{
+    if (srv->stopping) {
+        um_req_error_set(err, UM_ERR_BUSY, NULL, "the daemon is shutting down and accepts no "
+                         "new score requests: send it to another instance, or retry once this "
+                         "one has restarted");
+        return -1;
+    }
+    s_job_t *prev = NULL;
+    if (s_find_job(srv, client, req->id, &prev)) {
+        char idbuf[80];
+        um_req_error_set(err, UM_ERR_DUPLICATE_ID, "id", "a request with id %s is already "
+                         "waiting or running for this connection: use a new id for each "
+                         "request", um_request_id_text(req->id, idbuf, sizeof idbuf));
+        return -1;
+    }
+    s_job_t *job = calloc(1, sizeof *job);
+    if (!job) {
+        um_req_error_set(err, UM_ERR_INTERNAL, NULL, "out of memory for a new job");
+        return -1;
+    }
+    job->client = *client;
+    job->score = 1;
+    atomic_init(&job->cancel, S_RUN);
+    um_request_id_text(req->id, job->id_text, sizeof job->id_text);
+    if (s_job_encode_prompt(srv, req, job, err) != 0)
+        goto fail;
+
+    size_t n_answer = 0;
+    int rc = um_tokenizer_encode(srv->tok, req->answer, req->answer_len, &job->answer,
+                                 &n_answer);
+    if (rc != 0) {
+        um_req_error_set(err, UM_ERR_INTERNAL, "answer", "tokenizer %s failed to encode the "
+                         "answer: %s", srv->tok->plugin->desc->name, um_strerror(rc));
+        goto fail;
+    }
+    if (n_answer >= (size_t)INT32_MAX) {
+        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "answer", "the answer has %zu tokens, more "
+                         "than any model takes", n_answer);
+        goto fail;
+    }
+    job->n_answer = (int32_t)n_answer;
+    if (job->n_prompt > srv->max_prompt_tokens) {
+        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, req->messages ? "messages" : "prompt",
+                         "the prompt is %d tokens, over this daemon's limit of %d "
+                         "(--max-prompt-tokens): shorten it", job->n_prompt,
+                         srv->max_prompt_tokens);
+        goto fail;
+    }
+    job->score_params = (um_score_params_t){
+        .n_samples = req->n_samples,
+        .batch_size = req->batch_size,
+        .cfg_scale = req->cfg_scale,
+        .seed = req->has_seed ? req->seed : s_random_seed(),
+        .suffix = &job->suffix,
+        .n_suffix = job->suffix >= 0 ? 1 : 0,
+    };
+    char msg[512] = "";
+    rc = um_score_check(srv->model_cfg, job->n_prompt, job->n_answer, &job->score_params, msg,
+                        sizeof msg);
+    if (rc != 0) {
+        const char *field = strstr(msg, "n_samples") == msg    ? "n_samples"
+                            : strstr(msg, "batch_size") == msg ? "batch_size"
+                            : strstr(msg, "cfg_scale") == msg  ? "cfg_scale"
+                                                               : "answer";
+        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, field, "%s", msg);
+        goto fail;
+    }
+    if (srv->running && srv->queue_len >= srv->cfg.max_queue) {
+        um_req_error_set(err, UM_ERR_BUSY, NULL, "the queue is full (%zu requests waiting "
+                         "behind the running one): retry later, or start unmaskd with a larger "
+                         "--max-queue", srv->queue_len);
+        goto fail;
+    }
+
+    job->req = *req;
+    memset(req, 0, sizeof *req);
+    job->t_accept_ms = s_now_ms();
+    s_queue_push(srv, job);
+    um_debug("server", "request %s: score accepted: %d prompt tokens, %d answer tokens, %d "
+             "samples in batches of %d, seed %llu, %zu waiting", job->id_text, job->n_prompt,
+             job->n_answer, job->score_params.n_samples, job->score_params.batch_size,
+             (unsigned long long)job->score_params.seed, srv->queue_len);
     s_dispatch(srv);
     return 0;
 
@@ -1407,6 +1673,120 @@ static int s_link_start(um_server_t *srv, char *err, size_t errlen)
 }
 
 /* ------------------------------------------------------------------------- */
+/* Client disconnects (bind mode)                                            */
+
+/*
+ * Remember that client sent a request over the connection with file descriptor fd.
+ * NOTE: a request that is still unread when its connection's DISCONNECTED event is
+ * handled runs to its end, because no later event names that connection.
+ */
+static void s_peer_seen(um_server_t *srv, int fd, const s_client_t *client)
+{
+    if (fd < 0 || !srv->monitor)
+        return;
+    for (size_t i = 0; i < srv->n_peers; i++) {
+        if (srv->peers[i].fd == fd) {
+            srv->peers[i].client = *client;
+            return;
+        }
+    }
+    if (srv->n_peers == srv->cap_peers) {
+        size_t cap = srv->cap_peers ? srv->cap_peers * 2 : 16;
+        s_peer_t *grown = realloc(srv->peers, cap * sizeof *grown);
+        if (!grown) {
+            um_warn("server", "out of memory for the connection table: a disconnect of this "
+                    "client will not cancel its requests");
+            return;
+        }
+        srv->peers = grown;
+        srv->cap_peers = cap;
+    }
+    srv->peers[srv->n_peers++] = (s_peer_t){.fd = fd, .client = *client};
+}
+
+/* Cancel the jobs of a client whose connection closed, since their replies have no reader. */
+static void s_client_gone(um_server_t *srv, const s_client_t *client)
+{
+    s_job_t *prev = NULL;
+    for (s_job_t *job = srv->queue_head; job;) {
+        s_job_t *next = job->next;
+        if (s_same_client(&job->client, client)) {
+            s_queue_unlink(srv, prev, job);
+            um_info("server", "request %s: the client disconnected, so its waiting generate "
+                    "request is dropped", job->id_text);
+            s_job_free(job);
+        } else {
+            prev = job;
+        }
+        job = next;
+    }
+    s_job_t *job = srv->running;
+    if (job && s_same_client(&job->client, client) && atomic_load(&job->cancel) == S_RUN) {
+        atomic_store(&job->cancel, S_DISCONNECT);
+        int steps = atomic_load(&job->steps_done);
+        um_info("server", "request %s: the client disconnected after %d step%s, so its "
+                "running generate request is cancelled", job->id_text, steps,
+                steps == 1 ? "" : "s");
+    }
+}
+
+/*
+ * Read every waiting event of the ROUTER's monitor. A DISCONNECTED event cancels the
+ * jobs of the client last seen on that connection. An ACCEPTED event removes a stale
+ * entry for the reused file descriptor.
+ */
+static void s_read_monitor(um_server_t *srv)
+{
+    if (!srv->monitor)
+        return;
+    for (;;) {
+        zmq_msg_t head;
+        zmq_msg_init(&head);
+        if (s_msg_recv(&head, srv->monitor, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&head);
+            return;
+        }
+        /* The first frame is a 16-bit event and a 32-bit value, the fd for both events. */
+        uint16_t event = 0;
+        int32_t fd = -1;
+        if (zmq_msg_size(&head) >= 6) {
+            memcpy(&event, zmq_msg_data(&head), sizeof event);
+            memcpy(&fd, (const char *)zmq_msg_data(&head) + 2, sizeof fd);
+        }
+        zmq_msg_close(&head);
+        s_drain(srv->monitor); /* the endpoint frame */
+        for (size_t i = 0; i < srv->n_peers; i++) {
+            if (srv->peers[i].fd != fd)
+                continue;
+            s_client_t client = srv->peers[i].client;
+            srv->peers[i] = srv->peers[--srv->n_peers];
+            if (event == ZMQ_EVENT_DISCONNECTED)
+                s_client_gone(srv, &client);
+            break;
+        }
+    }
+}
+
+/* Start the ROUTER's monitor, which reports connections accepted and closed. */
+static int s_monitor_start(um_server_t *srv, char *err, size_t errlen)
+{
+    char name[64];
+    snprintf(name, sizeof name, "inproc://unmaskd-monitor-%p", (void *)srv);
+    srv->monitor = zmq_socket(srv->zctx, ZMQ_PAIR);
+    if (!srv->monitor
+        || zmq_socket_monitor(srv->router, name, ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED)
+               != 0
+        || zmq_connect(srv->monitor, name) != 0) {
+        snprintf(err, errlen, "cannot monitor the ROUTER socket's connections: %s",
+                 zmq_strerror(errno));
+        return UM_EIO;
+    }
+    int linger = 0;
+    zmq_setsockopt(srv->monitor, ZMQ_LINGER, &linger, sizeof linger);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------- */
 /* Requests from clients                                                     */
 
 /* Parse one request and reply to it, or queue it when it is a valid generate. */
@@ -1430,6 +1810,12 @@ static void s_handle_request(um_server_t *srv, const s_client_t *client, const c
     switch (req.op) {
     case UM_REQ_GENERATE:
         if (s_accept_generate(srv, client, &req, &err) == 0) {
+            um_request_clear(&req);
+            return;
+        }
+        break;
+    case UM_REQ_SCORE:
+        if (s_accept_score(srv, client, &req, &err) == 0) {
             um_request_clear(&req);
             return;
         }
@@ -1472,6 +1858,12 @@ static void s_handle_client(um_server_t *srv)
     s_client_t client = {0};
     zmq_msg_t parts[3]; /* the routing id and the first two frames after it */
     size_t n_parts = 0, n_frames = 0;
+    /*
+     * A closed connection's file descriptor can be reused at once. Its DISCONNECTED
+     * event is queued before the new connection exists, so reading the events first
+     * keeps a request of the new connection from being mapped to the old client.
+     */
+    s_read_monitor(srv);
     for (;;) {
         zmq_msg_t m;
         zmq_msg_init(&m);
@@ -1509,6 +1901,10 @@ static void s_handle_client(um_server_t *srv)
     if (client.len > sizeof client.id)
         client.len = sizeof client.id;
     memcpy(client.id, zmq_msg_data(&parts[0]), client.len);
+    /* The frames after the routing id come from the connection and carry its file
+       descriptor. The ROUTER makes the routing id frame itself and leaves it at -1. */
+    if (n_parts > 1)
+        s_peer_seen(srv, zmq_msg_get(&parts[1], ZMQ_SRCFD), &client);
 
     size_t first = 1;
     size_t n_body = n_frames - 1;
@@ -1550,7 +1946,8 @@ static void s_handle_client(um_server_t *srv)
 /* Stop reading requests, reply to every waiting job, and flag the running one. */
 static void s_begin_shutdown(um_server_t *srv)
 {
-    srv->stopping = 1;
+    int was_draining = srv->stopping == S_DRAINING;
+    srv->stopping = S_CANCELLING;
     um_notice("server", "shutting down: %zu waiting and %d running generate requests get a "
               "final reply", srv->queue_len, srv->running != NULL);
     while (srv->queue_head) {
@@ -1561,39 +1958,102 @@ static void s_begin_shutdown(um_server_t *srv)
     }
     if (srv->running)
         atomic_store(&srv->running->cancel, S_SHUTDOWN);
-    if (srv->link)
+    if (srv->link && !was_draining)
         um_link_stopping(srv->link);
+}
+
+/*
+ * Handle a stop signal. With a grace period and work in hand, let the accepted jobs run
+ * and reject new ones. Otherwise, or on a second signal, cancel everything now.
+ */
+static void s_stop_requested(um_server_t *srv)
+{
+    if (srv->stopping == S_SERVING && srv->cfg.shutdown_grace_ms > 0
+        && (srv->running || srv->queue_head)) {
+        srv->stopping = S_DRAINING;
+        srv->grace_end_ms = s_now_ms() + srv->cfg.shutdown_grace_ms;
+        um_notice("server", "shutting down: %zu waiting and %d running generate requests may "
+                  "finish within %.1f s, new ones get \"busy\"; a second stop signal cancels "
+                  "them at once", srv->queue_len, srv->running != NULL,
+                  srv->cfg.shutdown_grace_ms / 1e3);
+        if (srv->link)
+            um_link_stopping(srv->link);
+        return;
+    }
+    if (srv->stopping != S_CANCELLING)
+        s_begin_shutdown(srv);
+}
+
+/* Read the signal numbers that main's handler wrote to stop_fd. */
+static void s_read_signals(um_server_t *srv)
+{
+    unsigned char buf[64];
+    ssize_t got = read(srv->cfg.stop_fd, buf, sizeof buf);
+    int hangup = 0, stops = 0;
+    for (ssize_t i = 0; i < got; i++) {
+        if (buf[i] == SIGHUP)
+            hangup = 1;
+        else
+            stops++;
+    }
+    if (hangup && srv->cfg.on_hangup)
+        srv->cfg.on_hangup();
+    for (; stops > 0; stops--)
+        s_stop_requested(srv);
+}
+
+/* The poll timeout: the broker link's next deadline, or the end of the grace period. */
+static int s_poll_timeout_ms(const um_server_t *srv)
+{
+    int timeout_ms = srv->link ? um_link_timeout_ms(srv->link) : -1;
+    if (srv->stopping == S_DRAINING) {
+        double left = srv->grace_end_ms - s_now_ms();
+        int grace_ms = left > 0 ? (int)left + 1 : 0;
+        if (timeout_ms < 0 || grace_ms < timeout_ms)
+            timeout_ms = grace_ms;
+    }
+    return timeout_ms;
 }
 
 int um_server_run(um_server_t *srv)
 {
     for (;;) {
-        zmq_pollitem_t items[3] = {
-            {.socket = srv->pipe, .events = ZMQ_POLLIN},
-            {.socket = srv->router, .events = srv->stopping ? 0 : ZMQ_POLLIN},
-            {.socket = NULL, .fd = srv->cfg.stop_fd, .events = ZMQ_POLLIN},
-        };
-        int n_items = srv->cfg.stop_fd >= 0 && !srv->stopping ? 3 : 2;
-        int timeout_ms = srv->link ? um_link_timeout_ms(srv->link) : -1;
-        if (zmq_poll(items, n_items, timeout_ms) < 0) {
+        int cancelling = srv->stopping == S_CANCELLING;
+        zmq_pollitem_t items[4];
+        int n_items = 0, i_monitor = -1, i_stop = -1;
+        items[n_items++] = (zmq_pollitem_t){.socket = srv->pipe, .events = ZMQ_POLLIN};
+        items[n_items++] = (zmq_pollitem_t){.socket = srv->router,
+                                            .events = cancelling ? 0 : ZMQ_POLLIN};
+        if (srv->monitor) {
+            i_monitor = n_items;
+            items[n_items++] = (zmq_pollitem_t){.socket = srv->monitor, .events = ZMQ_POLLIN};
+        }
+        if (srv->cfg.stop_fd >= 0 && !cancelling) {
+            i_stop = n_items;
+            items[n_items++] = (zmq_pollitem_t){.fd = srv->cfg.stop_fd, .events = ZMQ_POLLIN};
+        }
+        if (zmq_poll(items, n_items, s_poll_timeout_ms(srv)) < 0) {
             if (errno == EINTR)
                 continue;
             um_error("server", "polling the sockets failed: %s", zmq_strerror(errno));
             return UM_EIO;
         }
-        if (n_items == 3 && (items[2].revents & ZMQ_POLLIN)) {
-            char buf[64];
-            ssize_t got = read(srv->cfg.stop_fd, buf, sizeof buf);
-            (void)got;
+        if (i_stop >= 0 && (items[i_stop].revents & ZMQ_POLLIN))
+            s_read_signals(srv);
+        if (srv->stopping == S_DRAINING && s_now_ms() >= srv->grace_end_ms) {
+            um_notice("server", "the shutdown grace of %.1f s is over",
+                      srv->cfg.shutdown_grace_ms / 1e3);
             s_begin_shutdown(srv);
         }
         if (srv->link)
             s_link_event(srv, um_link_tick(srv->link));
+        if (i_monitor >= 0 && (items[i_monitor].revents & ZMQ_POLLIN))
+            s_read_monitor(srv);
         if (items[0].revents & ZMQ_POLLIN)
             s_handle_worker(srv);
-        if (srv->stopping && !srv->running)
+        if (srv->stopping && !srv->running && !srv->queue_head)
             break;
-        if (!srv->stopping && (items[1].revents & ZMQ_POLLIN))
+        if (srv->stopping != S_CANCELLING && (items[1].revents & ZMQ_POLLIN))
             s_handle_client(srv);
     }
     /* Every final reply is queued by now, so the broker may forget this worker. */
@@ -1610,6 +2070,26 @@ int um_server_run(um_server_t *srv)
 const char *um_server_endpoint(const um_server_t *srv)
 {
     return srv->endpoint;
+}
+
+/*
+ * Make the ROUTER a CURVE server when the daemon has a key pair and the endpoint is tcp,
+ * with a ZAP handler that admits the keys of cfg.curve_clients, or any key. ipc
+ * endpoints are protected by the socket file's permissions instead.
+ */
+static int s_bind_curve(um_server_t *srv, const char *endpoint, char *err, size_t errlen)
+{
+    if (!srv->cfg.curve)
+        return 0;
+    if (strncmp(endpoint, "tcp://", 6) != 0) {
+        um_warn("server", "--curve-key has no effect on %s: CURVE applies to tcp endpoints, "
+                "and an ipc socket is protected by its file permissions", endpoint);
+        return 0;
+    }
+    if (um_zap_start(&srv->zap, srv->zctx, srv->cfg.curve_clients, NULL, err, errlen) != 0
+        || um_curve_set_server(srv->router, srv->cfg.curve, UM_ZAP_CLIENTS, err, errlen) != 0)
+        return UM_EIO;
+    return 0;
 }
 
 static int s_bind(um_server_t *srv, const char *endpoint, char *err, size_t errlen)
@@ -1629,6 +2109,9 @@ static int s_bind(um_server_t *srv, const char *endpoint, char *err, size_t errl
     zmq_setsockopt(srv->router, ZMQ_SNDHWM, &hwm, sizeof hwm);
     int64_t hard = (int64_t)srv->cfg.max_request_bytes * UM_SERVER_HARD_LIMIT_FACTOR;
     zmq_setsockopt(srv->router, ZMQ_MAXMSGSIZE, &hard, sizeof hard);
+    int rc = s_bind_curve(srv, endpoint, err, errlen);
+    if (rc != 0)
+        return rc;
 
     if (s_ipc_in_use(endpoint)) {
         snprintf(err, errlen, "cannot bind %s: another process is listening on that socket "
@@ -1650,7 +2133,7 @@ static int s_bind(um_server_t *srv, const char *endpoint, char *err, size_t errl
     size_t size = sizeof srv->endpoint;
     if (zmq_getsockopt(srv->router, ZMQ_LAST_ENDPOINT, srv->endpoint, &size) != 0)
         snprintf(srv->endpoint, sizeof srv->endpoint, "%s", endpoint);
-    return 0;
+    return s_monitor_start(srv, err, errlen);
 }
 
 int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *model,
@@ -1672,6 +2155,14 @@ int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *
     srv->tok_worker = tok_worker;
     srv->t_start_ms = s_now_ms();
     srv->eot_id = s_find_eot(tok);
+    /* 0 means the model's positions for the token limits (um_gen_check enforces them
+       anyway) and no limit for max_steps. */
+    int32_t positions = srv->model_cfg->max_sequence_length;
+    srv->max_prompt_tokens = cfg->max_prompt_tokens > 0 && cfg->max_prompt_tokens < positions
+                                 ? cfg->max_prompt_tokens : positions - 1;
+    srv->max_gen_length = cfg->max_gen_length > 0 && cfg->max_gen_length < positions
+                              ? cfg->max_gen_length : positions;
+    srv->max_steps = cfg->max_steps > 0 ? cfg->max_steps : 0;
     int rc = um_chat_load(um_model_dir(model), &srv->chat, err, errlen);
     if (rc != 0) {
         free(srv);
@@ -1737,12 +2228,18 @@ void um_server_destroy(um_server_t **srvp)
     }
     if (srv->pipe)
         zmq_close(srv->pipe);
+    if (srv->monitor) {
+        zmq_socket_monitor(srv->router, NULL, 0);
+        zmq_close(srv->monitor);
+    }
+    free(srv->peers);
     if (srv->link) {
         um_link_destroy(&srv->link); /* closes the socket that router points to */
         srv->router = NULL;
     }
     if (srv->router)
         zmq_close(srv->router);
+    um_zap_stop(&srv->zap);
     if (srv->zctx) {
         int rc;
         do

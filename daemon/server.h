@@ -12,7 +12,9 @@
 #define UM_SERVER_H
 
 #include <stddef.h>
+#include <stdint.h>
 
+#include "curve.h"
 #include "model.h"
 #include "plugins.h"
 #include "tokenizer.h"
@@ -29,8 +31,23 @@ typedef struct um_server_config {
     int threads;              /* OpenMP threads for the worker's forward passes; 0: default */
     const char *plugin_path;  /* colon-separated plugin folders rescanned when a request
                                  names an unknown remasking plugin; NULL: never rescan */
-    int stop_fd;              /* file descriptor that turns readable to request shutdown,
+    int stop_fd;              /* file descriptor that turns readable when a signal arrived;
+                                 it carries one byte per signal, the signal's number.
+                                 SIGHUP calls on_hangup, any other starts the shutdown.
                                  -1 for none */
+    void (*on_hangup)(void);  /* called on the main thread for SIGHUP; NULL: ignored */
+    int shutdown_grace_ms;    /* how long a shutdown lets accepted generate requests run
+                                 before it cancels them; 0: cancel at once */
+    /* Per-request limits, checked before a generate request is queued. 0 stands for
+       the model's max_sequence_length in the first two and for no limit in max_steps,
+       since a generation never runs more steps than it has masks to fill. */
+    int32_t max_prompt_tokens;
+    int32_t max_gen_length;
+    int32_t max_steps;
+    /* Bind mode: CURVE on the ROUTER socket (docs/security.md). */
+    const um_curve_keypair_t *curve; /* the daemon's key pair; NULL: no CURVE */
+    const char *curve_clients;       /* folder of the allowed clients' .pub files; NULL:
+                                        any client that has the daemon's public key */
     /* Worker mode, read by um_server_new only (docs/worker-protocol.md). */
     const char *connect;      /* a broker's back end to register with instead of binding
                                  endpoint; NULL: bind */
@@ -56,10 +73,12 @@ int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *
                   um_tokenizer_t *tok_worker, char *err, size_t errlen);
 
 /*
- * Serve until cfg->stop_fd turns readable. Shutdown stops reading requests, replies
- * to every waiting generate request with a final "cancelled", cancels the running
- * one and forwards its final reply, then stops the worker thread. In worker mode it
- * then sends its broker "disconnect".
+ * Serve until a stop signal arrives on cfg->stop_fd. Shutdown rejects new generate
+ * requests with "busy" and lets the accepted ones run for up to shutdown_grace_ms (a
+ * second stop signal ends the grace at once). Then it replies to every waiting generate
+ * request with a final "cancelled", cancels the running one and forwards its final
+ * reply, and stops the worker thread. In worker mode it then sends its broker
+ * "disconnect".
  * Returns 0, or a negative UM_E* code when polling fails, or UM_EUNSUPPORTED when the
  * broker rejected this worker.
  */

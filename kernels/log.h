@@ -1,7 +1,8 @@
 /*
  * Logging for the kernels, the engine, the daemon and its tools. It lives with the
  * kernels because they are the lowest layer that logs. One process-wide level; each
- * line goes to stderr as "2026-12-04T21:00:00.123Z info  component: message". The
+ * line goes to stderr, which um_log_open_file may point at a file, as
+ * "2026-12-04T21:00:00.123Z info  component: message". The
  * macros test the level before evaluating their arguments, so a disabled debug line
  * costs one comparison. Thread-safe: each line is written with one fprintf call.
  */
@@ -19,6 +20,21 @@ void um_log_set_level(int level);
 
 /* Parse "debug", "info", "notice", "warn" or "error"; returns the level or -1. */
 int um_log_parse_level(const char *name);
+
+/*
+ * Send the log, and everything else the process writes to stderr, to the file at path
+ * (opened for appending, created with mode 0640). The file descriptor is replaced with
+ * dup2, so a line is written either to the old file or to the new one. Returns 0, or -1
+ * with a message naming the path in err.
+ */
+int um_log_open_file(const char *path, char *err, size_t errlen);
+
+/*
+ * Open the file of um_log_open_file again, after logrotate renamed it. Returns 1 when
+ * it was reopened, 0 when no log file is set, -1 with a message in err when the open
+ * failed (the old file stays in use). Safe to call from any one thread at a time.
+ */
+int um_log_reopen(char *err, size_t errlen);
 
 void um_log_write(int level, const char *component, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

@@ -26,6 +26,7 @@ int main(void)
     srunner_add_suite(sr, um_plugins_suite());
     srunner_add_suite(sr, um_tokenizer_suite());
     srunner_add_suite(sr, um_server_suite());
+    srunner_add_suite(sr, um_hardening_suite());
     srunner_add_suite(sr, um_gateway_suite());
     srunner_add_suite(sr, um_broker_suite());
     srunner_set_fork_status(sr, CK_NOFORK);

@@ -618,6 +618,19 @@ START_TEST(test_broker_generate)
     json_decref(d);
     json_decref(t);
 
+    /* So does score, and the same seed gives the same estimate on any worker. */
+    double ll[2];
+    for (int k = 0; k < 2; k++) {
+        json_t *sc = s_done(s_call(sock, json_pack("{s:s, s:s, s:s, s:s, s:i, s:i}", "op",
+                                                   "score", "id", "sc", "prompt", "the cat",
+                                                   "answer", " sat down.", "n_samples", 4,
+                                                   "seed", 7)));
+        ll[k] = json_number_value(json_object_get(sc, "log_likelihood"));
+        ck_assert(ll[k] < 0);
+        json_decref(sc);
+    }
+    ck_assert(ll[0] == ll[1]);
+
     /* A REQ socket's empty delimiter frame is repeated on the reply. */
     void *req_sock = zmq_socket(s_ctx, ZMQ_REQ);
     int linger = 0;

@@ -13,6 +13,7 @@
 #include <unmaskd/error.h>
 
 #include "chat.h"
+#include "request.h"
 #include "testutil.h"
 
 static char s_dir[] = "/tmp/unmaskd-chat-XXXXXX";
@@ -117,6 +118,31 @@ START_TEST(chat_none_and_errors)
 }
 END_TEST
 
+/* A chat is instruct-style use, so its generate request stops early at EOS by default. */
+START_TEST(chat_early_stop_default)
+{
+    static const struct {
+        const char *json;
+        int early_stop;
+    } cases[] = {
+        {"{\"op\":\"generate\",\"id\":1,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 1},
+        {"{\"op\":\"generate\",\"id\":2,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],"
+         "\"early_stop\":false}", 0},
+        {"{\"op\":\"generate\",\"id\":3,\"prompt\":\"hi\"}", 0},
+        {"{\"op\":\"generate\",\"id\":4,\"prompt\":\"hi\",\"early_stop\":true}", 1},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        um_request_t req;
+        um_req_error_t err;
+        ck_assert_msg(um_request_parse(cases[i].json, strlen(cases[i].json), &req, &err) == 0,
+                      "%s: %s", cases[i].json, err.message);
+        ck_assert_msg(req.early_stop == cases[i].early_stop, "%s: early_stop %d", cases[i].json,
+                      req.early_stop);
+        um_request_clear(&req);
+    }
+}
+END_TEST
+
 Suite *um_chat_suite(void)
 {
     Suite *s = suite_create("chat");
@@ -124,6 +150,7 @@ Suite *um_chat_suite(void)
     tcase_add_checked_fixture(tc, s_setup, s_teardown);
     tcase_add_test(tc, chat_matches_jinja);
     tcase_add_test(tc, chat_none_and_errors);
+    tcase_add_test(tc, chat_early_stop_default);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -196,6 +196,24 @@ START_TEST(open_bf16_values)
 }
 END_TEST
 
+/* A header with no tensors (only metadata, or nothing) gives an empty set. */
+START_TEST(open_no_tensors)
+{
+    const char *headers[] = {"{}", "{\"__metadata__\":{\"format\":\"pt\"}}"};
+    for (size_t i = 0; i < 2; i++) {
+        s_write_raw("empty.safetensors", headers[i], -1, NULL, 0);
+        char err[1024] = "";
+        um_safetensors_t *st = NULL;
+        int rc = um_safetensors_open_file(s_path("empty.safetensors"), &st, err, sizeof err);
+        ck_assert_msg(rc == 0, "header %s: open failed: %s", headers[i], err);
+        ck_assert_uint_eq(um_safetensors_count(st), 0);
+        ck_assert_ptr_null(um_safetensors_at(st, 0));
+        ck_assert_ptr_null(um_safetensors_find(st, "a.weight"));
+        um_safetensors_close(&st);
+    }
+}
+END_TEST
+
 /* ------------------------------------------------------------------------- */
 /* Faults in one file                                                         */
 
@@ -482,6 +500,7 @@ Suite *um_safetensors_suite(void)
     tcase_add_checked_fixture(tc, s_setup, s_teardown);
     tcase_add_test(tc, open_f32_values);
     tcase_add_test(tc, open_bf16_values);
+    tcase_add_test(tc, open_no_tensors);
     tcase_add_test(tc, reject_truncated);
     tcase_add_test(tc, reject_header_past_file);
     tcase_add_test(tc, reject_offsets_out_of_range);

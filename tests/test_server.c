@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
+#include <math.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdarg.h>
@@ -774,6 +775,67 @@ START_TEST(test_generate_fixture)
 }
 END_TEST
 
+/*
+ * score through the daemon: the fixture cases of tools/make_score_fixtures.py for the
+ * model this daemon runs ("bundled" or "bert"), from their texts, match the reference
+ * within the tolerance test_score.c justifies; the reply reports the token counts.
+ */
+static void s_check_score_cases(const char *model)
+{
+    json_error_t jerr;
+    json_t *doc = json_load_file(um_test_path(um_test_env("UM_TEST_FIXTURES"), "score.json"), 0,
+                                 &jerr);
+    ck_assert_msg(doc != NULL, "score.json: %s", jerr.text);
+    size_t i;
+    json_t *c;
+    int n = 0;
+    json_array_foreach(json_object_get(doc, "cases"), i, c) {
+        if (strcmp(json_string_value(json_object_get(c, "model")), model) != 0)
+            continue;
+        const char *name = json_string_value(json_object_get(c, "name"));
+        json_t *req = json_pack("{s:s, s:s, s:O, s:O, s:O, s:O, s:O, s:O}", "op", "score", "id",
+                                name, "prompt", json_object_get(c, "prompt"), "answer",
+                                json_object_get(c, "answer"), "n_samples",
+                                json_object_get(c, "n_samples"), "batch_size",
+                                json_object_get(c, "batch_size"), "cfg_scale",
+                                json_object_get(c, "cfg_scale"), "seed",
+                                json_object_get(c, "seed"));
+        json_t *r = s_done(s_call(s_sock, req));
+        double got = json_number_value(json_object_get(r, "log_likelihood"));
+        double want = json_number_value(json_object_get(c, "log_likelihood"));
+        ck_assert_msg(fabs(got - want) <= 1e-3, "%s: log p %.6f, reference %.6f", name, got, want);
+        ck_assert_int_eq(json_integer_value(json_object_get(r, "prompt_tokens")),
+                         (json_int_t)json_array_size(json_object_get(c, "prompt_ids")));
+        ck_assert_int_eq(json_integer_value(json_object_get(r, "answer_tokens")),
+                         (json_int_t)json_array_size(json_object_get(c, "answer_ids")));
+        ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(r, "stats"),
+                                                            "forward_passes")),
+                         json_integer_value(json_object_get(c, "forward_passes")));
+        json_decref(r);
+        n++;
+    }
+    ck_assert_int_ge(n, 1);
+    json_decref(doc);
+}
+
+START_TEST(test_score)
+{
+    s_check_score_cases("bundled");
+    s_expect_error(json_pack("{s:s, s:s, s:s, s:s, s:i}", "op", "score", "id", "s1", "prompt",
+                             "the cat", "answer", " sat.", "n_samples", 0),
+                   UM_ERR_OUT_OF_RANGE, "n_samples", "must be at least 1");
+    s_expect_error(json_pack("{s:s, s:s, s:s, s:s, s:i}", "op", "score", "id", "s2", "prompt",
+                             "the cat", "answer", " sat.", "n_samples", 5000),
+                   UM_ERR_OUT_OF_RANGE, "n_samples", "must be in [1, 4096], got 5000");
+    s_expect_error(json_pack("{s:s, s:s, s:s}", "op", "score", "id", "s3", "prompt", "the cat"),
+                   UM_ERR_INVALID, "answer", "missing field \"answer\"");
+    s_expect_error(json_pack("{s:s, s:s, s:s, s:s}", "op", "score", "id", "s4", "prompt",
+                             "the cat", "answer", ""),
+                   UM_ERR_OUT_OF_RANGE, "answer", "answer has no tokens");
+    s_assert_serving(s_sock);
+}
+END_TEST
+
 /* A daemon on the random-weight BERT fixture, whose vocab.txt has the words w0, w1, ... */
 static void s_setup_daemon_bert(void)
 {
@@ -834,6 +896,7 @@ START_TEST(test_generate_bert_framing)
     json_decref(ok);
     s_expect_error(s_generate("over", "w1 w2 w3", 36), UM_ERR_OUT_OF_RANGE, "gen_length",
                    "closing token");
+    s_check_score_cases("bert");
 }
 END_TEST
 
@@ -1183,13 +1246,20 @@ START_TEST(test_error_fields)
 
     req = s_generate("f3", "hi", 8);
     json_object_set_new(req, "gen_length", json_string("8"));
-    s_expect_error(req, UM_ERR_INVALID, "gen_length", "must be an integer, got a string");
+    s_expect_error(req, UM_ERR_INVALID, "gen_length",
+                   "must be an integer, got the string \"8\": write a JSON number");
     req = s_generate("f4", "hi", 8);
     json_object_set_new(req, "steps", json_real(2.5));
     s_expect_error(req, UM_ERR_INVALID, "steps", "must be an integer");
     req = s_generate("f5", "hi", 8);
     json_object_set_new(req, "temperature", json_string("hot"));
     s_expect_error(req, UM_ERR_INVALID, "temperature", "must be a number");
+    /* The message quotes 40 bytes, which end inside an "è": only that character is lost. */
+    req = s_generate("f5b", "hi", 8);
+    json_object_set_new(req, "temperature",
+                        json_string("xtr\xc3\xa8s tr\xc3\xa8s tr\xc3\xa8s tr\xc3\xa8s "
+                                    "tr\xc3\xa8s tr\xc3\xa8s tr\xc3\xa8s"));
+    s_expect_error(req, UM_ERR_INVALID, "temperature", "\"xtr\xc3\xa8s tr\xc3\xa8s");
     req = s_generate("f6", "hi", 8);
     json_object_set_new(req, "stream", json_integer(1));
     s_expect_error(req, UM_ERR_INVALID, "stream", "true or false");
@@ -1461,6 +1531,197 @@ START_TEST(test_error_then_generate)
     json_t *r = s_done(s_call(s_sock, s_generate("ok", "the cat sat", 8)));
     ck_assert_int_eq(json_array_size(json_object_get(r, "tokens")), 8);
     json_decref(r);
+}
+END_TEST
+
+/*
+ * A small generate that must succeed, sent after each bad request of the matrix
+ * below: a bad request leaves no state behind that a valid one trips over.
+ */
+static void s_assert_generates(const char *id)
+{
+    json_t *r = s_done(s_call(s_sock, s_generate(id, "the cat sat", 2)));
+    ck_assert_int_eq(json_array_size(json_object_get(r, "tokens")), 2);
+    json_decref(r);
+}
+
+/* One row of the generate field matrix: the field set to a JSON value, and the outcome. */
+typedef struct s_field_case {
+    const char *field;
+    const char *value;   /* JSON text */
+    const char *code;    /* the error code, or NULL when the request must succeed */
+    const char *message; /* a piece of the error message: the value and the fix */
+} s_field_case_t;
+
+static const s_field_case_t s_field_cases[] = {
+    /* Negative, zero and huge values of every numeric field. */
+    {"gen_length", "-4", UM_ERR_OUT_OF_RANGE, "got -4: use a whole number in [1, 2147483647]"},
+    {"gen_length", "0", UM_ERR_OUT_OF_RANGE, "got 0: use a whole number in [1, 2147483647]"},
+    {"gen_length", "1099511627776", UM_ERR_OUT_OF_RANGE,
+     "got 1099511627776: use a whole number in [1, 2147483647]"},
+    {"gen_length", "2147483647", UM_ERR_OUT_OF_RANGE, "set gen_length to at most"},
+    {"steps", "-5", UM_ERR_OUT_OF_RANGE, "got -5: use a whole number in [1, 2147483647]"},
+    {"steps", "0", UM_ERR_OUT_OF_RANGE, "got 0: use a whole number in [1, 2147483647]"},
+    {"steps", "1099511627776", UM_ERR_OUT_OF_RANGE, "got 1099511627776: use a whole number"},
+    {"steps", "2147483647", NULL, NULL},
+    {"block_length", "-3", UM_ERR_OUT_OF_RANGE, "got -3: use a whole number in [1, 2147483647]"},
+    {"block_length", "0", UM_ERR_OUT_OF_RANGE, "got 0: use a whole number in [1, 2147483647]"},
+    {"block_length", "1099511627776", UM_ERR_OUT_OF_RANGE, "got 1099511627776: use a whole"},
+    {"block_length", "2147483647", NULL, NULL},
+    {"temperature", "-0.5", UM_ERR_OUT_OF_RANGE, "got -0.5: use 0 for greedy decoding"},
+    {"temperature", "0", NULL, NULL},
+    {"temperature", "1e-9", UM_ERR_OUT_OF_RANGE, "got 1e-09: use 0 for greedy decoding"},
+    {"temperature", "1e300", UM_ERR_OUT_OF_RANGE, "got 1e+300: use 0 for greedy decoding"},
+    {"cfg_scale", "-1", UM_ERR_OUT_OF_RANGE, "got -1: use 0 to turn classifier-free"},
+    {"cfg_scale", "0", NULL, NULL},
+    {"cfg_scale", "1e300", UM_ERR_OUT_OF_RANGE, "got 1e+300: use 0 to turn classifier-free"},
+    {"top_k", "-1", UM_ERR_OUT_OF_RANGE, "got -1: use a whole number in [0, 2147483647]"},
+    {"top_k", "0", NULL, NULL},
+    {"top_k", "1099511627776", UM_ERR_OUT_OF_RANGE, "got 1099511627776: use a whole number"},
+    {"top_k", "2147483647", NULL, NULL},
+    {"top_p", "-1", UM_ERR_OUT_OF_RANGE, "got -1: use 1 to keep every token"},
+    {"top_p", "0", UM_ERR_OUT_OF_RANGE, "got 0: use 1 to keep every token"},
+    {"top_p", "1e300", UM_ERR_OUT_OF_RANGE, "got 1e+300: use 1 to keep every token"},
+    {"top_p", "1", NULL, NULL},
+    {"eps", "-1", UM_ERR_OUT_OF_RANGE, "got -1: Dream uses 0.001"},
+    {"eps", "0", NULL, NULL},
+    {"eps", "1e300", UM_ERR_OUT_OF_RANGE, "got 1e+300: Dream uses 0.001"},
+    {"seed", "-1", UM_ERR_OUT_OF_RANGE, "got -1: use a whole number in [0, 9223372036854775807]"},
+    {"seed", "0", NULL, NULL},
+    {"seed", "9223372036854775807", NULL, NULL},
+    {"seed", "9223372036854775808.0", UM_ERR_OUT_OF_RANGE, "use a whole number in [0, "},
+    /* Wrong JSON types. */
+    {"gen_length", "\"8\"", UM_ERR_INVALID, "got the string \"8\": write a JSON number"},
+    {"steps", "2.5", UM_ERR_INVALID, "got 2.5: use a whole number in [1, 2147483647]"},
+    {"block_length", "null", UM_ERR_INVALID, "got null: use a whole number"},
+    {"temperature", "\"hot\"", UM_ERR_INVALID, "got the string \"hot\": write a JSON number"},
+    {"cfg_scale", "true", UM_ERR_INVALID, "got true: write a JSON number"},
+    {"top_k", "[5]", UM_ERR_INVALID, "got an array: use a whole number in [0, 2147483647]"},
+    {"top_p", "{}", UM_ERR_INVALID, "got an object: write a JSON number"},
+    {"eps", "\"0.1\"", UM_ERR_INVALID, "got the string \"0.1\": write a JSON number"},
+    {"seed", "\"1\"", UM_ERR_INVALID, "got the string \"1\": write a JSON number"},
+    {"stream", "1", UM_ERR_INVALID, "true or false, got an integer: write the JSON literal"},
+    {"early_stop", "\"yes\"", UM_ERR_INVALID, "true or false, got a string"},
+    {"prompt", "5", UM_ERR_INVALID, "must be a string, got an integer: put the text in double"},
+    {"remasking", "5", UM_ERR_INVALID, "must be a string, got an integer: put the text in"},
+    {"schedule", "1", UM_ERR_INVALID, "must be a string, got an integer"},
+    {"remasking_params", "[]", UM_ERR_INVALID, "must be an object of parameter names"},
+    /* Names: a misspelled field, an unknown schedule. */
+    {"temprature", "0.5", UM_ERR_UNKNOWN_FIELD, "did you mean temperature?"},
+    {"schedule", "\"linear\"", UM_ERR_INVALID, "unknown schedule \"linear\""},
+};
+
+/*
+ * The generate field matrix: each row its own request, an error naming the field, the
+ * value and the fix for a bad value (then a valid generate succeeds), a normal reply
+ * for a valid one.
+ */
+START_TEST(test_error_field_matrix)
+{
+    for (size_t i = 0; i < sizeof s_field_cases / sizeof s_field_cases[0]; i++) {
+        const s_field_case_t *c = &s_field_cases[i];
+        char id[32];
+        snprintf(id, sizeof id, "m%zu", i);
+        json_t *req = s_generate(id, "hi", 4);
+        json_error_t jerr;
+        json_t *value = json_loads(c->value, JSON_DECODE_ANY, &jerr);
+        ck_assert_msg(value != NULL, "row %zu: %s", i, jerr.text);
+        json_object_set_new(req, c->field, value);
+        if (!c->code) {
+            char *text = json_dumps(req, JSON_COMPACT);
+            json_t *r = s_call(s_sock, req);
+            ck_assert_msg(strcmp(s_type(r), UM_REPLY_DONE) == 0, "%s = %s should be accepted: "
+                          "request %s got %s", c->field, c->value, text,
+                          json_dumps(r, JSON_COMPACT));
+            ck_assert_int_eq(json_array_size(json_object_get(r, "tokens")), 4);
+            json_decref(r);
+            free(text);
+            continue;
+        }
+        s_expect_error(req, c->code, c->field, c->message);
+        s_assert_generates("after");
+    }
+}
+END_TEST
+
+/*
+ * Text faults: prompts that are not UTF-8, hold a raw control character or half a
+ * surrogate pair name the field they are in; NUL written as \u0000 and an empty prompt
+ * are valid text and generate.
+ */
+START_TEST(test_error_text)
+{
+    static const char bad_utf8[] = "{\"op\":\"generate\",\"id\":\"x1\",\"prompt\":\"ab\xff" "cd\"}";
+    s_expect_error_raw(bad_utf8, sizeof bad_utf8 - 1, UM_ERR_BAD_JSON, "prompt",
+                       "prompt is not valid UTF-8 (unable to decode byte 0xff");
+    s_assert_generates("after");
+    static const char overlong[] = "{\"op\":\"generate\",\"id\":\"x2\",\"prompt\":\"\xc0\xaf\"}";
+    s_expect_error_raw(overlong, sizeof overlong - 1, UM_ERR_BAD_JSON, "prompt",
+                       "send the text encoded as UTF-8");
+    s_assert_generates("after");
+    static const char chat[] = "{\"op\":\"generate\",\"id\":\"x3\",\"messages\":[{\"role\":"
+                               "\"user\",\"content\":\"x\xc3(\"}]}";
+    s_expect_error_raw(chat, sizeof chat - 1, UM_ERR_BAD_JSON, "messages[0].content",
+                       "is not valid UTF-8");
+    s_assert_generates("after");
+    static const char bad_id[] = "{\"op\":\"health\",\"id\":\"\xfe\"}";
+    s_expect_error_raw(bad_id, sizeof bad_id - 1, UM_ERR_BAD_JSON, "id", "is not valid UTF-8");
+    s_assert_generates("after");
+    s_expect_error_text("{\"op\":\"generate\",\"id\":\"x4\",\"prompt\":\"ab\\ud800\"}",
+                        UM_ERR_BAD_JSON, "prompt", "surrogate pair");
+    s_assert_generates("after");
+    static const char raw_nul[] = "{\"op\":\"generate\",\"id\":\"x5\",\"prompt\":\"a\0b\"}";
+    s_expect_error_raw(raw_nul, sizeof raw_nul - 1, UM_ERR_BAD_JSON, "prompt",
+                       "escape control characters as JSON requires, e.g. \\u0000 for NUL");
+    s_assert_generates("after");
+    static const char raw_newline[] = "{\"op\":\"generate\",\"id\":\"x6\",\"prompt\":\"a\nb\"}";
+    s_expect_error_raw(raw_newline, sizeof raw_newline - 1, UM_ERR_BAD_JSON, "prompt",
+                       "raw line break");
+    s_assert_generates("after");
+    s_expect_error_text("{\"op\":\"generate\",\"id\":\"x7\",\"prompt\":\"a\\qb\"}",
+                        UM_ERR_BAD_JSON, "prompt", "write a backslash as \\\\");
+    s_assert_generates("after");
+    s_expect_error_text("\"generate\"", UM_ERR_BAD_JSON, NULL, "got a string");
+    s_expect_error_text("null", UM_ERR_BAD_JSON, NULL, "got null");
+
+    /* \u0000 is a character like any other: the prompt keeps it and generates. */
+    json_t *req = json_pack("{s:s, s:s, s:s#, s:i, s:i}", "op", "generate", "id", "nul",
+                            "prompt", "once\0upon", (size_t)9, "gen_length", 4, "seed", 1);
+    json_t *r = s_done(s_call(s_sock, req));
+    ck_assert_int_eq(json_array_size(json_object_get(r, "tokens")), 4);
+    json_decref(r);
+
+    /* An empty prompt is unconditional generation, which masked diffusion supports. */
+    r = s_done(s_call(s_sock, s_generate("empty", "", 6)));
+    ck_assert_int_eq(json_array_size(json_object_get(r, "tokens")), 6);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "prompt_tokens")), 0);
+    json_decref(r);
+}
+END_TEST
+
+/* A request split over several frames, with or without a REQ-style delimiter. */
+START_TEST(test_error_frames_more)
+{
+    const char *a = "{\"op\":\"health\"}";
+    ck_assert(zmq_send(s_sock, a, strlen(a), ZMQ_SNDMORE) >= 0);
+    ck_assert(zmq_send(s_sock, a, strlen(a), ZMQ_SNDMORE) >= 0);
+    s_expect_error_raw(a, strlen(a), UM_ERR_INVALID, NULL, "got 3 frames");
+    s_assert_generates("after");
+
+    /* After an empty delimiter frame the reply repeats it, as a REQ socket expects. */
+    ck_assert(zmq_send(s_sock, "", 0, ZMQ_SNDMORE) >= 0);
+    ck_assert(zmq_send(s_sock, a, strlen(a), ZMQ_SNDMORE) >= 0);
+    ck_assert(zmq_send(s_sock, a, strlen(a), 0) >= 0);
+    zmq_pollitem_t item = {.socket = s_sock, .events = ZMQ_POLLIN};
+    ck_assert_int_eq(zmq_poll(&item, 1, s_reply_timeout_ms()), 1);
+    char buf[1024];
+    ck_assert_int_eq(zmq_recv(s_sock, buf, sizeof buf, 0), 0);
+    int n = zmq_recv(s_sock, buf, sizeof buf - 1, 0);
+    ck_assert_int_gt(n, 0);
+    buf[n < (int)sizeof buf - 1 ? n : (int)sizeof buf - 1] = '\0';
+    ck_assert_msg(strstr(buf, "\"invalid_request\"") && strstr(buf, "got 2 frames"),
+                  "reply: %s", buf);
+    s_assert_generates("after");
 }
 END_TEST
 
@@ -1794,6 +2055,35 @@ START_TEST(test_client_json)
 }
 END_TEST
 
+/* unmask --score: the same estimate as the score request it stands for. */
+START_TEST(test_client_score)
+{
+    const char *args[] = {"--connect", s_daemon.endpoint, "--json", "--score", " she smiled.",
+                          "--samples", "4", "--seed", "5", "the girl saw a cat.", NULL};
+    s_run_result_t res = s_run_client(args);
+    ck_assert_msg(res.status == 0, "unmask exited %d: %s", res.status, res.err);
+    json_t *a = json_loads(res.out, 0, NULL);
+    ck_assert_msg(a != NULL, "unmask --json printed invalid JSON: %s", res.out);
+    json_t *b = s_done(s_call(s_sock, json_pack("{s:s, s:s, s:s, s:s, s:i, s:i}", "op", "score",
+                                                "id", "x", "prompt", "the girl saw a cat.",
+                                                "answer", " she smiled.", "n_samples", 4,
+                                                "seed", 5)));
+    ck_assert(json_equal(json_object_get(a, "log_likelihood"),
+                         json_object_get(b, "log_likelihood")));
+    ck_assert_int_eq(json_integer_value(json_object_get(a, "n_samples")), 4);
+    json_decref(a);
+    json_decref(b);
+    s_run_free(&res);
+
+    const char *plain[] = {"--connect", s_daemon.endpoint, "--score", " she smiled.",
+                           "--samples", "2", "the girl saw a cat.", NULL};
+    res = s_run_client(plain);
+    ck_assert_msg(res.status == 0, "unmask exited %d: %s", res.status, res.err);
+    ck_assert_msg(strstr(res.out, "log p(answer | prompt) = -") != NULL, "%s", res.out);
+    s_run_free(&res);
+}
+END_TEST
+
 /* The client's sampling flags reach the daemon: the same request by hand gives the same reply. */
 START_TEST(test_client_sampling_flags)
 {
@@ -1933,6 +2223,7 @@ Suite *um_server_suite(void)
     tcase_add_test(tc, test_generate_each_policy);
     tcase_add_test(tc, test_generate_stream_canvas);
     tcase_add_test(tc, test_generate_eos_controls);
+    tcase_add_test(tc, test_score);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("chat");
@@ -1962,6 +2253,9 @@ Suite *um_server_suite(void)
     tcase_add_test(tc, test_error_oversized);
     tcase_add_test(tc, test_error_frames);
     tcase_add_test(tc, test_error_then_generate);
+    tcase_add_test(tc, test_error_field_matrix);
+    tcase_add_test(tc, test_error_text);
+    tcase_add_test(tc, test_error_frames_more);
     suite_add_tcase(s, tc);
 
     tc = s_tcase("cancel", s_setup_daemon, 120);
@@ -1977,6 +2271,7 @@ Suite *um_server_suite(void)
     tc = s_tcase("client", s_setup_daemon, 120);
     tcase_add_test(tc, test_client_plain);
     tcase_add_test(tc, test_client_json);
+    tcase_add_test(tc, test_client_score);
     tcase_add_test(tc, test_client_sampling_flags);
     tcase_add_test(tc, test_client_errors);
     tcase_add_test(tc, test_ipc_in_use);

@@ -84,6 +84,9 @@ def main():
         steps.append((total / passes[0], args.gen_length / (total / 1e3)))
     print(json.dumps({
         "engine": "pytorch-reference", "torch": torch.__version__, "threads": args.threads,
+        "dtype": args.dtype, "prompt_tokens": args.prompt_tokens,
+        "gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
+        "repeat": args.repeat, "forward_passes": passes[0],
         "forward_ms_median": statistics.median(fwd), "forward_ms_min": min(fwd),
         "ms_per_step_median": statistics.median(s[0] for s in steps),
         "tokens_per_second_median": statistics.median(s[1] for s in steps),

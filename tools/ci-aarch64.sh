@@ -186,12 +186,29 @@ run_generation() {
     rm -rf "$tmp"
 }
 
+# A quick unmask-bench report marked as emulated: it proves the benchmark path on
+# aarch64, and its timings are qemu's, not an Arm CPU's.
+run_bench() {
+    info "unmask-bench --quick under qemu"
+    report="$build/bench-aarch64.json"
+    if ! UNMASKD_BENCH_RUNNER="$QEMU" python3 "$build/bench/unmask-bench" --quick \
+        --threads 1 --gen-length 16 --steps 8 --block-length 16 --repeat 2 --requests 4 \
+        --clients 2 --torch no --out "$report" >"$build/bench-aarch64.log" 2>&1; then
+        cat "$build/bench-aarch64.log"
+        fail "unmask-bench failed under qemu; its output is above"
+    fi
+    python3 "$build/bench/unmask-bench" --check "$report" >/dev/null \
+        || fail "the emulated bench report $report does not match the schema"
+    grep -q '"emulated": true' "$report" || fail "the bench report is not marked as emulated"
+}
+
 install_packages
 build
 export_test_environment
 run_suite kernels
 run_suite model
 run_generation
+run_bench
 info "aarch64 stage passed in $(( $(date +%s) - started )) s"
 # Check's own summary lines, so the end of the output shows the counts.
 grep -h "Checks:" "$build/tests/kernels-aarch64.log" "$build/tests/model-aarch64.log"

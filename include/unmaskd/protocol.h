@@ -20,6 +20,7 @@
 #define UM_OP_INFO "info"
 #define UM_OP_HEALTH "health"
 #define UM_OP_CANCEL "cancel"
+#define UM_OP_SCORE "score"
 
 /* Reply types ("type"). Exactly one final type (done, error, cancelled) per request. */
 #define UM_REPLY_STEP "step"
