@@ -1828,6 +1828,79 @@ START_TEST(test_wordpiece_buffers)
 }
 END_TEST
 
+/*
+ * The vocabulary of the bundled DistilBERT model (models/tinystories-distilbert) against
+ * the ids and decoded text that tools/train_wordpiece.py's own WordPiece encoder wrote
+ * into tests/fixtures/wordpiece-tinystories.json. Cases marked round_trip decode to the
+ * normalized input; every case re-encodes its decoded text to the same ids.
+ */
+START_TEST(test_wordpiece_bundled_model)
+{
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/models/tinystories-distilbert", um_test_env("UM_TEST_SRCDIR"));
+    ck_assert_int_eq(s_ops->probe(dir), 90); /* tokenizer.json with a WordPiece model */
+    long live = s_live_blocks;
+    void *tok = s_load(dir);
+    ck_assert_int_eq(s_ops->vocab_size(tok), 4096);
+    const char *specials[] = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"};
+    for (int32_t i = 0; i < 5; i++) {
+        ck_assert_int_eq(s_id(tok, specials[i]), i);
+        ck_assert_int_eq(s_ops->is_special(tok, i), 1);
+    }
+    ck_assert_int_eq(s_ops->is_special(tok, s_id(tok, "the")), 0);
+
+    const char *path = um_test_path(um_test_env("UM_TEST_FIXTURES"), "wordpiece-tinystories.json");
+    json_error_t jerr;
+    json_t *doc = json_load_file(path, 0, &jerr);
+    ck_assert_msg(doc != NULL, "%s: %s (run tools/train_wordpiece.py --fixture)", path, jerr.text);
+    ck_assert_int_eq(json_integer_value(json_object_get(doc, "vocab_size")), 4096);
+    json_t *cases = json_object_get(doc, "cases");
+    size_t i, n_round_trip = 0;
+    json_t *c;
+    json_array_foreach(cases, i, c) {
+        const char *text = json_string_value(json_object_get(c, "text"));
+        const char *normalized = json_string_value(json_object_get(c, "normalized"));
+        const char *decoded = json_string_value(json_object_get(c, "decoded"));
+        json_t *want = json_object_get(c, "ids");
+        ck_assert(text && normalized && decoded && json_is_array(want));
+
+        size_t n = 0;
+        int32_t *ids = s_encode(tok, text, strlen(text), &n);
+        ck_assert_msg(n == json_array_size(want), "case %zu \"%s\": %zu ids, expected %zu", i,
+                      text, n, json_array_size(want));
+        for (size_t k = 0; k < n; k++)
+            ck_assert_msg(ids[k] == json_integer_value(json_array_get(want, k)),
+                          "case %zu \"%s\": id %zu is %d, expected %d", i, text, k,
+                          (int)ids[k], (int)json_integer_value(json_array_get(want, k)));
+
+        size_t len = 0;
+        char *out = s_decode(tok, ids, n, 0, &len);
+        ck_assert_msg(strcmp(out, decoded) == 0, "case %zu: decoded \"%s\", expected \"%s\"", i,
+                      out, decoded);
+        if (json_is_true(json_object_get(c, "round_trip"))) {
+            ck_assert_msg(strcmp(out, normalized) == 0,
+                          "case %zu: decoded \"%s\", expected the normalized text \"%s\"", i,
+                          out, normalized);
+            n_round_trip++;
+        }
+
+        size_t n_again = 0;
+        int32_t *again = s_encode(tok, out, len, &n_again);
+        ck_assert_msg(n_again == n && memcmp(again, ids, n * sizeof *ids) == 0,
+                      "case %zu: the decoded text \"%s\" encodes to other ids", i, out);
+        free(again);
+        free(out);
+        free(ids);
+    }
+    ck_assert_uint_ge(json_array_size(cases), 8);
+    ck_assert_uint_ge(n_round_trip, 5);
+    json_decref(doc);
+    s_ops->unload(tok);
+    ck_assert_msg(s_live_blocks == live, "unload left %ld host allocations",
+                  s_live_blocks - live);
+}
+END_TEST
+
 /* ------------------------------------------------------------------------- */
 /* SentencePiece                                                             */
 
@@ -2757,6 +2830,7 @@ Suite *um_tokenizer_suite(void)
     tcase_add_test(tc, test_wordpiece_tokenizer_json);
     tcase_add_test(tc, test_wordpiece_malformed_files);
     tcase_add_test(tc, test_wordpiece_buffers);
+    tcase_add_test(tc, test_wordpiece_bundled_model);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("spm");

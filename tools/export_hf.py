@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Export a training checkpoint as a Hugging Face model folder in LLaDA's layout.
+"""Export a training checkpoint as a Hugging Face model folder in its family's layout.
 
-Writes config.json, model.safetensors (tensor names as in the LLaDA-8B checkpoints),
-tokenizer.json and tokenizer_config.json. Optional --shards N splits the weights into
-model-0000K-of-0000N.safetensors files with a model.safetensors.index.json, as large
-checkpoints ship.
+Writes config.json, model.safetensors (tensor names as in the LLaDA-8B checkpoints, or
+as DistilBertForMaskedLM's) and the tokenizer files: for LLaDA tokenizer.json and a
+tokenizer_config.json written here; for DistilBERT vocab.txt, tokenizer.json and
+tokenizer_config.json copied from the folder of --tokenizer (tools/train_wordpiece.py
+writes all three). The tied MLM decoder of DistilBERT is not stored, as transformers
+leaves tied tensors out of safetensors files. Optional --shards N splits the weights
+into model-0000K-of-0000N.safetensors files with a model.safetensors.index.json, as
+large checkpoints ship.
 
 Usage: export_hf.py --checkpoint runs/x/checkpoint.pt --tokenizer T.json --out models/x
 """
@@ -37,10 +41,16 @@ def export(state, config, tokenizer, out, dtype, shards):
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
-    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-        json.dump(tokenizer_config(config), f, indent=2)
-        f.write("\n")
-    if os.path.abspath(tokenizer) != os.path.abspath(os.path.join(out, "tokenizer.json")):
+    if config["model_type"] == "llada":
+        with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+            json.dump(tokenizer_config(config), f, indent=2)
+            f.write("\n")
+    if config["model_type"] == "distilbert":
+        src = os.path.dirname(os.path.abspath(tokenizer))
+        for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+            if src != os.path.abspath(out):
+                shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+    elif os.path.abspath(tokenizer) != os.path.abspath(os.path.join(out, "tokenizer.json")):
         shutil.copyfile(tokenizer, os.path.join(out, "tokenizer.json"))
     names = sorted(state)
     if shards <= 1:

@@ -12,7 +12,14 @@ grouped-query attention and an untied head; BERT in f32 with the decoder tied (n
 decoder tensor stored) and extra tensors a MaskedLM checkpoint may carry; DistilBERT in
 f32 with its decoder stored and the tanh GELU.
 
-Usage: make_family_fixtures.py [--out tests/fixtures/families]
+When models/tinystories-distilbert exists (the bundled DistilBERT model, bf16 with its
+decoder tied), this also writes tests/fixtures/families/tinystories-distilbert/ with
+the reference logits of that model for two framed sequences: "[CLS] story text with
+some [MASK]s [SEP]", ids from its own vocabulary. Its case.json names the model folder,
+relative to the source tree, instead of holding a checkpoint copy. Rerun this after
+every export of the bundled model.
+
+Usage: make_family_fixtures.py [--out tests/fixtures/families] [--bundled DIR]
 """
 
 import argparse
@@ -23,6 +30,8 @@ import struct
 import torch
 
 import families_ref
+import llada_ref
+from um_tokenizer import WordPiece
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = 97
@@ -152,10 +161,50 @@ def bert_vocab():
     return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB - 5)]
 
 
+BUNDLED_TEXTS = ["once upon a time, there was a little girl named lily. she loved",
+                 "the dog ran to the park. he saw a big red ball and"]
+BUNDLED_SEQ = 20
+
+
+def bundled_case(folder, out):
+    """Write the reference logits of the bundled DistilBERT model for two framed sequences."""
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    tok = WordPiece.from_file(os.path.join(folder, "vocab.txt"))
+    cls, sep, mask = (tok.vocab[t] for t in ("[CLS]", "[SEP]", "[MASK]"))
+    rows = []
+    for text in BUNDLED_TEXTS:
+        body = tok.encode(text)[:BUNDLED_SEQ - 2]
+        body += [mask] * (BUNDLED_SEQ - 2 - len(body))
+        body[3] = body[7] = mask  # masks inside the prompt as well as after it
+        rows.append([cls] + body + [sep])
+    ids = torch.tensor(rows)
+    # bf16 tensors widen exactly to the f32 values the C loader computes with.
+    tensors = llada_ref.load_safetensors(os.path.join(folder, "model.safetensors"))
+    with torch.no_grad():
+        logits = families_ref.distilbert_logits(cfg, tensors, ids).float()
+    top2 = logits.topk(2, dim=-1).values
+    gap = (top2[..., 0] - top2[..., 1]).min().item()
+    if gap < 1e-3:
+        # tests/test_families.c also compares the argmax at every position.
+        raise SystemExit(f"{folder}: two logits of one position differ by only {gap:.1e}, "
+                         "so the argmax could differ between engines: change BUNDLED_TEXTS")
+    os.makedirs(out, exist_ok=True)
+    logits.contiguous().numpy().tofile(os.path.join(out, "logits.bin"))
+    rel = os.path.relpath(os.path.abspath(folder), os.path.dirname(HERE))
+    with open(os.path.join(out, "case.json"), "w") as f:
+        json.dump({"model": rel, "ids": ids.tolist(), "shape": list(logits.shape)}, f)
+        f.write("\n")
+    print(f"wrote {out}: logits {tuple(logits.shape)}, max |logit| "
+          f"{logits.abs().max().item():.2f}, smallest top-1 to top-2 gap {gap:.2e}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "tests", "fixtures",
                                                   "families"))
+    ap.add_argument("--bundled", default=os.path.join(os.path.dirname(HERE), "models",
+                                                      "tinystories-distilbert"))
     args = ap.parse_args()
     g = torch.Generator().manual_seed(20261204)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
@@ -181,6 +230,8 @@ def main():
             f.write("\n")
         print(f"wrote {out}: logits {tuple(logits.shape)}, "
               f"max |logit| {logits.abs().max().item():.2f}")
+    if os.path.exists(os.path.join(args.bundled, "config.json")):
+        bundled_case(args.bundled, os.path.join(args.out, "tinystories-distilbert"))
 
 
 if __name__ == "__main__":

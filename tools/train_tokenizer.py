@@ -34,8 +34,10 @@ def count_words(texts, pattern):
     return {tuple(b2u[b] for b in w.encode("utf-8")): n for w, n in counts.items()}
 
 
-def learn_merges(words, n_merges):
+def learn_merges(words, n_merges, join=lambda a, b: a + b):
     """Learn BPE merges greedily by pair frequency; ties go to the smaller pair.
+
+    join(a, b) spells the merged symbol (WordPiece drops the `##` of the second part).
 
     Pair counts are updated incrementally: only the words that contain the merged
     pair are re-scanned, so each merge costs time in proportion to those words.
@@ -55,7 +57,7 @@ def learn_merges(words, n_merges):
         if pair_counts.get(pair, 0) != -neg or -neg <= 0:
             continue
         merges.append(pair)
-        joined = pair[0] + pair[1]
+        joined = join(pair[0], pair[1])
         for i in list(where[pair]):
             w, n = words[i]
             for a, b in zip(w, w[1:]):

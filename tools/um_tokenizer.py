@@ -1,12 +1,14 @@
-"""A byte-level BPE encoder and decoder that reads a Hugging Face tokenizer.json.
+"""Byte-level BPE and WordPiece encoders and decoders that read Hugging Face files.
 
-Used by the training script and as the independent reference for the C tokenizer
-plugin. It supports what byte-level BPE vocabularies need: added tokens matched
+Used by the training scripts and as the independent reference for the C tokenizer
+plugins. Tokenizer supports what byte-level BPE vocabularies need: added tokens matched
 before pre-tokenization, a Split regex pre-tokenizer (or the GPT-2 pattern when the
 ByteLevel step has use_regex set), the byte-to-unicode map and ranked merges.
+WordPiece is BERT's uncased scheme, read from vocab.txt or a tokenizer.json.
 """
 
 import json
+import unicodedata
 
 import regex
 
@@ -106,3 +108,150 @@ class Tokenizer:
                 continue
             out += bytes(self.u2b[c] for c in tok)
         return out.decode("utf-8", errors="replace")
+
+
+# WordPiece (BERT) ---------------------------------------------------------------------
+
+WP_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _is_cjk(cp):
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
+            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F
+            or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
+            or 0x2F800 <= cp <= 0x2FA1F)
+
+
+def bert_normalize(text, lowercase=True):
+    """BERT's normalizer: clean control characters, space out CJK, strip accents, lower case."""
+    out = []
+    for ch in text:
+        cp = ord(ch)
+        if cp == 0 or cp == 0xFFFD:
+            continue
+        cat = unicodedata.category(ch)
+        if ch in "\t\n\r":
+            out.append(" ")
+        elif cat.startswith("C"):
+            continue
+        elif ch.isspace():
+            out.append(" ")
+        elif _is_cjk(cp):
+            out.append(" " + ch + " ")
+        else:
+            out.append(ch)
+    text = "".join(out)
+    if lowercase:
+        text = "".join(c for c in unicodedata.normalize("NFD", text)
+                       if unicodedata.category(c) != "Mn")
+        text = text.lower()
+    return text
+
+
+def _is_punct(ch):
+    cp = ord(ch)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(ch).startswith("P")
+
+
+def bert_pre_tokenize(text):
+    """Split normalized text at whitespace and make each punctuation character a word."""
+    words = []
+    for chunk in text.split():
+        cur = ""
+        for ch in chunk:
+            if _is_punct(ch):
+                if cur:
+                    words.append(cur)
+                    cur = ""
+                words.append(ch)
+            else:
+                cur += ch
+        if cur:
+            words.append(cur)
+    return words
+
+
+class WordPiece:
+    """Uncased WordPiece tokenizer: BERT normalization and pre-tokenization, then greedy
+    longest-match-first pieces with `##` continuations. A word that cannot be spelled, or
+    that has more than max_chars characters, becomes one [UNK]."""
+
+    def __init__(self, vocab, unk="[UNK]", prefix="##", max_chars=100, lowercase=True):
+        self.vocab = {t: i for i, t in enumerate(vocab)} if isinstance(vocab, list) else vocab
+        self.id_to_token = {i: t for t, i in self.vocab.items()}
+        self.unk, self.prefix, self.max_chars = unk, prefix, max_chars
+        self.lowercase = lowercase
+        self.added = {t: self.vocab[t] for t in WP_SPECIAL_TOKENS if t in self.vocab}
+        self.longest = max(len(t) for t in self.vocab)
+        self.cache = {}
+
+    @classmethod
+    def from_file(cls, path):
+        """Load vocab.txt (one token per line) or a tokenizer.json with a WordPiece model."""
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+            m = doc["model"]
+            norm = doc.get("normalizer") or {}
+            return cls(dict(m["vocab"]), m.get("unk_token", "[UNK]"),
+                       m.get("continuing_subword_prefix", "##"),
+                       m.get("max_input_chars_per_word", 100), norm.get("lowercase", True))
+        with open(path, encoding="utf-8") as f:
+            return cls([line.rstrip("\n") for line in f])
+
+    def _word(self, word):
+        if len(word) > self.max_chars:
+            return [self.vocab[self.unk]]
+        ids, start = [], 0
+        while start < len(word):
+            end = min(len(word), start + self.longest)
+            while end > start:
+                piece = word[start:end] if start == 0 else self.prefix + word[start:end]
+                if piece in self.vocab:
+                    ids.append(self.vocab[piece])
+                    break
+                end -= 1
+            if end == start:
+                return [self.vocab[self.unk]]
+            start = end
+        return ids
+
+    def encode(self, text):
+        """Encode text to ids; special tokens are not added and not matched in the text."""
+        ids = []
+        for word in bert_pre_tokenize(bert_normalize(text, self.lowercase)):
+            if word not in self.cache:
+                self.cache[word] = self._word(word)
+            ids.extend(self.cache[word])
+        return ids
+
+    def decode(self, ids, skip_special=False, cleanup=True):
+        """BERT's decoder: `##` pieces join the previous token, others follow a space; then
+        transformers' clean_up_tokenization replacements."""
+        out = []
+        for i in ids:
+            tok = self.id_to_token[i]
+            if skip_special and tok in self.added:
+                continue
+            if out and tok.startswith(self.prefix):
+                out[-1] += tok[len(self.prefix):]
+            else:
+                out.append(tok)
+        text = " ".join(out)
+        if cleanup:
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                         (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+                         (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
+
+
+def load(path):
+    """Load a byte-level BPE or WordPiece tokenizer by what the file holds."""
+    if path.endswith(".txt"):
+        return WordPiece.from_file(path)
+    with open(path, encoding="utf-8") as f:
+        kind = json.load(f)["model"]["type"]
+    return WordPiece.from_file(path) if kind == "WordPiece" else Tokenizer(path)
