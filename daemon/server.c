@@ -568,6 +568,36 @@ static int s_on_step(void *user, const um_step_info_t *info)
     return 0;
 }
 
+/*
+ * Decode the n_gen tokens after the prompt as the text that continues the prompt: the
+ * decoded prompt plus generation, less the decoded prompt. Decoding the generation alone
+ * loses the space a WordPiece or SentencePiece tokenizer puts between words ("was" +
+ * "little" decodes to "was little", but "little" alone to "little"). When the decoded
+ * prompt is not a prefix of the whole, the generation is decoded alone.
+ */
+static int s_decode_continuation(um_tokenizer_t *tok, const int32_t *canvas, int32_t n_prompt,
+                                 int32_t n_gen, char **text, size_t *len)
+{
+    char *head = NULL, *full = NULL;
+    size_t head_len = 0, full_len = 0;
+    if (n_prompt > 0
+        && um_tokenizer_decode(tok, canvas, (size_t)n_prompt, UM_DECODE_SKIP_SPECIAL, &head,
+                               &head_len) == 0
+        && um_tokenizer_decode(tok, canvas, (size_t)n_prompt + (size_t)n_gen,
+                               UM_DECODE_SKIP_SPECIAL, &full, &full_len) == 0
+        && full_len >= head_len && memcmp(full, head, head_len) == 0) {
+        memmove(full, full + head_len, full_len - head_len + 1);
+        free(head);
+        *text = full;
+        *len = full_len - head_len;
+        return 0;
+    }
+    free(head);
+    free(full);
+    return um_tokenizer_decode(tok, canvas + n_prompt, (size_t)n_gen, UM_DECODE_SKIP_SPECIAL,
+                               text, len);
+}
+
 static json_t *s_done_reply(um_server_t *srv, const s_job_t *job, const int32_t *canvas,
                             const um_gen_stats_t *stats, int32_t steps_run, char *err,
                             size_t errlen)
@@ -579,8 +609,8 @@ static json_t *s_done_reply(um_server_t *srv, const s_job_t *job, const int32_t 
         n_gen = eos_at;
     char *text = NULL;
     size_t text_len = 0;
-    int rc = um_tokenizer_decode(srv->tok_worker, gen, (size_t)n_gen, UM_DECODE_SKIP_SPECIAL,
-                                 &text, &text_len);
+    int rc = s_decode_continuation(srv->tok_worker, canvas, job->n_prompt, n_gen, &text,
+                                   &text_len);
     if (rc != 0) {
         snprintf(err, errlen, "decoding the %d generated tokens failed: %s", n_gen,
                  um_strerror(rc));

@@ -153,7 +153,8 @@ END_TEST
  * token. The fixture keeps only cases whose closest decision clears the margin that f32
  * rounding differences between the engines could cross.
  */
-static const char *const s_generation_sets[] = {"dream", "bert", "distilbert"};
+static const char *const s_generation_sets[] = {"dream", "bert", "distilbert",
+                                                "tinystories-distilbert"};
 #define S_N_GENERATION_SETS (int)(sizeof s_generation_sets / sizeof s_generation_sets[0])
 
 static int32_t *s_json_ids(const json_t *arr, size_t *n)

@@ -890,6 +890,13 @@ START_TEST(test_generate_bert_framing)
     }
     json_decref(doc);
 
+    /* The text continues the prompt: WordPiece puts the space between them. */
+    json_t *sp = s_done(s_call(s_sock, s_generate("space", "w1 w2", 3)));
+    const char *text = json_string_value(json_object_get(sp, "text"));
+    ck_assert_msg(text[0] == ' ' && text[1] == 'w', "text \"%s\" does not continue the prompt",
+                  text);
+    json_decref(sp);
+
     /* 40 positions: [CLS] and 3 words leave 35 for generation, as [SEP] takes one. */
     json_t *ok = s_done(s_call(s_sock, s_generate("fits", "w1 w2 w3", 35)));
     ck_assert_int_eq(json_integer_value(json_object_get(ok, "prompt_tokens")), 4);

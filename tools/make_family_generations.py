@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """Write reference generations for the model families beside LLaDA.
 
-For each model folder (by default the Dream, BERT and DistilBERT fixtures in
-tests/fixtures/families, and the bundled DistilBERT model when it exists) this runs
+For each model folder (the Dream, BERT and DistilBERT fixtures in
+tests/fixtures/families, and the bundled DistilBERT model, prompted with story
+openings in its own vocabulary) this runs
 tools/llada_ref.py's sampler over tools/families_ref.py's forward pass and writes
 generate.json into tests/fixtures/families/<name>/: per case the settings, the prompt
 ids as the daemon frames them, and the canvas the sampler produced.
@@ -27,6 +28,7 @@ import torch
 
 import families_ref
 import llada_ref
+import um_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -60,6 +62,9 @@ class FamilyModel:
                             os.path.join(folder, "model.safetensors")).items()}
         self.type = self.cfg["model_type"]
         self.forward = families_ref.LOGITS[self.type]
+        # A trained model's own tokenizer, for prompts of real text; None for fixtures.
+        path = os.path.join(folder, "tokenizer.json")
+        self.tokenizer = um_tokenizer.load(path) if os.path.isfile(path) else None
         vocab = self.cfg["vocab_size"]
         self.prefix, self.suffix = [], []
         if self.type in BERT_TYPES:
@@ -83,10 +88,21 @@ class FamilyModel:
         return self.forward(self.cfg, self.tensors, ids)
 
 
+# Story openings for a trained model, whose decisions on random ids can be near ties.
+STORY_PROMPTS = ["once upon a time, there was a little girl named lily.",
+                 "one day, a boy named tom went to the park.",
+                 "the cat saw a big red ball.", "there was a dog who liked to run.",
+                 "mom and dad went to the store.", "a little bird sat on a tree."]
+
+
 def run_case(model, settings, prompt_seed):
-    g = torch.Generator().manual_seed(prompt_seed)
-    plain = [t for t in range(model.config.vocab_size) if t not in model.specials]
-    prompt = [plain[i] for i in torch.randint(0, len(plain), (5,), generator=g).tolist()]
+    if model.tokenizer:
+        text = STORY_PROMPTS[prompt_seed % len(STORY_PROMPTS)]
+        prompt = model.tokenizer.encode(text)
+    else:
+        g = torch.Generator().manual_seed(prompt_seed)
+        plain = [t for t in range(model.config.vocab_size) if t not in model.specials]
+        prompt = [plain[i] for i in torch.randint(0, len(plain), (5,), generator=g).tolist()]
     framed = model.prefix + prompt
     margin = llada_ref.Margin()
     stats = {}
@@ -132,7 +148,7 @@ def main():
         folder = os.path.join(args.out, name)
         write_cases(folder, folder)
     if os.path.isfile(os.path.join(args.bundled, "config.json")):
-        write_cases(args.bundled, os.path.join(args.out, "bundled-distilbert"))
+        write_cases(args.bundled, os.path.join(args.out, "tinystories-distilbert"))
 
 
 if __name__ == "__main__":
