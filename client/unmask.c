@@ -1068,7 +1068,8 @@ static int s_run_score(const s_options_t *opt, void *sock, const char *prompt, s
 {
     json_t *req = json_object();
     json_object_set_new(req, "op", json_string(UM_OP_SCORE));
-    json_object_set_new(req, "id", json_string("score"));
+    const char *id = "score";
+    json_object_set_new(req, "id", json_string(id));
     json_object_set_new(req, "prompt", json_stringn(prompt, len));
     json_object_set_new(req, "answer", json_string(opt->score));
     if (opt->samples > 0)
@@ -1082,7 +1083,13 @@ static int s_run_score(const s_options_t *opt, void *sock, const char *prompt, s
     int rc = s_send_json(sock, req);
     json_decref(req);
     json_t *reply = NULL;
-    if (rc != 0 || s_recv_reply(sock, s_now_s() + opt->timeout_s, &reply) != 1) {
+    int got = rc != 0 ? 0 : s_recv_reply(sock, s_now_s() + opt->timeout_s, &reply);
+    if (got == -2) {
+        fprintf(stderr, "unmask: interrupted, cancelling request %s\n", id);
+        s_cancel(sock, id);
+        return S_EXIT_INTERRUPTED;
+    }
+    if (got != 1) {
         s_no_reply(opt);
         return S_EXIT_UNREACHABLE;
     }

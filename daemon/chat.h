@@ -1,6 +1,6 @@
 /*
  * Chat templates: turning the messages of a request into the prompt text the model was
- * tuned on. Models ship their template as Jinja in tokenizer_config.json; unmaskd has no
+ * tuned on. Models ship their template as Jinja in tokenizer_config.json. unmaskd has no
  * Jinja engine, so it recognises the two template families that masked-diffusion models
  * ship and renders them in C:
  *

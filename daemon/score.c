@@ -84,8 +84,13 @@ int um_score(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
     const double t0 = s_now_ms();
     const int32_t L = n_answer, T = n_prompt + n_answer + p->n_suffix, E = cfg->embedding_size;
     const int32_t mask_id = cfg->mask_token_id;
-    const int32_t b_max = p->batch_size < p->n_samples ? p->batch_size : p->n_samples;
     const int n_seq = p->cfg_scale > 0 ? 2 : 1;
+    int32_t b_max = p->batch_size < p->n_samples ? p->batch_size : p->n_samples;
+    const uint64_t per_sample = (uint64_t)n_seq * (uint64_t)L * (uint64_t)E * sizeof(float);
+    if ((uint64_t)b_max * per_sample > UM_SCORE_MAX_LOGITS_BYTES)
+        b_max = per_sample >= UM_SCORE_MAX_LOGITS_BYTES
+                    ? 1
+                    : (int32_t)(UM_SCORE_MAX_LOGITS_BYTES / per_sample);
 
     /* One batch: b_max rows of T ids (twice with guidance), at most b_max * L rows of logits. */
     int32_t *ids = malloc((size_t)n_seq * b_max * T * sizeof *ids);

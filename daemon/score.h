@@ -18,6 +18,13 @@
 /* Most Monte-Carlo samples one request may ask for. */
 #define UM_SCORE_MAX_SAMPLES 4096
 
+/*
+ * Most bytes of logits one batch may hold. A batch of b samples over an answer of L
+ * tokens needs b * L rows of the vocabulary (twice with guidance), so larger batches are
+ * split: batch_size bounds the samples per forward pass, and this bounds the memory.
+ */
+#define UM_SCORE_MAX_LOGITS_BYTES (1ULL << 30)
+
 /* Random stream of batch b, apart from the generation streams of kernels/rng.h. */
 #define UM_RNG_STREAM_SCORE(b) ((1ULL << 62) + (uint64_t)(b))
 

@@ -1040,6 +1040,11 @@ static json_t *s_info_reply(um_server_t *srv, const json_t *id)
     json_object_set_new(m, "dtype", json_string(um_model_dtype(srv->model)));
     const char *chat = um_chat_kind_name(srv->chat.kind);
     json_object_set_new(m, "chat_template", chat ? json_string(chat) : json_null());
+    /* Tokens the daemon adds around a prompt (BERT's [CLS] and [SEP]), which count
+       against max_sequence_length beside the prompt and the generation. */
+    int32_t prefix, suffix;
+    um_model_framing(c, &prefix, &suffix);
+    json_object_set_new(m, "framing_tokens", json_integer((prefix >= 0) + (suffix >= 0)));
     json_object_set_new(r, "model", m);
     json_object_set_new(r, "backend", um_reply_text(um_model_backend(srv->model)));
     json_object_set_new(r, "isa", json_string(um_isa_name(um_kernels_isa())));
@@ -1584,6 +1589,13 @@ static int s_accept_score(um_server_t *srv, const s_client_t *client, um_request
                          "the prompt is %d tokens, over this daemon's limit of %d "
                          "(--max-prompt-tokens): shorten it", job->n_prompt,
                          srv->max_prompt_tokens);
+        goto fail;
+    }
+    /* The answer takes the positions a generation would, so --max-gen-length bounds it. */
+    if (job->n_answer > srv->max_gen_length) {
+        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "answer", "the answer is %d tokens, over "
+                         "this daemon's limit of %d (--max-gen-length): shorten it",
+                         job->n_answer, srv->max_gen_length);
         goto fail;
     }
     job->score_params = (um_score_params_t){
@@ -2188,10 +2200,14 @@ int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *
     /* 0 means the model's positions for the token limits (um_gen_check enforces them
        anyway) and no limit for max_steps. */
     int32_t positions = srv->model_cfg->max_sequence_length;
+    /* BERT's [CLS] counts in the prompt, and its closing [SEP] takes a position too. */
+    int32_t prefix, suffix;
+    um_model_framing(srv->model_cfg, &prefix, &suffix);
+    const int32_t closing = suffix >= 0 ? 1 : 0, opening = prefix >= 0 ? 1 : 0;
     srv->max_prompt_tokens = cfg->max_prompt_tokens > 0 && cfg->max_prompt_tokens < positions
-                                 ? cfg->max_prompt_tokens : positions - 1;
+                                 ? cfg->max_prompt_tokens : positions - 1 - closing;
     srv->max_gen_length = cfg->max_gen_length > 0 && cfg->max_gen_length < positions
-                              ? cfg->max_gen_length : positions;
+                              ? cfg->max_gen_length : positions - opening - closing;
     srv->max_steps = cfg->max_steps > 0 ? cfg->max_steps : 0;
     int rc = um_chat_load(um_model_dir(model), &srv->chat, err, errlen);
     if (rc != 0) {

@@ -22,11 +22,11 @@ int um_gw_chat_template_parse(const char *name, um_gw_chat_template_t *out);
 const char *um_gw_chat_template_name(um_gw_chat_template_t t);
 
 /*
- * Resolve UM_GW_CHAT_AUTO on session s: model when model_template (the chat_template
- * the daemon's info reports, or NULL) is one the daemon renders; else llada when the
- * daemon's tokenizer reads each of the llada template's special tokens as one token;
- * else plain. Other templates are returned unchanged. Returns 0, or -1 with e filled
- * when the daemon fails.
+ * Resolve UM_GW_CHAT_AUTO on session s. It becomes model when model_template (the
+ * chat_template the daemon's info reports, or NULL) is one the daemon renders. Else it
+ * becomes llada when the daemon's tokenizer reads each of the llada template's special
+ * tokens as one token, and plain otherwise. Other templates are returned unchanged.
+ * Returns 0, or -1 with e filled when the daemon fails.
  */
 int um_gw_chat_template_resolve(um_gw_session_t *s, um_gw_chat_template_t t,
                                 const char *model_template, um_gw_chat_template_t *out,

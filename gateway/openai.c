@@ -711,6 +711,9 @@ int um_gw_oai_prepare(um_gw_oai_t *o, um_gw_session_t *s, um_gw_error_t *e)
     um_gw_model_id(o->gw, info, o->model, sizeof o->model);
     json_int_t max_seq = json_integer_value(
         json_object_get(json_object_get(info, "model"), "max_sequence_length"));
+    /* The daemon's framing tokens (BERT's [CLS] and [SEP]) take positions too. */
+    max_seq -= json_integer_value(
+        json_object_get(json_object_get(info, "model"), "framing_tokens"));
     char model_template[32] = "";
     const char *mt = json_string_value(
         json_object_get(json_object_get(info, "model"), "chat_template"));

@@ -890,6 +890,15 @@ START_TEST(test_generate_bert_framing)
     }
     json_decref(doc);
 
+    /* [CLS] and [SEP] take two of the 40 positions, and the limits say so. */
+    json_t *info = s_done(s_call(s_sock, json_pack("{s:s, s:s}", "op", "info", "id", "i")));
+    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(info, "model"),
+                                                        "framing_tokens")), 2);
+    json_t *limits = json_object_get(info, "limits");
+    ck_assert_int_eq(json_integer_value(json_object_get(limits, "max_prompt_tokens")), 38);
+    ck_assert_int_eq(json_integer_value(json_object_get(limits, "max_gen_length")), 38);
+    json_decref(info);
+
     /* The text continues the prompt: WordPiece puts the space between them. */
     json_t *sp = s_done(s_call(s_sock, s_generate("space", "w1 w2", 3)));
     const char *text = json_string_value(json_object_get(sp, "text"));

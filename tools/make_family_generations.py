@@ -12,9 +12,9 @@ Framing follows unmaskd: the BERT family reads "[CLS] prompt [MASK]... [SEP]", w
 [MASK], [CLS] and [PAD] never predicted; Dream and LLaDA frame nothing and never
 predict the mask token.
 
-A case is kept only when its closest decision clears llada_ref.MARGIN_REQUIRED (the
-same rule as tools/make_fixtures.py), so f32 rounding differences between engines
-cannot flip it; otherwise the tool tries the next prompt seed.
+A case is kept only when its closest decision clears llada_ref.MARGIN_REQUIRED, the
+same rule as tools/make_fixtures.py, because then f32 rounding differences between
+engines cannot flip it. Otherwise the tool tries the next prompt.
 
 Usage: make_family_generations.py [--out tests/fixtures/families] [--bundled DIR]
 """
@@ -45,7 +45,7 @@ CASES = [
 
 
 def special_ids(folder):
-    """The BERT special tokens from vocab.txt: {"[CLS]": id, ...}."""
+    """Return the BERT special tokens of vocab.txt as {"[CLS]": id, ...}."""
     with open(os.path.join(folder, "vocab.txt"), encoding="utf-8") as f:
         vocab = [line.rstrip("\n") for line in f]
     return {t: vocab.index(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]") if t in vocab}

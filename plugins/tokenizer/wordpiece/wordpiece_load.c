@@ -688,7 +688,9 @@ static int s_probe_txt(const char *path)
             break;
     }
     fclose(f);
-    return unk ? (continuation ? 80 : 70) : 0;
+    if (!unk)
+        return 0;
+    return continuation ? 80 : 70;
 }
 
 int um_wp_probe_dir(const char *model_dir)
