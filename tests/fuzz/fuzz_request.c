@@ -96,6 +96,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     case UM_REQ_CANCEL:
         UM_FUZZ_CHECK(req.target != NULL);
         break;
+    case UM_REQ_SCORE:
+        UM_FUZZ_CHECK(req.prompt != NULL || json_is_array(req.messages));
+        UM_FUZZ_CHECK(req.answer != NULL);
+        UM_FUZZ_CHECK(req.n_samples >= 1 && req.batch_size >= 1);
+        s_check_dump(um_reply_textn(req.answer, req.answer_len));
+        break;
     case UM_REQ_INFO:
     case UM_REQ_HEALTH:
         break;
