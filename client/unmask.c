@@ -717,6 +717,8 @@ static void s_view_step(s_view_t *v, json_t *reply)
 
     size_t i;
     json_t *e;
+    /* NOTE: each token's text is decoded alone, so the live view runs WordPiece words
+       together ("and##t"); the final reply's text is spaced right. */
     json_array_foreach(json_object_get(reply, "committed"), i, e) {
         json_int_t pos = json_integer_value(json_object_get(e, "pos"));
         const char *text = json_string_value(json_object_get(e, "text"));
