@@ -14,6 +14,12 @@
 # of uninitialised memory, or memory definitely or indirectly lost at exit.
 # tests/valgrind.supp contains the suppressions, for library internals only.
 #
+# NOTE: server:cancel is not clean: valgrind reports uninitialised values inside
+# oneDNN's matmul (JIT frames, then libdnnl.so) during its guided generations of about
+# 2 x 128 tokens, with or without --max-stackframe. Whether that is a false positive of
+# the JIT code or an unset row of one of our inputs is not known yet, so CI runs the
+# errors and lifecycle cases only.
+#
 #   BUILD_DIR   build folder, configured here with CFLAGS="-O1 -g" when it has no
 #               Makefile (default: build-valgrind in the source tree)
 #   VG_TIMEOUT  seconds each suite or case may take (default 3600)
