@@ -292,7 +292,7 @@ static void s_cancel(um_broker_t *b, const um_bk_peer_t *client, const um_reques
     um_req_error_t err;
     if (!r) {
         char idbuf[80];
-        um_req_error_set(&err, UM_ERR_NOT_FOUND, "target", "no generate request with id %s is "
+        um_req_error_set(&err, UM_ERR_NOT_FOUND, "target", "no request with id %s is "
                          "waiting or running for this connection: it may have finished "
                          "already, or it was sent on another socket",
                          um_request_id_text(req->target, idbuf, sizeof idbuf));
@@ -418,7 +418,7 @@ static void s_forward(um_broker_t *b, const um_bk_peer_t *client, json_t *root,
 
     if (generate && id && s_find_generate(b, client, id)) {
         char idbuf[80];
-        um_req_error_set(&err, UM_ERR_DUPLICATE_ID, "id", "a generate request with id %s is "
+        um_req_error_set(&err, UM_ERR_DUPLICATE_ID, "id", "a request with id %s is "
                          "already waiting or running for this connection: use a new id for "
                          "each request", um_request_id_text(id, idbuf, sizeof idbuf));
         um_bk_send_error(b, client, id, &err);

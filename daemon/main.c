@@ -635,8 +635,7 @@ int main(int argc, char **argv)
     /* Two instances, because a tokenizer serves one thread at a time (see server.h). */
     rc = um_tokenizer_open(&tok, &plugins, opt.tokenizer, opt.model_dir, err, sizeof err);
     if (rc == 0)
-        rc = um_tokenizer_open(&tok_worker, &plugins, opt.tokenizer, opt.model_dir, err,
-                               sizeof err);
+        rc = um_tokenizer_open_copy(&tok_worker, &tok, opt.model_dir, err, sizeof err);
     if (rc != 0) {
         um_error("main", "cannot open a tokenizer: %s", err);
         goto done;

@@ -41,6 +41,23 @@ static void s_host_log(int level, const char *plugin, const char *fmt, ...)
     um_log_write(level, component, "%s", msg);
 }
 
+/* As s_host_log with information demoted to debug, for a second copy of a plugin's state. */
+static void s_host_log_quiet(int level, const char *plugin, const char *fmt, ...)
+{
+    if (level == UM_LOG_INFO)
+        level = UM_LOG_DEBUG;
+    if (level < um_log_threshold)
+        return;
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    char component[96];
+    snprintf(component, sizeof component, "plugin %s", plugin ? plugin : "?");
+    um_log_write(level, component, "%s", msg);
+}
+
 static int32_t s_select_top(const double *score, int32_t n, int32_t k, int32_t *out)
 {
     /* Partial selection sort, O(n k): both are bounded by the canvas length. */
@@ -123,6 +140,21 @@ static const um_host_t s_host = {
 const um_host_t *um_plugin_host(void)
 {
     return &s_host;
+}
+
+static const um_host_t s_host_quiet = {
+    .struct_size = sizeof(um_host_t),
+    .log = s_host_log_quiet,
+    .alloc = malloc,
+    .free = free,
+    .rng_uniform = um_rng_uniform,
+    .select_top = s_select_top,
+    .rank = s_rank,
+};
+
+const um_host_t *um_plugin_host_quiet(void)
+{
+    return &s_host_quiet;
 }
 
 /* Whether a struct of struct_size bytes contains the whole of the field. */

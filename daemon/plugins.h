@@ -50,6 +50,10 @@ const char *um_schedule_name(um_schedule_t schedule);
 /* The service table handed to every plugin. */
 const um_host_t *um_plugin_host(void);
 
+/* The same services, with a plugin's information messages logged at debug level: for
+   a second instance whose load would repeat the first one's messages. */
+const um_host_t *um_plugin_host_quiet(void);
+
 /*
  * Load one plugin file and run its init. Returns 0, or a negative UM_E* code with the
  * reason in err (the file or its folder is writable by users other than root and the

@@ -571,6 +571,7 @@ static int s_parse_generate(um_request_t *req, um_req_error_t *err)
         return -1;
     if (s_read_count(o, "gen_length", UM_REQ_DEFAULT_GEN_LENGTH, &req->gen_length, err) != 0)
         return -1;
+    req->steps_given = json_object_get(o, "steps") != NULL;
     if (s_read_count(o, "steps", req->gen_length, &req->steps, err) != 0)
         return -1;
     if (s_read_count(o, "block_length", req->gen_length, &req->block_length, err) != 0)
@@ -651,7 +652,7 @@ static int s_parse_cancel(um_request_t *req, um_req_error_t *err)
     json_t *target = json_object_get(req->root, "target");
     if (!target) {
         um_req_error_set(err, UM_ERR_INVALID, "target", "missing field \"target\": a cancel "
-                         "request needs the id of the generate request to stop");
+                         "request needs the id of the generate or score request to stop");
         return -1;
     }
     if (!json_is_string(target) && !json_is_integer(target)) {
@@ -897,8 +898,11 @@ static int s_parse_score(um_request_t *req, um_req_error_t *err)
         return -1;
     if (s_read_string(o, "answer", 1, &req->answer, &req->answer_len, err) != 0)
         return -1;
-    if (s_read_count(o, "n_samples", UM_REQ_DEFAULT_SCORE_SAMPLES, &req->n_samples, err) != 0)
+    int64_t n_samples = 0;
+    if (s_read_int(o, "n_samples", 1, UM_REQ_MAX_SCORE_SAMPLES, UM_REQ_DEFAULT_SCORE_SAMPLES,
+                   &n_samples, err) != 0)
         return -1;
+    req->n_samples = (int32_t)n_samples;
     if (s_read_count(o, "batch_size", UM_REQ_DEFAULT_SCORE_BATCH, &req->batch_size, err) != 0)
         return -1;
     if (s_read_number(o, "cfg_scale", 0.0, &req->cfg_scale, err) != 0)

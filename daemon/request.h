@@ -23,6 +23,8 @@
 /* Defaults of a score request: LLaDA's batch size, and fewer samples than its 128. */
 #define UM_REQ_DEFAULT_SCORE_SAMPLES 32
 #define UM_REQ_DEFAULT_SCORE_BATCH 16
+/* Most samples of a score request; the engine's own bound (um_score_check). */
+#define UM_REQ_MAX_SCORE_SAMPLES 4096
 
 /* Most messages a chat request may carry. */
 #define UM_REQ_MAX_MESSAGES 1024
@@ -65,6 +67,7 @@ typedef struct um_request {
     size_t prompt_len;         /* bytes */
     int32_t gen_length;
     int32_t steps;
+    int steps_given;           /* 0: steps took its default, gen_length */
     int32_t block_length;
     double temperature;
     double cfg_scale;

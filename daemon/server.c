@@ -67,6 +67,9 @@
 #include "sample.h"
 #include "zap.h"
 
+_Static_assert(UM_REQ_MAX_SCORE_SAMPLES == UM_SCORE_MAX_SAMPLES,
+               "the request parser and the engine must agree on the most score samples");
+
 /* Largest frame ZeroMQ accepts at all, as a multiple of the request limit. A bigger
    frame makes ZeroMQ drop the connection without a reply. */
 #define UM_SERVER_HARD_LIMIT_FACTOR 16
@@ -1188,7 +1191,7 @@ static json_t *s_cancel_reply(um_server_t *srv, const s_client_t *client,
     s_job_t *job = s_find_job(srv, client, req->target, &prev);
     if (!job) {
         char idbuf[80];
-        um_req_error_set(err, UM_ERR_NOT_FOUND, "target", "no generate request with id %s is "
+        um_req_error_set(err, UM_ERR_NOT_FOUND, "target", "no request with id %s is "
                          "waiting or running for this connection: it may have finished "
                          "already, or it was sent on another socket",
                          um_request_id_text(req->target, idbuf, sizeof idbuf));
@@ -1342,9 +1345,10 @@ static void s_unknown_plugin(um_server_t *srv, const char *name, um_req_error_t 
  * --max-steps). um_gen_check has already held it to the model's positions, so with the
  * default limits none of them fails. Returns 0, or -1 with err filled.
  */
-static int s_check_limits(const um_server_t *srv, const s_job_t *job, int chat,
+static int s_check_limits(const um_server_t *srv, const s_job_t *job, const um_request_t *req,
                           um_req_error_t *err)
 {
+    int chat = req->messages != NULL;
     if (job->n_prompt > srv->max_prompt_tokens) {
         um_req_error_set(err, UM_ERR_OUT_OF_RANGE, chat ? "messages" : "prompt", "the prompt "
                          "is %d tokens, over this daemon's limit of %d (--max-prompt-tokens): "
@@ -1358,9 +1362,15 @@ static int s_check_limits(const um_server_t *srv, const s_job_t *job, int chat,
         return -1;
     }
     if (srv->max_steps > 0 && job->params.steps > srv->max_steps) {
-        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "steps", "steps is %d, over this daemon's "
-                         "limit of %d (--max-steps): use at most %d steps",
-                         job->params.steps, srv->max_steps, srv->max_steps);
+        if (req->steps_given)
+            um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "steps", "steps is %d, over this "
+                             "daemon's limit of %d (--max-steps): use at most %d steps",
+                             job->params.steps, srv->max_steps, srv->max_steps);
+        else
+            um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "steps", "steps defaults to gen_length, "
+                             "%d, over this daemon's limit of %d (--max-steps): send \"steps\" "
+                             "of at most %d", job->params.steps, srv->max_steps,
+                             srv->max_steps);
         return -1;
     }
     return 0;
@@ -1435,7 +1445,7 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
     s_job_t *prev = NULL;
     if (s_find_job(srv, client, req->id, &prev)) {
         char idbuf[80];
-        um_req_error_set(err, UM_ERR_DUPLICATE_ID, "id", "a generate request with id %s is "
+        um_req_error_set(err, UM_ERR_DUPLICATE_ID, "id", "a request with id %s is "
                          "already waiting or running for this connection: use a new id for "
                          "each request", um_request_id_text(req->id, idbuf, sizeof idbuf));
         return -1;
@@ -1498,7 +1508,7 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
         um_req_error_set(err, UM_ERR_OUT_OF_RANGE, field, "%s", msg);
         goto fail;
     }
-    if (s_check_limits(srv, job, req->messages != NULL, err) != 0)
+    if (s_check_limits(srv, job, req, err) != 0)
         goto fail;
     if (s_check_remask_params(plugin->desc, req->remasking_params, &job->remask_params, err) != 0)
         goto fail;
@@ -1584,6 +1594,23 @@ static int s_accept_score(um_server_t *srv, const s_client_t *client, um_request
         goto fail;
     }
     job->n_answer = (int32_t)n_answer;
+    /* The score of an answer holding a token no sampler may predict ([MASK], BERT's [CLS]
+       or [PAD]) means nothing: the mask token is what the estimate puts in its place. */
+    int32_t never[UM_MODEL_MAX_NEVER_SAMPLED];
+    int32_t n_never = um_model_never_sampled(srv->model_cfg, never);
+    for (int32_t i = 0; i < job->n_answer; i++) {
+        for (int32_t j = 0; j < n_never; j++) {
+            if (job->answer[i] != never[j])
+                continue;
+            const char *what = never[j] == srv->model_cfg->mask_token_id ? "the mask token"
+                               : never[j] == srv->model_cfg->cls_token_id ? "[CLS]"
+                                                                           : "[PAD]";
+            um_req_error_set(err, UM_ERR_INVALID, "answer", "token %d of the answer is %s "
+                             "(id %d), which the model never predicts, so it has no "
+                             "likelihood: remove it from the answer", i, what, never[j]);
+            goto fail;
+        }
+    }
     if (job->n_prompt > srv->max_prompt_tokens) {
         um_req_error_set(err, UM_ERR_OUT_OF_RANGE, req->messages ? "messages" : "prompt",
                          "the prompt is %d tokens, over this daemon's limit of %d "

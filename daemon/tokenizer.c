@@ -83,6 +83,22 @@ int um_tokenizer_open(um_tokenizer_t *tok, const um_plugin_registry_t *reg, cons
     return 0;
 }
 
+int um_tokenizer_open_copy(um_tokenizer_t *tok, const um_tokenizer_t *src,
+                           const char *model_dir, char *err, size_t errlen)
+{
+    void *state = NULL;
+    char perr[512] = "";
+    int rc = src->ops->load(um_plugin_host_quiet(), model_dir, &state, perr, sizeof perr);
+    if (rc != 0) {
+        snprintf(err, errlen, "tokenizer plugin %s failed to load %s a second time: %s",
+                 src->plugin->desc->name, model_dir, perr[0] ? perr : um_strerror(rc));
+        return rc;
+    }
+    *tok = *src;
+    tok->state = state;
+    return 0;
+}
+
 void um_tokenizer_close(um_tokenizer_t *tok)
 {
     if (tok->ops && tok->state)

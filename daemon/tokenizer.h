@@ -26,6 +26,13 @@ typedef struct um_tokenizer {
 int um_tokenizer_open(um_tokenizer_t *tok, const um_plugin_registry_t *reg, const char *name,
                       const char *model_dir, char *err, size_t errlen);
 
+/*
+ * Load a second instance of the tokenizer src holds, from the same model_dir, for
+ * another thread. Its load messages go to the debug level, since src's said the same.
+ */
+int um_tokenizer_open_copy(um_tokenizer_t *tok, const um_tokenizer_t *src,
+                           const char *model_dir, char *err, size_t errlen);
+
 void um_tokenizer_close(um_tokenizer_t *tok);
 
 /* Encode text into a malloc'ed array the caller frees; *n gets its length. */

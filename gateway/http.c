@@ -523,7 +523,17 @@ static int s_is(const s_request_t *r, const char *method)
 
 static enum MHD_Result s_route(s_request_t *r)
 {
-    const char *p = r->path;
+    /* A client that builds URLs from a base ending in "/" may send "/v1/completions/":
+       one trailing slash is dropped before routing. */
+    char path[256];
+    size_t path_len = strlen(r->path);
+    if (path_len > 1 && path_len < sizeof path && r->path[path_len - 1] == '/') {
+        memcpy(path, r->path, path_len - 1);
+        path[path_len - 1] = '\0';
+    } else {
+        snprintf(path, sizeof path, "%s", r->path);
+    }
+    const char *p = path_len < sizeof path ? path : r->path;
     int get = s_is(r, "GET") || s_is(r, "HEAD");
     if (strcmp(p, "/") == 0 || strcmp(p, "/index.html") == 0)
         return get ? s_get_page(r) : s_method_not_allowed(r, "GET, HEAD");

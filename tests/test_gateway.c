@@ -630,6 +630,11 @@ START_TEST(test_models_info_health)
     s_http("GET", "/v1/models/tinystories", NULL, &h);
     ck_assert_int_eq(h.status, 200);
     free(h.body);
+    /* One trailing slash, as clients built on a base URL ending in "/" send it. */
+    s_http("GET", "/v1/models/tinystories/", NULL, &h);
+    ck_assert_int_eq(h.status, 200);
+    ck_assert_ptr_nonnull(strstr(h.body, "\"tinystories\""));
+    free(h.body);
     s_http("GET", "/v1/models/gpt-4", NULL, &h);
     r = json_loads(h.body, 0, NULL);
     s_expect_error_body(h.status, r, 404, "model_not_found", "model", "serves \"tinystories\"");

@@ -924,6 +924,11 @@ START_TEST(test_limits)
     s_expect_error(sock, req, UM_ERR_OUT_OF_RANGE, "steps",
                    "steps is 9, over this daemon's limit of 8 (--max-steps)");
     s_expect_generates(sock);
+    /* Steps default to gen_length: the error says so rather than name a value never sent. */
+    s_expect_error(sock, s_generate("d", "hi", 16), UM_ERR_OUT_OF_RANGE, "steps",
+                   "steps defaults to gen_length, 16, over this daemon's limit of 8 "
+                   "(--max-steps): send \"steps\" of at most 8");
+    s_expect_generates(sock);
 
     /* Over --max-request-size: an error reply. */
     char big[3001];

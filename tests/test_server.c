@@ -823,10 +823,16 @@ START_TEST(test_score)
     s_check_score_cases("bundled");
     s_expect_error(json_pack("{s:s, s:s, s:s, s:s, s:i}", "op", "score", "id", "s1", "prompt",
                              "the cat", "answer", " sat.", "n_samples", 0),
-                   UM_ERR_OUT_OF_RANGE, "n_samples", "must be at least 1");
+                   UM_ERR_OUT_OF_RANGE, "n_samples", "must be at least 1, got 0: use a whole "
+                   "number in [1, 4096]");
     s_expect_error(json_pack("{s:s, s:s, s:s, s:s, s:i}", "op", "score", "id", "s2", "prompt",
                              "the cat", "answer", " sat.", "n_samples", 5000),
-                   UM_ERR_OUT_OF_RANGE, "n_samples", "must be in [1, 4096], got 5000");
+                   UM_ERR_OUT_OF_RANGE, "n_samples", "must be at most 4096, got 5000");
+    /* The mask token has no likelihood of its own. */
+    s_expect_error(json_pack("{s:s, s:s, s:s, s:s}", "op", "score", "id", "s5", "prompt",
+                             "the cat", "answer", " sat<|mdm_mask|>"),
+                   UM_ERR_INVALID, "answer", "is the mask token (id 4095), which the model "
+                   "never predicts");
     s_expect_error(json_pack("{s:s, s:s, s:s}", "op", "score", "id", "s3", "prompt", "the cat"),
                    UM_ERR_INVALID, "answer", "missing field \"answer\"");
     s_expect_error(json_pack("{s:s, s:s, s:s, s:s}", "op", "score", "id", "s4", "prompt",

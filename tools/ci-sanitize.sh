@@ -4,12 +4,16 @@
 #
 #   tools/ci-sanitize.sh [BUILD_DIR]        default BUILD_DIR: build-asan in the source tree
 #
-# CC selects the compiler (default gcc; clang works too). make check also replays the
-# fuzz targets' regression inputs and seed corpora (tests/fuzz/replay.sh) in this build.
+# CC selects the compiler (default gcc, the one these runs were checked with). make
+# check also replays the fuzz targets' regression inputs and seed corpora
+# (tests/fuzz/replay.sh) in this build.
 # Every process the tests start, daemons included, writes its sanitizer reports to
 # BUILD_DIR/sanitizer/ rather than to stderr, where a test may not look: a daemon that a
 # test stops with SIGTERM reports its leaks there too. The run fails when make check
 # fails or when any report is there. LeakSanitizer reads tests/lsan.supp when it exists.
+#
+#   JOBS              make -j (default: nproc)
+#   SANITIZE_TIMEOUT  seconds each test program may take (default 3600)
 #
 # Exits 0 when the suite passed with no report, 1 otherwise.
 set -eu
