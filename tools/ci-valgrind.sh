@@ -14,12 +14,6 @@
 # of uninitialised memory, or memory definitely or indirectly lost at exit.
 # tests/valgrind.supp contains the suppressions, for library internals only.
 #
-# NOTE: server:cancel is not clean: during its guided generations of about 2 x 128
-# tokens valgrind reports uninitialised values inside oneDNN's JIT matmul code, with or
-# without --max-stackframe. With bf16 weights the same shapes show 32-byte reads just
-# past a buffer that oneDNN allocated itself. Both stacks end in code valgrind cannot
-# unwind, so no suppression can name them; CI runs the errors and lifecycle cases only.
-#
 #   BUILD_DIR   build folder, configured here with CFLAGS="-O1 -g" when it has no
 #               Makefile (default: build-valgrind in the source tree)
 #   VG_TIMEOUT  seconds each suite or case may take (default 3600)
@@ -45,16 +39,17 @@ logs=$build/valgrind
 rm -rf "$logs"
 mkdir -p "$logs"
 wrapper=$logs/unmaskd-under-valgrind
-# oneDNN's AVX2 JIT matrix products reach memcheck as millions of reports of
-# uninitialised values created by a stack allocation inside the JIT code, which then
-# spread into the callers' registers. Their SSE4.1 code gives none on the same inputs
-# and runs several times faster under valgrind, so the daemon gets ONEDNN_MAX_CPU_ISA.
+# oneDNN's AVX2 JIT matrix products make memcheck report uses of uninitialised values
+# that start inside the JIT code, where valgrind cannot unwind (docs/testing.md). Its
+# SSE4.1 code gives no report and runs faster, so the daemon gets ONEDNN_MAX_CPU_ISA.
 # unmaskd's own SIMD kernels still run at the ISA its CPU probe picks.
+# Valgrind runs one thread at a time. Without --fair-sched the worker thread, busy with
+# a generation, can keep the main thread from reading a cancel for minutes.
 cat > "$wrapper" <<EOF
 #!/bin/sh
 ONEDNN_MAX_CPU_ISA=\${ONEDNN_MAX_CPU_ISA:-SSE41}
 export ONEDNN_MAX_CPU_ISA
-exec valgrind --tool=memcheck --error-exitcode=99 --leak-check=full \\
+exec valgrind --tool=memcheck --fair-sched=yes --error-exitcode=99 --leak-check=full \\
     --show-leak-kinds=definite,indirect --errors-for-leak-kinds=definite,indirect \\
     --num-callers=40 --suppressions="$src/tests/valgrind.supp" \\
     --log-file="$logs/daemon-%p.log" "$build/unmaskd" "\$@"
