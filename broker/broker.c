@@ -390,27 +390,20 @@ static void s_ipc_unlink(const char *endpoint, ino_t inode)
         unlink(s_ipc_path(endpoint));
 }
 
-static int s_is_tcp(const char *endpoint)
+/* Whether an endpoint uses a network transport (tcp, ws, ...), where CURVE applies. */
+static int s_is_network(const char *endpoint)
 {
-    return strncmp(endpoint, "tcp://", 6) == 0;
-}
-
-/* Whether a tcp endpoint's host is a loopback address, which other hosts cannot reach. */
-static int s_is_loopback(const char *endpoint)
-{
-    const char *host = endpoint + 6;
-    return strncmp(host, "127.", 4) == 0 || strncmp(host, "localhost:", 10) == 0
-           || strncmp(host, "[::1]:", 6) == 0;
+    return strncmp(endpoint, "ipc://", 6) != 0 && strncmp(endpoint, "inproc://", 9) != 0;
 }
 
 /*
- * Check the security of one side: a tcp endpoint that other hosts can reach needs
+ * Check the security of one side: an endpoint that other hosts can reach needs
  * CURVE unless --insecure. Returns 0, or -1 with a message in err.
  */
 static int s_check_side(const um_broker_config_t *cfg, const char *what, const char *option,
                         const char *endpoint, char *err, size_t errlen)
 {
-    if (!s_is_tcp(endpoint) || cfg->curve || cfg->insecure || s_is_loopback(endpoint))
+    if (cfg->curve || cfg->insecure || !um_curve_endpoint_is_public(endpoint))
         return 0;
     snprintf(err, errlen, "the %s endpoint %s (%s) accepts connections from other hosts but "
              "CURVE is off, so prompts and replies would cross the network in clear text: "
@@ -436,7 +429,7 @@ static void *s_router(um_broker_t *b, const char *endpoint, const char *domain,
         int64_t hard = (int64_t)max_frame;
         zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &hard, sizeof hard);
     }
-    if (b->cfg.curve && s_is_tcp(endpoint)
+    if (b->cfg.curve && s_is_network(endpoint)
         && um_curve_set_server(sock, b->cfg.curve, domain, err, errlen) != 0) {
         zmq_close(sock);
         return NULL;
@@ -446,6 +439,15 @@ static void *s_router(um_broker_t *b, const char *endpoint, const char *domain,
            (it sets one); the new connection takes over from the dead one. */
         int on = 1;
         zmq_setsockopt(sock, ZMQ_ROUTER_HANDOVER, &on, sizeof on);
+    }
+    const char *ipc_path = s_ipc_path(endpoint);
+    struct stat ipc_st;
+    if (ipc_path && lstat(ipc_path, &ipc_st) == 0 && !S_ISSOCK(ipc_st.st_mode)) {
+        snprintf(err, errlen, "cannot bind %s: %s exists and is %s, not a socket, and binding "
+                 "would replace it: choose another path", endpoint, ipc_path,
+                 S_ISDIR(ipc_st.st_mode) ? "a folder" : "a file");
+        zmq_close(sock);
+        return NULL;
     }
     if (s_ipc_in_use(endpoint)) {
         snprintf(err, errlen, "cannot bind %s: another process is listening on that socket "
@@ -474,7 +476,7 @@ int um_broker_new(um_broker_t **out, const um_broker_config_t *cfg, char *err, s
     if (s_check_side(cfg, "front-end", "--frontend", cfg->frontend, err, errlen) != 0
         || s_check_side(cfg, "back-end", "--backend", cfg->backend, err, errlen) != 0)
         return -1;
-    if (cfg->curve && s_is_tcp(cfg->backend) && !cfg->curve_workers) {
+    if (cfg->curve && s_is_network(cfg->backend) && !cfg->curve_workers) {
         snprintf(err, errlen, "--curve-key needs --curve-workers DIR when the back end is tcp: "
                  "without an allow-list any host that has the broker's public key could "
                  "register as a worker and receive prompts");
@@ -495,7 +497,7 @@ int um_broker_new(um_broker_t **out, const um_broker_config_t *cfg, char *err, s
         snprintf(err, errlen, "cannot create a ZeroMQ context: %s", zmq_strerror(errno));
         goto fail;
     }
-    int curve_used = cfg->curve && (s_is_tcp(cfg->frontend) || s_is_tcp(cfg->backend));
+    int curve_used = cfg->curve && (s_is_network(cfg->frontend) || s_is_network(cfg->backend));
     if (cfg->curve && !curve_used)
         um_warn("broker", "--curve-key has no effect: neither endpoint is tcp (ipc endpoints "
                 "are protected by file permissions)");
@@ -519,8 +521,8 @@ int um_broker_new(um_broker_t **out, const um_broker_config_t *cfg, char *err, s
 
     um_info("broker", "clients connect to %s%s, workers to %s%s; heartbeat %d ms, a peer "
             "silent for %d ms is lost", b->frontend,
-            cfg->curve && s_is_tcp(b->frontend) ? " (CURVE)" : "", b->backend,
-            cfg->curve && s_is_tcp(b->backend) ? " (CURVE)" : "", cfg->heartbeat_ms,
+            cfg->curve && s_is_network(b->frontend) ? " (CURVE)" : "", b->backend,
+            cfg->curve && s_is_network(b->backend) ? " (CURVE)" : "", cfg->heartbeat_ms,
             cfg->heartbeat_ms * cfg->liveness);
     *out = b;
     return 0;

@@ -297,9 +297,16 @@ int um_curve_read_event(void *monitor, int *event, int *failed, char *text, size
 
 int um_curve_endpoint_is_public(const char *endpoint)
 {
-    if (strncmp(endpoint, "tcp://", 6) != 0)
+    if (strncmp(endpoint, "ipc://", 6) == 0 || strncmp(endpoint, "inproc://", 9) == 0)
         return 0;
-    const char *host = endpoint + 6;
+    const char *host = NULL;
+    if (strncmp(endpoint, "tcp://", 6) == 0 || strncmp(endpoint, "wss://", 6) == 0)
+        host = endpoint + 6;
+    else if (strncmp(endpoint, "ws://", 5) == 0)
+        host = endpoint + 5;
+    /* Any other transport (udp, pgm, norm, ...) reaches the network. */
+    if (!host)
+        return 1;
     return !(strncmp(host, "127.", 4) == 0 || strncmp(host, "localhost:", 10) == 0
              || strncmp(host, "[::1]:", 6) == 0);
 }

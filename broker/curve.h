@@ -59,10 +59,10 @@ int um_curve_set_server(void *sock, const um_curve_keypair_t *own, const char *d
                         char *err, size_t errlen);
 
 /*
- * Whether a ZeroMQ endpoint accepts connections from other hosts: a tcp endpoint whose
- * host is not 127.0.0.0/8, localhost or [::1]. A wildcard (*, 0.0.0.0), any other address
- * and an interface name count as reachable, so the check errs on the side of CURVE.
- * ipc and inproc endpoints are not.
+ * Whether a ZeroMQ endpoint accepts connections from other hosts: a tcp, ws or wss
+ * endpoint whose host is not 127.0.0.0/8, localhost or [::1], or any other network
+ * transport. A wildcard (*, 0.0.0.0), any other address and an interface name count as
+ * reachable, so the check errs on the side of CURVE. ipc and inproc endpoints are not.
  */
 int um_curve_endpoint_is_public(const char *endpoint);
 

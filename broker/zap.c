@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <zmq.h>
 
@@ -55,6 +56,26 @@ static int s_ends_with(const char *s, const char *suffix)
     return n >= k && strcmp(s + n - k, suffix) == 0;
 }
 
+/*
+ * Check that no user but the owner may write path: a user who may add a .pub file to the
+ * key folder may connect. Returns 0, or -1 with the fix in err.
+ */
+static int s_check_key_writers(const char *path, const char *label, char *err, size_t errlen)
+{
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        snprintf(err, errlen, "cannot read the %s %s: %s", label, path, strerror(errno));
+        return -1;
+    }
+    if (st.st_mode & (S_IWGRP | S_IWOTH)) {
+        snprintf(err, errlen, "the %s %s is writable by other users (mode %04o), who could "
+                 "add their own key: run chmod go-w %s", label, path,
+                 (unsigned)st.st_mode & 07777, path);
+        return -1;
+    }
+    return 0;
+}
+
 /* Load every *.pub file of dir. Returns 0, or -1 with a message in err. */
 static int s_allow_load(s_allow_t *a, const char *dir, char *err, size_t errlen)
 {
@@ -64,6 +85,8 @@ static int s_allow_load(s_allow_t *a, const char *dir, char *err, size_t errlen)
         return 0;
     }
     snprintf(a->dir, sizeof a->dir, "%s", dir);
+    if (s_check_key_writers(dir, "key folder", err, errlen) != 0)
+        return -1;
     DIR *d = opendir(dir);
     if (!d) {
         snprintf(err, errlen, "cannot read the key folder %s: %s: give a folder of .pub files "
@@ -78,7 +101,8 @@ static int s_allow_load(s_allow_t *a, const char *dir, char *err, size_t errlen)
         char path[4096];
         snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
         um_curve_keypair_t kp;
-        if (um_curve_load(path, 0, &kp, err, errlen) != 0) {
+        if (s_check_key_writers(path, "key file", err, errlen) != 0
+            || um_curve_load(path, 0, &kp, err, errlen) != 0) {
             rc = -1;
             break;
         }

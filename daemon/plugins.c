@@ -290,8 +290,9 @@ static void (*s_desc_fini(const um_plugin_desc_t *d))(void)
 }
 
 /*
- * Check that only root and this process's user and group may write path: not writable
- * by every user, and group-writable only for group root or the process's group. A plugin
+ * Check that only root and this process's user and group may write path: owned by root
+ * or this process's user, not writable by every user, and group-writable only for
+ * group root or the process's group. A plugin
  * folder or file that others can write lets them run code as the daemon. label names it
  * in the message ("plugin folder", "plugin file"). Returns 0, or -1 with the reason and
  * the fix in err.
@@ -305,6 +306,13 @@ static int s_check_writers(const char *path, const char *label, char *err, size_
         return -1;
     }
     unsigned mode = (unsigned)st.st_mode & 07777;
+    if (st.st_uid != 0 && st.st_uid != geteuid()) {
+        snprintf(err, errlen, "%s %s is owned by user %u, who is neither root nor unmaskd's "
+                 "user %u, so that user could make unmaskd run their code: run chown %u %s",
+                 label, path, (unsigned)st.st_uid, (unsigned)geteuid(), (unsigned)geteuid(),
+                 path);
+        return -1;
+    }
     if (st.st_mode & S_IWOTH) {
         snprintf(err, errlen, "%s %s is writable by every user (mode %04o), so anyone could "
                  "make unmaskd run their code: run chmod o-w %s", label, path, mode, path);
@@ -318,6 +326,44 @@ static int s_check_writers(const char *path, const char *label, char *err, size_
         return -1;
     }
     return 0;
+}
+
+/*
+ * Check the folders above folder (a resolved path) up to /: a user who may rename an entry
+ * of one of them could put another folder in the plugin folder's place. A folder that
+ * every user may write passes when its sticky bit is set (/tmp), because there only the
+ * owner of an entry may rename it. Returns 0, or -1 with the reason in err.
+ */
+static int s_check_ancestors(const char *folder, char *err, size_t errlen)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s", folder);
+    for (;;) {
+        char *slash = strrchr(path, '/');
+        if (!slash)
+            return 0;
+        if (slash == path)
+            slash[1] = '\0';
+        else
+            *slash = '\0';
+        struct stat st;
+        if (stat(path, &st) != 0) {
+            snprintf(err, errlen, "cannot read the permissions of folder %s: %s", path,
+                     strerror(errno));
+            return -1;
+        }
+        int sticky = (st.st_mode & S_ISVTX) != 0;
+        if (!sticky && s_check_writers(path, "folder above the plugins", err, errlen) != 0)
+            return -1;
+        if (sticky && st.st_uid != 0 && st.st_uid != geteuid()) {
+            snprintf(err, errlen, "folder above the plugins %s is owned by user %u, who is "
+                     "neither root nor unmaskd's user %u: move the plugins elsewhere", path,
+                     (unsigned)st.st_uid, (unsigned)geteuid());
+            return -1;
+        }
+        if (strcmp(path, "/") == 0)
+            return 0;
+    }
 }
 
 /*
@@ -338,7 +384,9 @@ static int s_check_plugin_file(const char *path, char *err, size_t errlen)
         *slash = '\0';
     else if (slash)
         slash[1] = '\0'; /* a file in / */
-    return s_check_writers(real, "plugin folder", err, errlen);
+    if (s_check_writers(real, "plugin folder", err, errlen) != 0)
+        return -1;
+    return s_check_ancestors(real, err, errlen);
 }
 
 int um_plugins_load_file(um_plugin_registry_t *reg, const char *path, char *err, size_t errlen)
@@ -476,9 +524,12 @@ static size_t s_scan_dir(um_plugin_registry_t *reg, const char *dir, int only_ne
         return 0;
     }
     char why[1024];
-    if (s_check_writers(dir, "plugin folder", why, sizeof why) != 0) {
-        /* A rescan runs for every request that names an unknown plugin: warn once. */
-        UM_LOG(only_new ? UM_LOG_DEBUG : UM_LOG_WARN, "plugins", "skipped: %s", why);
+    char real[PATH_MAX];
+    if (s_check_writers(dir, "plugin folder", why, sizeof why) != 0
+        || (realpath(dir, real) && s_check_ancestors(real, why, sizeof why) != 0)) {
+        /* A rescan runs for every request that names an unknown plugin, so this repeats,
+           but the log's rate limit bounds it. */
+        um_warn("plugins", "skipped: %s", why);
         closedir(d);
         return 0;
     }

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,6 +70,60 @@ int um_log_reopen(char *err, size_t errlen)
     return s_redirect_stderr(s_log_path, err, errlen) == 0 ? 1 : -1;
 }
 
+/*
+ * Copy src to dst with every control character written as \xNN, so that text a client
+ * chose (an id, a field name) cannot start a forged log line or drive a terminal.
+ */
+static void s_escape_controls(char *dst, size_t size, const char *src)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t n = 0;
+    for (const unsigned char *c = (const unsigned char *)src; *c && n + 5 < size; c++) {
+        if (*c < 0x20 || *c == 0x7f) {
+            dst[n++] = '\\';
+            dst[n++] = 'x';
+            dst[n++] = hex[*c >> 4];
+            dst[n++] = hex[*c & 15];
+        } else {
+            dst[n++] = (char)*c;
+        }
+    }
+    dst[n] = '\0';
+}
+
+/* Info to warn lines written in the current second, and those dropped past the cap. */
+static pthread_mutex_t s_rate_lock = PTHREAD_MUTEX_INITIALIZER;
+static time_t s_rate_second;
+static int s_rate_lines;
+static long s_rate_dropped;
+
+/*
+ * Whether a line of this level may be written now: at most UM_LOG_MAX_PER_SECOND info,
+ * notice and warn lines each second, so that a client sending bad requests in a loop
+ * cannot fill the disk behind --log-file. Debug lines, which an operator turns on for a
+ * while, and errors always pass. *dropped gets the count dropped before this line.
+ */
+static int s_rate_allows(int level, time_t now, long *dropped)
+{
+    *dropped = 0;
+    if (level == UM_LOG_DEBUG)
+        return 1;
+    pthread_mutex_lock(&s_rate_lock);
+    if (now != s_rate_second) {
+        s_rate_second = now;
+        s_rate_lines = 0;
+        *dropped = s_rate_dropped;
+        s_rate_dropped = 0;
+    }
+    int allowed = level >= UM_LOG_ERROR || s_rate_lines < UM_LOG_MAX_PER_SECOND;
+    if (allowed)
+        s_rate_lines++;
+    else
+        s_rate_dropped++;
+    pthread_mutex_unlock(&s_rate_lock);
+    return allowed;
+}
+
 void um_log_write(int level, const char *component, const char *fmt, ...)
 {
     char msg[2048];
@@ -79,14 +134,26 @@ void um_log_write(int level, const char *component, const char *fmt, ...)
 
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
+    if (level < 0 || level > 4)
+        level = UM_LOG_ERROR;
+    long dropped = 0;
+    int allowed = s_rate_allows(level, ts.tv_sec, &dropped);
     struct tm tm;
     gmtime_r(&ts.tv_sec, &tm);
     char stamp[32];
     strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%S", &tm);
-    if (level < 0 || level > 4)
-        level = UM_LOG_ERROR;
+    if (dropped > 0)
+        fprintf(stderr, "%s.%03ldZ %-6s log: %ld lines were dropped in the second before, "
+                "over the limit of %d a second\n", stamp, ts.tv_nsec / 1000000L,
+                s_level_names[UM_LOG_WARN], dropped, UM_LOG_MAX_PER_SECOND);
+    if (!allowed)
+        return;
+    char safe[4 * sizeof msg];
+    s_escape_controls(safe, sizeof safe, msg);
+    char safe_component[256];
+    s_escape_controls(safe_component, sizeof safe_component, component);
     fprintf(stderr, "%s.%03ldZ %-6s %s: %s\n", stamp, ts.tv_nsec / 1000000L,
-            s_level_names[level], component, msg);
+            s_level_names[level], safe_component, safe);
 }
 
 int um_fail(char *err, size_t errlen, int code, const char *fmt, ...)

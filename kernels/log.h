@@ -36,6 +36,17 @@ int um_log_open_file(const char *path, char *err, size_t errlen);
  */
 int um_log_reopen(char *err, size_t errlen);
 
+/*
+ * Most info, notice and warn lines written in one second. Past it lines are dropped, and
+ * the next line written reports how many, so that a client sending bad requests in a loop
+ * cannot fill the disk behind a log file.
+ */
+#define UM_LOG_MAX_PER_SECOND 200
+
+/*
+ * Write one line to stderr: time stamp, level, component and message, with control
+ * characters written as \xNN so that client text cannot forge a line.
+ */
 void um_log_write(int level, const char *component, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 

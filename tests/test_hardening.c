@@ -568,7 +568,8 @@ static void s_read_listening(um_test_daemon_t *d)
 START_TEST(test_bind_public_refused)
 {
     static const char *const endpoints[] = {"tcp://0.0.0.0:5557", "tcp://*:5557",
-                                            "tcp://[::]:5557", "tcp://lo:5557"};
+                                            "tcp://[::]:5557", "tcp://lo:5557",
+                                            "ws://0.0.0.0:5557"};
     for (size_t i = 0; i < sizeof endpoints / sizeof endpoints[0]; i++) {
         um_test_daemon_t d = {.pid = -1};
         const char *const extra[] = {"--bind", endpoints[i], NULL};
@@ -583,6 +584,31 @@ START_TEST(test_bind_public_refused)
                       "the message does not name the fixes: see %s", d.log);
         ck_assert_msg(!s_file_has(d.log, "starting"), "the daemon started: see %s", d.log);
     }
+}
+END_TEST
+
+/* An ipc path that is a regular file is not replaced by the bind, and the file stays. */
+START_TEST(test_bind_ipc_regular_file)
+{
+    char path[256];
+    snprintf(path, sizeof path, "/tmp/unmaskd-notes-%ld.txt", (long)getpid());
+    FILE *f = fopen(path, "w");
+    ck_assert(f != NULL);
+    fputs("data\n", f);
+    fclose(f);
+    char endpoint[300];
+    snprintf(endpoint, sizeof endpoint, "ipc://%s", path);
+    um_test_daemon_t d = {.pid = -1};
+    const char *const extra[] = {"--bind", endpoint, NULL};
+    ck_assert_int_ne(s_start_expect_exit(&d, "ipcfile", extra), 0);
+    char want[400];
+    snprintf(want, sizeof want, "%s exists and is a file, not a socket", path);
+    ck_assert_msg(s_file_has(d.log, want), "the log %s lacks \"%s\"", d.log, want);
+    char *data = um_test_read_file(path, NULL);
+    ck_assert_msg(data != NULL, "the bind removed %s", path);
+    ck_assert_str_eq(data, "data\n");
+    free(data);
+    unlink(path);
 }
 END_TEST
 
@@ -788,15 +814,17 @@ START_TEST(test_plugin_permissions)
         {"file", 0755, 0646, (gid_t)-1},
         {"group", 0755, 0664, 100}, /* "users" on Debian, not the daemon's group */
         {"good", 0755, 0664, (gid_t)-1},
+        {"owner", 0755, 0644, (gid_t)-1}, /* given to user nobody below, when root */
+        {"loose", 0777, 0644, (gid_t)-1}, /* the folder above a plugin folder */
     };
-    char paths[4][300], files[4][1300]; /* gcc bounds paths[i] by the whole array */
-    const char *extra[12];
+    char paths[6][300], files[6][1900]; /* gcc bounds paths[i] by the whole array */
+    const char *extra[16];
     size_t n_extra = 0;
     int group_tested = 0;
     const char *fixture = um_test_path(um_test_env("UM_TEST_BAD_PLUGINS"), "abi10.so");
     char fixture_copy[4096];
     snprintf(fixture_copy, sizeof fixture_copy, "%s", fixture);
-    for (size_t i = 0; i < 4; i++) {
+    for (size_t i = 0; i < 6; i++) {
         snprintf(paths[i], sizeof paths[i], "%s/%s", base, dirs[i].name);
         snprintf(files[i], sizeof files[i], "%s/abi10.so", paths[i]);
         mkdir(paths[i], 0755);
@@ -809,9 +837,29 @@ START_TEST(test_plugin_permissions)
             if (!group_tested)
                 chmod(files[i], 0644);
         }
-        extra[n_extra++] = "--plugin-dir";
-        extra[n_extra++] = paths[i];
+        if (i < 4) {
+            extra[n_extra++] = "--plugin-dir";
+            extra[n_extra++] = paths[i];
+        }
     }
+    /* A folder of user nobody: that user could swap the plugins. */
+    int owner_tested = chown(paths[4], 65534, (gid_t)-1) == 0;
+    if (owner_tested) {
+        extra[n_extra++] = "--plugin-dir";
+        extra[n_extra++] = paths[4];
+    } else {
+        fprintf(stderr, "test_plugin_permissions: cannot give a folder to user nobody (not "
+                "root), so the owner case is not tested\n");
+    }
+    /* A good folder inside one every user may write: anyone could rename it away. */
+    char nested[400], nested_file[500];
+    snprintf(nested, sizeof nested, "%s/pl", paths[5]);
+    mkdir(nested, 0755);
+    ck_assert_int_eq(chmod(nested, 0755), 0);
+    snprintf(nested_file, sizeof nested_file, "%s/abi10.so", nested);
+    s_copy_file(fixture_copy, nested_file, 0644);
+    extra[n_extra++] = "--plugin-dir";
+    extra[n_extra++] = nested;
     extra[n_extra] = NULL;
     if (!group_tested)
         fprintf(stderr, "test_plugin_permissions: cannot give a file group 100 here, so the "
@@ -836,6 +884,14 @@ START_TEST(test_plugin_permissions)
         snprintf(want, sizeof want, "run chmod g-w %s", files[2]);
         ck_assert_msg(s_file_has(d.log, want), "the log %s lacks \"%s\"", d.log, want);
     }
+    if (owner_tested) {
+        snprintf(want, sizeof want, "skipped: plugin folder %s is owned by user 65534, who is "
+                 "neither root nor unmaskd's user", paths[4]);
+        ck_assert_msg(s_file_has(d.log, want), "the log %s lacks \"%s\"", d.log, want);
+    }
+    snprintf(want, sizeof want, "skipped: folder above the plugins %s is writable by every "
+             "user (mode 0777)", paths[5]);
+    ck_assert_msg(s_file_has(d.log, want), "the log %s lacks \"%s\"", d.log, want);
     snprintf(want, sizeof want, "(ABI 1.0) from %s", files[3]);
     ck_assert_msg(s_file_has(d.log, "loaded remask plugin fixture_abi10 ")
                       && s_file_has(d.log, want),
@@ -851,7 +907,9 @@ START_TEST(test_plugin_permissions)
     zmq_close(sock);
     zmq_ctx_term(ctx);
     s_stop_clean(&d);
-    for (size_t i = 0; i < 4; i++) {
+    unlink(nested_file);
+    rmdir(nested);
+    for (size_t i = 0; i < 6; i++) {
         chmod(paths[i], 0755);
         unlink(files[i]);
         rmdir(paths[i]);
@@ -919,10 +977,28 @@ START_TEST(test_limits)
     s_expect_error(sock, s_generate("g", "hi", 17), UM_ERR_OUT_OF_RANGE, "gen_length",
                    "gen_length is 17, over this daemon's limit of 16 (--max-gen-length)");
     s_expect_generates(sock);
+    s_expect_error(sock, json_pack("{s:s, s:s, s:s}", "op", "generate", "id", "gd", "prompt",
+                                   "hi"),
+                   UM_ERR_OUT_OF_RANGE, "gen_length", "gen_length defaults to 64, over this "
+                   "daemon's limit of 16 (--max-gen-length)");
     json_t *req = s_generate("s", "hi", 16);
     json_object_set_new(req, "steps", json_integer(9));
     s_expect_error(sock, req, UM_ERR_OUT_OF_RANGE, "steps",
                    "steps is 9, over this daemon's limit of 8 (--max-steps)");
+    s_expect_generates(sock);
+    /* Client text reaches the log with its control characters escaped: no forged line. */
+    s_expect_error(sock, s_generate("x\n2026-01-01T00:00:00.000Z error  main: FORGED", "hi", 0),
+                   UM_ERR_OUT_OF_RANGE, "gen_length", "must be at least 1");
+    ck_assert_msg(s_file_has(d.log, "x\\x0a2026-01-01T00:00:00.000Z error  main: FORGED"),
+                  "the log %s lacks the escaped id", d.log);
+    ck_assert_msg(!s_file_has(d.log, "\n2026-01-01T00:00:00.000Z"), "the log %s has a forged "
+                  "line", d.log);
+    /* A NUL character inside a name would match the name before it. */
+    s_expect_error(sock, json_pack("{s:o, s:s}", "op", json_stringn("health\0zz", 9), "id", "n"),
+                   UM_ERR_INVALID, "op", "op contains a NUL character (\\u0000) at byte 6");
+    json_t *nul = s_generate("n2", "hi", 4);
+    json_object_set_new(nul, "remasking", json_stringn("low_confidence\0x", 16));
+    s_expect_error(sock, nul, UM_ERR_INVALID, "remasking", "remasking contains a NUL character");
     s_expect_generates(sock);
     /* Steps default to gen_length: the error says so rather than name a value never sent. */
     s_expect_error(sock, s_generate("d", "hi", 16), UM_ERR_OUT_OF_RANGE, "steps",
@@ -1378,6 +1454,7 @@ Suite *um_hardening_suite(void)
     tcase_add_checked_fixture(tc, NULL, s_teardown_test);
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_bind_public_refused);
+    tcase_add_test(tc, test_bind_ipc_regular_file);
     tcase_add_test(tc, test_bind_insecure);
     tcase_add_test(tc, test_curve_bind);
     tcase_add_test(tc, test_curve_options);
