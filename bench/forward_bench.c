@@ -7,7 +7,9 @@
  * then times the same weight products alone, as bare oneDNN matmuls of the same shapes
  * and dtype on fresh random weights, in the same run. The ratio of the two FLOP rates
  * says how much of the hardware's matrix rate the whole step keeps. Prints a table,
- * and with --json FILE also writes the figures as one JSON object.
+ * and with --json FILE also writes the figures as one JSON object. --weight-dtype takes
+ * a comma-separated list (f32,bf16,int8): each dtype is loaded and timed in turn, and a
+ * closing table puts their pass times and resident memory side by side.
  */
 #include <getopt.h>
 #include <omp.h>
@@ -29,19 +31,26 @@ static double s_now_ms(void)
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
-/* Peak resident set size of this process in MB (VmHWM), or -1 where /proc has none. */
-static double s_peak_rss_mb(void)
+/* A /proc/self/status field in MB ("VmHWM:" the peak resident set, "VmRSS:" the current
+ * one), or -1 where /proc has none. */
+static double s_status_mb(const char *field)
 {
     FILE *f = fopen("/proc/self/status", "r");
     if (!f)
         return -1;
     char line[256];
     double kb = -1;
+    size_t n = strlen(field);
     while (fgets(line, sizeof line, f))
-        if (sscanf(line, "VmHWM: %lf kB", &kb) == 1)
+        if (strncmp(line, field, n) == 0 && sscanf(line + n, " %lf kB", &kb) == 1)
             break;
     fclose(f);
     return kb < 0 ? -1 : kb / 1024.0;
+}
+
+static double s_peak_rss_mb(void)
+{
+    return s_status_mb("VmHWM:");
 }
 
 static int s_cmp_double(const void *a, const void *b)
@@ -59,7 +68,8 @@ static void s_usage(FILE *out)
             "  --repeat N           timed passes (default 5)\n"
             "  --threads N          OpenMP threads (default: OpenMP's choice)\n"
             "  --isa NAME           kernel ISA cap: scalar, avx2, avx512, amx, neon\n"
-            "  --weight-dtype TYPE  f32, bf16 or auto (default auto)\n"
+            "  --weight-dtype LIST  f32, bf16, int8 or auto, or a comma-separated list of\n"
+            "                       them to time each in turn (default auto)\n"
             "  --attention NAME     attention products: onednn (default) or libxsmm\n"
             "  --json FILE          also write the figures as JSON to FILE\n"
             "  --no-bare            skip timing the bare matmuls (for models near the\n"
@@ -112,63 +122,27 @@ static int s_time_bare_products(s_shape_t *shapes, int n_shapes, int32_t M, um_w
     return 0;
 }
 
-int main(int argc, char **argv)
-{
-    const char *model_dir = "models/tinystories", *isa = NULL, *json_path = NULL;
-    const char *attention = NULL;
-    int tokens = 160, repeat = 5, threads = 0, bare = 1;
-    um_model_options_t opts = {0};
-    static const struct option longopts[] = {
-        {"model", required_argument, 0, 'm'},  {"tokens", required_argument, 0, 'n'},
-        {"repeat", required_argument, 0, 'r'}, {"threads", required_argument, 0, 't'},
-        {"isa", required_argument, 0, 'i'},    {"weight-dtype", required_argument, 0, 'w'},
-        {"json", required_argument, 0, 'j'},   {"attention", required_argument, 0, 'a'},
-        {"no-bare", no_argument, 0, 'B'},
-        {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
-    int c;
-    while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
-        switch (c) {
-        case 'm': model_dir = optarg; break;
-        case 'n': tokens = atoi(optarg); break;
-        case 'r': repeat = atoi(optarg); break;
-        case 't': threads = atoi(optarg); break;
-        case 'i': isa = optarg; break;
-        case 'j': json_path = optarg; break;
-        case 'a': attention = optarg; break;
-        case 'B': bare = 0; break;
-        case 'w':
-            if (strcmp(optarg, "f32") == 0)
-                opts.weight_dtype = UM_WDTYPE_F32;
-            else if (strcmp(optarg, "bf16") == 0)
-                opts.weight_dtype = UM_WDTYPE_BF16;
-            else if (strcmp(optarg, "auto") != 0) {
-                fprintf(stderr, "forward-bench: --weight-dtype must be f32, bf16 or auto, got "
-                        "\"%s\"\n", optarg);
-                return 2;
-            }
-            break;
-        case 'h': s_usage(stdout); return 0;
-        default: s_usage(stderr); return 2;
-        }
-    }
-    if (tokens < 1 || repeat < 1) {
-        fprintf(stderr, "forward-bench: --tokens and --repeat must be at least 1\n");
-        return 2;
-    }
-    if (threads > 0)
-        omp_set_num_threads(threads);
-    um_log_set_level(UM_LOG_WARN);
+/* One dtype's figures for the closing table of a run over several dtypes. */
+typedef struct s_summary {
+    const char *dtype; /* a static name from um_wdtype_name */
+    double step_ms, gemm_ms, lm_head_ms;
+    double model_mb; /* resident memory that loading and the passes added */
+} s_summary_t;
 
+/*
+ * Load model_dir with opts, time its forward passes and its bare products, print the
+ * report and write the JSON object to json_path (opened with json_mode) when it is set.
+ * Returns 0, 1 when a step fails or 2 for --tokens past the model's positions.
+ */
+static int s_bench_model(const char *model_dir, const um_model_options_t *opts, int tokens,
+                         int repeat, int bare, const char *json_path, const char *json_mode,
+                         s_summary_t *sum)
+{
+    double rss_before = s_status_mb("VmRSS:");
     char err[1024] = "";
-    if (um_kernels_select(isa, err, sizeof err) != 0 ||
-        um_attention_select(attention, err, sizeof err) != 0) {
-        fprintf(stderr, "forward-bench: %s\n", err);
-        return 2;
-    }
     um_model_t *model = NULL;
     double load_start = s_now_ms();
-    if (um_model_load_opts(model_dir, &opts, &model, err, sizeof err) != 0) {
+    if (um_model_load_opts(model_dir, opts, &model, err, sizeof err) != 0) {
         fprintf(stderr, "forward-bench: %s\n", err);
         return 1;
     }
@@ -208,6 +182,7 @@ int main(int argc, char **argv)
     /* Peak memory of loading and running the model, before the bare products allocate
      * weights of their own. */
     double peak_rss_mb = s_peak_rss_mb();
+    double model_mb = s_status_mb("VmRSS:") - rss_before;
 
     /* The weight products of one pass: per layer q, k, v, attn_out, gate, up, down. */
     s_shape_t shapes[] = {
@@ -239,7 +214,7 @@ int main(int argc, char **argv)
     double mat_ms = (prof.gemm_ms + prof.lm_head_ms) / n;
     double bare_rate = bare ? mat_flops / (bare_ms * 1e6) : 0.0; /* GFLOP/s, 0: not timed */
     double step_rate = (mat_flops + att_flops) / (step_ms * 1e6);
-    const char *wdtype = um_model_weight_dtype(model) == UM_WDTYPE_BF16 ? "bf16" : "f32";
+    const char *wdtype = um_wdtype_name(um_model_weight_dtype(model));
 
     printf("model %s: d_model %d, %d layers, %d heads, mlp %d, vocab %d\n", model_dir, d,
            cfg->n_layers, cfg->n_heads, mlp, V);
@@ -279,7 +254,7 @@ int main(int argc, char **argv)
     }
 
     if (json_path) {
-        FILE *f = fopen(json_path, "w");
+        FILE *f = fopen(json_path, json_mode);
         if (!f) {
             perror(json_path);
             return 1;
@@ -307,7 +282,100 @@ int main(int argc, char **argv)
     free(ids);
     free(logits);
     free(fwd);
+    sum->dtype = wdtype;
+    sum->step_ms = step_ms;
+    sum->gemm_ms = prof.gemm_ms / n;
+    sum->lm_head_ms = prof.lm_head_ms / n;
+    sum->model_mb = model_mb;
     um_model_destroy(&model);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    const char *model_dir = "models/tinystories", *isa = NULL, *json_path = NULL;
+    const char *attention = NULL;
+    int tokens = 160, repeat = 5, threads = 0, bare = 1;
+    const char *dtypes = "auto";
+    static const struct option longopts[] = {
+        {"model", required_argument, 0, 'm'},  {"tokens", required_argument, 0, 'n'},
+        {"repeat", required_argument, 0, 'r'}, {"threads", required_argument, 0, 't'},
+        {"isa", required_argument, 0, 'i'},    {"weight-dtype", required_argument, 0, 'w'},
+        {"json", required_argument, 0, 'j'},   {"attention", required_argument, 0, 'a'},
+        {"no-bare", no_argument, 0, 'B'},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    int c;
+    while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model_dir = optarg; break;
+        case 'n': tokens = atoi(optarg); break;
+        case 'r': repeat = atoi(optarg); break;
+        case 't': threads = atoi(optarg); break;
+        case 'i': isa = optarg; break;
+        case 'j': json_path = optarg; break;
+        case 'a': attention = optarg; break;
+        case 'B': bare = 0; break;
+        case 'w': dtypes = optarg; break;
+        case 'h': s_usage(stdout); return 0;
+        default: s_usage(stderr); return 2;
+        }
+    }
+    if (tokens < 1 || repeat < 1) {
+        fprintf(stderr, "forward-bench: --tokens and --repeat must be at least 1\n");
+        return 2;
+    }
+    if (threads > 0)
+        omp_set_num_threads(threads);
+    um_log_set_level(UM_LOG_WARN);
+
+    /* The dtypes to time, in the order given. */
+    um_wdtype_t list[8];
+    int n_dtypes = 0;
+    char names[64];
+    snprintf(names, sizeof names, "%s", dtypes);
+    for (char *save = NULL, *tok = strtok_r(names, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        if (n_dtypes == (int)(sizeof list / sizeof list[0]) ||
+            um_wdtype_parse(tok, &list[n_dtypes]) != 0) {
+            fprintf(stderr, "forward-bench: --weight-dtype must be f32, bf16, int8 or auto, or "
+                    "a list of at most 8 of them separated by commas, got \"%s\"\n", dtypes);
+            return 2;
+        }
+        n_dtypes++;
+    }
+    if (n_dtypes == 0) {
+        fprintf(stderr, "forward-bench: --weight-dtype is empty\n");
+        return 2;
+    }
+
+    char err[1024] = "";
+    if (um_kernels_select(isa, err, sizeof err) != 0 ||
+        um_attention_select(attention, err, sizeof err) != 0) {
+        fprintf(stderr, "forward-bench: %s\n", err);
+        return 2;
+    }
+    s_summary_t sums[8];
+    for (int i = 0; i < n_dtypes; i++) {
+        um_model_options_t opts = {.weight_dtype = list[i]};
+        if (i > 0)
+            printf("\n");
+        int rc = s_bench_model(model_dir, &opts, tokens, repeat, bare, json_path,
+                               i == 0 ? "w" : "a", &sums[i]);
+        if (rc != 0)
+            return rc;
+    }
+    if (n_dtypes > 1) {
+        /* All dtypes run in one process, and a later model may reuse pages that an
+         * earlier one freed, which can make its figure smaller. Run one dtype per process
+         * for exact memory figures. */
+        printf("\n%-6s %12s %10s %14s %12s %18s\n", "dtype", "pass ms", "speedup",
+               "weight prod ms", "LM head ms", "RSS added MB");
+        for (int i = 0; i < n_dtypes; i++)
+            printf("%-6s %12.2f %9.2fx %14.2f %12.2f %18.0f\n", sums[i].dtype, sums[i].step_ms,
+                   sums[0].step_ms / sums[i].step_ms, sums[i].gemm_ms, sums[i].lm_head_ms,
+                   sums[i].model_mb);
+    }
     um_gemm_shutdown();
     return 0;
 }

@@ -46,11 +46,81 @@ static void s_usage(FILE *out)
             "  --threads N         OpenMP threads (default: OpenMP's choice)\n"
             "  --isa NAME          kernel ISA cap: scalar, avx2, avx512, amx or neon\n"
             "                      (default: UNMASKD_ISA, else the best this host runs)\n"
-            "  --weight-dtype TYPE f32, bf16 or auto (default: UNMASKD_WEIGHT_DTYPE, else\n"
+            "  --weight-dtype TYPE f32, bf16, int8 or auto (default: UNMASKD_WEIGHT_DTYPE, else\n"
             "                      auto)\n"
             "  --attention NAME    attention products: onednn or libxsmm (default:\n"
             "                      UNMASKD_ATTENTION, else onednn)\n"
+            "  --cache LIST        block caches to time generations with, comma-separated:\n"
+            "                      none, prefix, dual (default none); the table and JSON\n"
+            "                      give each one's step time and agreement with the first\n"
             "  --json              print one JSON object instead of the table\n");
+}
+
+/* Medians of one cache mode's generations. */
+typedef struct s_gen_result {
+    um_cache_mode_t cache;
+    int passes, cached_passes;
+    double step_ms[3];        /* min, median, max of milliseconds per forward pass */
+    double tps[3];            /* min, median, max of generated tokens per second */
+    int32_t agree;            /* generated tokens equal to the first mode's */
+    double cache_mb;
+} s_gen_result_t;
+
+/* Parse "none,prefix,dual" into modes; returns their count, or -1 for an unknown name. */
+static int s_parse_caches(const char *list, um_cache_mode_t *modes, int max)
+{
+    static const char *const names[] = {"none", "prefix", "dual"};
+    int n = 0;
+    const char *s = list;
+    while (*s && n < max) {
+        size_t len = strcspn(s, ",");
+        int found = -1;
+        for (int i = 0; i < 3; i++)
+            if (strlen(names[i]) == len && strncmp(s, names[i], len) == 0)
+                found = i;
+        if (found < 0)
+            return -1;
+        modes[n++] = (um_cache_mode_t)found;
+        s += len + (s[len] == ',');
+    }
+    return n > 0 ? n : -1;
+}
+
+/* Time repeat generations with p; fills res except agree. Returns 0 or an UM_E* code. */
+static int s_time_generations(um_model_t *model, const int32_t *ids, int prompt_tokens,
+                              const um_gen_params_t *p, int repeat, int32_t *canvas,
+                              s_gen_result_t *res, char *err, size_t errlen)
+{
+    double *step_ms = malloc((size_t)repeat * sizeof *step_ms);
+    double *tps = malloc((size_t)repeat * sizeof *tps);
+    if (!step_ms || !tps) {
+        free(step_ms);
+        free(tps);
+        return -1;
+    }
+    int rc = 0;
+    for (int r = 0; r < repeat && rc == 0; r++) {
+        um_gen_stats_t st;
+        rc = um_generate(model, ids, prompt_tokens, p, NULL, NULL, canvas, &st, err, errlen);
+        res->passes = st.forward_passes;
+        res->cached_passes = st.cached_passes;
+        res->cache_mb = st.cache_bytes / 1e6;
+        step_ms[r] = st.total_ms / st.forward_passes;
+        tps[r] = p->gen_length / (st.total_ms / 1e3);
+    }
+    if (rc == 0) {
+        qsort(step_ms, (size_t)repeat, sizeof *step_ms, s_cmp_double);
+        qsort(tps, (size_t)repeat, sizeof *tps, s_cmp_double);
+        res->step_ms[0] = step_ms[0];
+        res->step_ms[1] = step_ms[repeat / 2];
+        res->step_ms[2] = step_ms[repeat - 1];
+        res->tps[0] = tps[0];
+        res->tps[1] = tps[repeat / 2];
+        res->tps[2] = tps[repeat - 1];
+    }
+    free(step_ms);
+    free(tps);
+    return rc;
 }
 
 int main(int argc, char **argv)
@@ -59,14 +129,15 @@ int main(int argc, char **argv)
     const char *isa = NULL, *attention = NULL;
     um_model_options_t load_opts = {0};
     int prompt_tokens = 16, gen_length = 64, steps = 64, block_length = 32, repeat = 5;
-    int threads = 0, json = 0;
+    int threads = 0, json = 0, n_caches = 1;
+    um_cache_mode_t caches[3] = {UM_CACHE_NONE};
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},      {"plugin-dir", required_argument, 0, 'p'},
         {"prompt-tokens", required_argument, 0, 'P'}, {"gen-length", required_argument, 0, 'g'},
         {"steps", required_argument, 0, 's'},      {"block-length", required_argument, 0, 'b'},
         {"repeat", required_argument, 0, 'r'},     {"threads", required_argument, 0, 't'},
         {"isa", required_argument, 0, 'i'},        {"weight-dtype", required_argument, 0, 'w'},
-        {"attention", required_argument, 0, 'a'},
+        {"attention", required_argument, 0, 'a'}, {"cache", required_argument, 0, 'c'},
         {"json", no_argument, 0, 'j'},             {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
@@ -82,14 +153,18 @@ int main(int argc, char **argv)
         case 't': threads = atoi(optarg); break;
         case 'i': isa = optarg; break;
         case 'a': attention = optarg; break;
+        case 'c':
+            n_caches = s_parse_caches(optarg, caches, 3);
+            if (n_caches < 0) {
+                fprintf(stderr, "step-bench: --cache must list none, prefix or dual separated "
+                        "by commas, got \"%s\"\n", optarg);
+                return 2;
+            }
+            break;
         case 'w':
-            if (strcmp(optarg, "f32") == 0)
-                load_opts.weight_dtype = UM_WDTYPE_F32;
-            else if (strcmp(optarg, "bf16") == 0)
-                load_opts.weight_dtype = UM_WDTYPE_BF16;
-            else if (strcmp(optarg, "auto") != 0) {
-                fprintf(stderr, "step-bench: --weight-dtype must be f32, bf16 or auto, got "
-                        "\"%s\"\n", optarg);
+            if (um_wdtype_parse(optarg, &load_opts.weight_dtype) != 0) {
+                fprintf(stderr, "step-bench: --weight-dtype must be f32, bf16, int8 or auto, "
+                        "got \"%s\"\n", optarg);
                 return 2;
             }
             break;
@@ -139,8 +214,6 @@ int main(int argc, char **argv)
     int32_t *canvas = malloc((size_t)L * sizeof *canvas);
     float *logits = malloc((size_t)L * cfg->embedding_size * sizeof *logits);
     double *fwd = malloc((size_t)repeat * sizeof *fwd);
-    double *step_ms = malloc((size_t)repeat * sizeof *step_ms);
-    double *tps = malloc((size_t)repeat * sizeof *tps);
     for (int32_t i = 0; i < L; i++)
         ids[i] = i < prompt_tokens ? (int32_t)(100 + 37 * i) % cfg->vocab_size
                                    : cfg->mask_token_id;
@@ -152,24 +225,25 @@ int main(int argc, char **argv)
         fwd[r] = s_now_ms() - t0;
     }
 
-    um_gen_params_t p = {.gen_length = gen_length, .block_length = block_length,
-                         .steps = steps, .temperature = 0, .cfg_scale = 0, .seed = 1,
-                         .remask = policy->desc->remask};
-    int passes = 0;
-    for (int r = 0; r < repeat; r++) {
-        um_gen_stats_t st;
-        if (um_generate(model, ids, prompt_tokens, &p, NULL, NULL, canvas, &st, err,
-                        sizeof err) != 0) {
+    s_gen_result_t res[3] = {{0}};
+    int32_t *first = malloc((size_t)L * sizeof *first);
+    for (int k = 0; k < n_caches; k++) {
+        um_gen_params_t p = {.gen_length = gen_length, .block_length = block_length,
+                             .steps = steps, .temperature = 0, .cfg_scale = 0, .seed = 1,
+                             .remask = policy->desc->remask, .cache = caches[k]};
+        res[k].cache = caches[k];
+        if (s_time_generations(model, ids, prompt_tokens, &p, repeat, canvas, &res[k], err,
+                               sizeof err) != 0) {
             fprintf(stderr, "step-bench: %s\n", err);
             return 1;
         }
-        passes = st.forward_passes;
-        step_ms[r] = st.total_ms / st.forward_passes;
-        tps[r] = gen_length / (st.total_ms / 1e3);
+        if (k == 0)
+            memcpy(first, canvas, (size_t)L * sizeof *canvas);
+        for (int32_t i = prompt_tokens; i < L; i++)
+            res[k].agree += canvas[i] == first[i];
     }
+    int passes = res[0].passes;
     qsort(fwd, (size_t)repeat, sizeof *fwd, s_cmp_double);
-    qsort(step_ms, (size_t)repeat, sizeof *step_ms, s_cmp_double);
-    qsort(tps, (size_t)repeat, sizeof *tps, s_cmp_double);
     int mid = repeat / 2;
     double flops = 2.0 * L * (double)cfg->n_layers
                        * (4.0 * cfg->d_model * cfg->d_model
@@ -184,13 +258,22 @@ int main(int argc, char **argv)
                "\"gen_length\":%d,\"steps\":%d,\"block_length\":%d,\"repeat\":%d,"
                "\"forward_passes\":%d,\"forward_ms_median\":%.3f,\"forward_ms_min\":%.3f,"
                "\"forward_gflops\":%.2f,\"ms_per_step_median\":%.3f,"
-               "\"tokens_per_second_median\":%.2f}\n",
+               "\"tokens_per_second_median\":%.2f,\"caches\":[",
                model_dir, cfg->d_model, cfg->n_layers, cfg->embedding_size,
                um_model_dtype(model), um_model_backend(model),
-               um_model_weight_dtype(model) == UM_WDTYPE_BF16 ? "bf16" : "f32",
+               um_wdtype_name(um_model_weight_dtype(model)),
                um_attention_backend_name(), um_isa_name(um_kernels_isa()),
                omp_get_max_threads(), prompt_tokens, gen_length, steps, block_length, repeat,
-               passes, fwd[mid], fwd[0], flops / (fwd[mid] * 1e6), step_ms[mid], tps[mid]);
+               passes, fwd[mid], fwd[0], flops / (fwd[mid] * 1e6), res[0].step_ms[1],
+               res[0].tps[1]);
+        for (int k = 0; k < n_caches; k++)
+            printf("%s{\"cache\":\"%s\",\"forward_passes\":%d,\"cached_passes\":%d,"
+                   "\"cache_mb\":%.3f,\"ms_per_step_median\":%.3f,"
+                   "\"tokens_per_second_median\":%.2f,\"tokens_agreeing\":%d}",
+                   k ? "," : "", um_cache_mode_name(res[k].cache), res[k].passes,
+                   res[k].cached_passes, res[k].cache_mb, res[k].step_ms[1], res[k].tps[1],
+                   res[k].agree);
+        printf("]}\n");
     } else {
         printf("model %s: d_model %d, %d layers, vocab %d, weights %s\n", model_dir,
                cfg->d_model, cfg->n_layers, cfg->embedding_size, um_model_dtype(model));
@@ -201,19 +284,30 @@ int main(int argc, char **argv)
         printf("%-28s %10s %10s %10s\n", "measure", "min", "median", "max");
         printf("%-28s %10.2f %10.2f %10.2f\n", "forward pass (ms)", fwd[0], fwd[mid],
                fwd[repeat - 1]);
-        printf("%-28s %10.2f %10.2f %10.2f\n", "denoising step (ms)", step_ms[0], step_ms[mid],
-               step_ms[repeat - 1]);
-        printf("%-28s %10.1f %10.1f %10.1f\n", "generated tokens/s", tps[0], tps[mid],
-               tps[repeat - 1]);
+        for (int k = 0; k < n_caches; k++) {
+            char label[64];
+            const char *name = um_cache_mode_name(res[k].cache);
+            snprintf(label, sizeof label, "denoising step (ms), %s", name);
+            printf("%-28s %10.2f %10.2f %10.2f\n", label, res[k].step_ms[0], res[k].step_ms[1],
+                   res[k].step_ms[2]);
+            snprintf(label, sizeof label, "generated tokens/s, %s", name);
+            printf("%-28s %10.1f %10.1f %10.1f\n", label, res[k].tps[0], res[k].tps[1],
+                   res[k].tps[2]);
+        }
         printf("forward passes per generation: %d; forward at %.1f GFLOP/s (median)\n", passes,
                flops / (fwd[mid] * 1e6));
+        for (int k = 1; k < n_caches; k++)
+            printf("cache %s: %.2fx the step time of %s, %d of %d passes cached, %.1f MB, "
+                   "%d of %d tokens as %s\n", um_cache_mode_name(res[k].cache),
+                   res[k].step_ms[1] / res[0].step_ms[1], um_cache_mode_name(res[0].cache),
+                   res[k].cached_passes, res[k].passes, res[k].cache_mb, res[k].agree,
+                   gen_length, um_cache_mode_name(res[0].cache));
     }
     free(ids);
     free(canvas);
     free(logits);
     free(fwd);
-    free(step_ms);
-    free(tps);
+    free(first);
     um_plugins_clear(&reg);
     um_model_destroy(&model);
     um_gemm_shutdown();

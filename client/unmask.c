@@ -65,6 +65,7 @@ typedef struct s_options {
     double eps;
     long long top_k;    /* -1 when not given */
     const char *schedule;
+    const char *cache;  /* block cache: none, prefix or dual; NULL when not given */
     int ban_eos;
     int suppress_eos;
     int early_stop;
@@ -110,6 +111,9 @@ static void s_usage(FILE *out)
             "  --schedule NAME        quota (LLaDA) or timestep (Dream); default: the\n"
             "                         plugin's\n"
             "  --eps E                final time of the timestep schedule; default 0.001\n"
+            "  --cache MODE           block cache: none, prefix or dual (Fast-dLLM's\n"
+            "                         approximate caches, faster, may change tokens);\n"
+            "                         default none\n"
             "  --ban-eos              never generate the end-of-text token\n"
             "  --suppress-eos         commit end-of-text predictions last\n"
             "  --early-stop           stop once only end-of-text follows the first one\n"
@@ -211,6 +215,7 @@ enum {
     S_OPT_TOP_K,
     S_OPT_TOP_P,
     S_OPT_SCHEDULE,
+    S_OPT_CACHE,
     S_OPT_EPS,
     S_OPT_BAN_EOS,
     S_OPT_SUPPRESS_EOS,
@@ -248,6 +253,7 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         {"top-k", required_argument, NULL, S_OPT_TOP_K},
         {"top-p", required_argument, NULL, S_OPT_TOP_P},
         {"schedule", required_argument, NULL, S_OPT_SCHEDULE},
+        {"cache", required_argument, NULL, S_OPT_CACHE},
         {"eps", required_argument, NULL, S_OPT_EPS},
         {"ban-eos", no_argument, NULL, S_OPT_BAN_EOS},
         {"suppress-eos", no_argument, NULL, S_OPT_SUPPRESS_EOS},
@@ -318,6 +324,9 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
             break;
         case S_OPT_SCHEDULE:
             opt->schedule = optarg;
+            break;
+        case S_OPT_CACHE:
+            opt->cache = optarg;
             break;
         case S_OPT_EPS:
             rc = s_parse_real("--eps", optarg, 0, &opt->eps);
@@ -855,6 +864,8 @@ static json_t *s_build_request(const s_options_t *opt, const char *id, const cha
         json_object_set_new(r, "top_p", json_real(opt->top_p));
     if (opt->schedule)
         json_object_set_new(r, "schedule", json_string(opt->schedule));
+    if (opt->cache)
+        json_object_set_new(r, "cache", json_string(opt->cache));
     if (!isnan(opt->eps))
         json_object_set_new(r, "eps", json_real(opt->eps));
     if (opt->ban_eos)

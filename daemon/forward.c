@@ -17,6 +17,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -53,6 +54,14 @@ static double s_now_ms(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
+
+/* The block cache: every layer's keys (after RoPE) and values for every position. */
+struct um_kv_cache {
+    int32_t n_layers, n_seq, seq_len, kv_dim;
+    int filled; /* a whole-sequence pass has written every row */
+    float *k;   /* (n_layers, n_seq, seq_len, kv_dim) */
+    float *v;   /* (n_layers, n_seq, seq_len, kv_dim) */
+};
 
 /* Buffers of one call, all views into the model's workspace. */
 typedef struct s_buffers {
@@ -122,20 +131,24 @@ static void s_embed_row(const um_kernel_table_t *k, const um_embedding_t *e, siz
 
 /*
  * Token embeddings, plus, for the BERT family, learned positions and token type 0
- * followed by the embedding LayerNorm. tmp has one row of d floats per thread.
+ * followed by the embedding LayerNorm. The T rows are the window [q_start, q_start +
+ * q_len) of each sequence of ids (n_seq, seq_len). Row t is position q_start + t % q_len.
+ * tmp has one row of d floats per thread.
  */
 static void s_embed(const um_kernel_table_t *k, const um_model_config_t *c,
                     const um_model_weights_t *w, const int32_t *ids, size_t T, int32_t seq_len,
-                    float *x, float *tmp)
+                    int32_t q_start, int32_t q_len, float *x, float *tmp)
 {
     int32_t d = c->d_model;
 #pragma omp parallel for schedule(static) if (T > 1)
     for (size_t t = 0; t < T; t++) {
         float *row = x + t * d, *scratch = tmp + (size_t)s_thread_index() * d;
-        s_embed_row(k, &w->wte, (size_t)ids[t], d, row, scratch, 0);
+        size_t pos = (size_t)q_start + t % (size_t)q_len;
+        size_t id = (t / (size_t)q_len) * (size_t)seq_len + pos;
+        s_embed_row(k, &w->wte, (size_t)ids[id], d, row, scratch, 0);
         if (c->rope)
             continue;
-        s_embed_row(k, &w->wpe, t % (size_t)seq_len, d, row, scratch, 1);
+        s_embed_row(k, &w->wpe, pos, d, row, scratch, 1);
         if (w->wtte.data)
             s_embed_row(k, &w->wtte, 0, d, row, scratch, 1);
         k->layernorm(scratch, row, w->emb_norm, w->emb_norm_bias, d, c->rms_norm_eps);
@@ -172,10 +185,11 @@ static void s_bias_rows(const um_kernel_table_t *k, float *y, const float *bias,
  * Rotate q and k by their position within the sequence (RoPE families only), and fold
  * the attention scale 1/sqrt(head_dim) into q so that the score product needs no
  * scaling of its own. The scale is applied after the rotation, so it changes no result
- * beyond f32 rounding.
+ * beyond f32 rounding. Row t is position q_start + t % q_len.
  */
 static void s_rope_rows(const um_kernel_table_t *k, const um_model_config_t *c,
-                        const float *rope, float *q, float *kk, size_t T, int32_t seq_len)
+                        const float *rope, float *q, float *kk, size_t T, int32_t q_start,
+                        int32_t q_len)
 {
     int32_t hd = c->head_dim;
     size_t q_dim = (size_t)c->n_heads * hd, kv_dim = (size_t)c->n_kv_heads * hd;
@@ -184,7 +198,7 @@ static void s_rope_rows(const um_kernel_table_t *k, const um_model_config_t *c,
     for (size_t t = 0; t < T; t++) {
         float *q_row = q + t * q_dim, *k_row = kk + t * kv_dim;
         if (c->rope) {
-            const float *cos_sin = rope + (size_t)(t % (size_t)seq_len) * hd;
+            const float *cos_sin = rope + ((size_t)q_start + t % (size_t)q_len) * hd;
             for (int32_t h = 0; h < c->n_heads; h++)
                 k->rope(q_row + (size_t)h * hd, cos_sin, hd);
             for (int32_t h = 0; h < c->n_kv_heads; h++)
@@ -236,17 +250,51 @@ static int s_apply3(const um_gemm_weight_t *w1, float *y1, int32_t ld1,
     return rc;
 }
 
+/* Query rows of a pass: n_seq times the window length. */
+static int32_t s_query_rows(const um_attention_shape_t *att)
+{
+    return att->n_seq * (att->q_len > 0 ? att->q_len : att->seq_len);
+}
+
+/*
+ * A pass's view of the block cache: this layer's key and value rows, (n_seq, seq_len,
+ * kv_dim) each, and where the query window starts. NULL k for an uncached pass.
+ */
+typedef struct s_layer_cache {
+    float *k, *v;
+    int32_t q_start;
+} s_layer_cache_t;
+
+/*
+ * Write the window's fresh keys and values (T rows, q_len per sequence) over their rows
+ * of the layer's cache, so that attention reads the cached rows outside the window and
+ * the fresh ones inside it.
+ */
+static void s_cache_store(const um_model_config_t *c, const um_attention_shape_t *att,
+                          const s_layer_cache_t *lc, const float *k_rows, const float *v_rows)
+{
+    size_t kv_dim = (size_t)c->n_kv_heads * c->head_dim, q_len = (size_t)att->q_len;
+    size_t bytes = q_len * kv_dim * sizeof(float);
+    for (int32_t s = 0; s < att->n_seq; s++) {
+        size_t dst = ((size_t)s * att->seq_len + (size_t)lc->q_start) * kv_dim;
+        memcpy(lc->k + dst, k_rows + (size_t)s * q_len * kv_dim, bytes);
+        memcpy(lc->v + dst, v_rows + (size_t)s * q_len * kv_dim, bytes);
+    }
+}
+
 /*
  * Attention sub-layer on input rows `in`: q, k, v (with biases where the family has
  * them), RoPE and scale, the fused attention, and the output projection added into x
- * (plus its bias).
+ * (plus its bias). With a cache the window's keys and values first replace theirs in
+ * the cache, and the window's queries attend over every cached row.
  */
 static int s_attention_sublayer(const um_kernel_table_t *k, const um_model_config_t *c,
                                 const um_block_weights_t *w, const float *rope,
                                 const s_buffers_t *b, const float *in,
-                                const um_attention_shape_t *att, um_forward_profile_t *prof)
+                                const um_attention_shape_t *att, const s_layer_cache_t *lc,
+                                um_forward_profile_t *prof)
 {
-    int32_t T = att->n_seq * att->seq_len, d = c->d_model;
+    int32_t T = s_query_rows(att), d = c->d_model;
     int32_t q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
     int rc = 0;
 
@@ -260,8 +308,23 @@ static int s_attention_sublayer(const um_kernel_table_t *k, const um_model_confi
         s_bias_rows(k, b->k, w->k_bias, T, kv_dim, kv_dim);
         s_bias_rows(k, b->v, w->v_bias, T, kv_dim, kv_dim);
     });
-    S_TIMED(prof, rope_ms, s_rope_rows(k, c, rope, b->q, b->k, T, att->seq_len));
-    S_TIMED(prof, attention_ms, rc = um_attention(k, att, b->q, b->k, b->v, b->scores));
+    int32_t q_start = lc ? lc->q_start : 0;
+    int32_t q_len = att->q_len > 0 ? att->q_len : att->seq_len;
+    S_TIMED(prof, rope_ms, s_rope_rows(k, c, rope, b->q, b->k, T, q_start, q_len));
+    const float *keys = b->k, *values = b->v;
+    if (lc) {
+        /*
+         * The cache stores keys after RoPE. Fast-dLLM caches them before RoPE and rotates
+         * the whole key set again on every call, with the absolute positions 0..L-1.
+         * Positions here are absolute too. So the rotated row of position p is the same
+         * f32 value whenever it is computed from the same pre-RoPE row. Storing it rotated
+         * gives the same attention and saves one rotation per cached row and call.
+         */
+        S_TIMED(prof, other_ms, s_cache_store(c, att, lc, b->k, b->v));
+        keys = lc->k;
+        values = lc->v;
+    }
+    S_TIMED(prof, attention_ms, rc = um_attention(k, att, b->q, keys, values, b->scores));
     if (rc)
         return rc;
     S_TIMED(prof, gemm_ms, rc = um_gemm_weight_apply(w->attn_out, T, b->q, q_dim, b->x, d, 1));
@@ -295,15 +358,16 @@ static int s_mlp_sublayer(const um_kernel_table_t *k, const um_model_config_t *c
  */
 static int s_block(const um_kernel_table_t *k, const um_model_config_t *c,
                    const um_block_weights_t *w, const float *rope, const s_buffers_t *b,
-                   const um_attention_shape_t *att, um_forward_profile_t *prof)
+                   const um_attention_shape_t *att, const s_layer_cache_t *lc,
+                   um_forward_profile_t *prof)
 {
-    int32_t T = att->n_seq * att->seq_len, d = c->d_model;
+    int32_t T = s_query_rows(att), d = c->d_model;
     size_t bytes = (size_t)T * d * sizeof(float);
     int rc;
 
     if (!c->post_norm) {
         S_TIMED(prof, norm_ms, s_norm_rows(k, c, b->h, b->x, w->attn_norm, NULL, T));
-        if ((rc = s_attention_sublayer(k, c, w, rope, b, b->h, att, prof)))
+        if ((rc = s_attention_sublayer(k, c, w, rope, b, b->h, att, lc, prof)))
             return rc;
         S_TIMED(prof, norm_ms, s_norm_rows(k, c, b->h, b->x, w->ff_norm, NULL, T));
         return s_mlp_sublayer(k, c, w, b, b->h, T, prof);
@@ -311,7 +375,7 @@ static int s_block(const um_kernel_table_t *k, const um_model_config_t *c,
 
     /* The sub-layers add into x, so they read a copy of x from h. */
     memcpy(b->h, b->x, bytes);
-    if ((rc = s_attention_sublayer(k, c, w, rope, b, b->h, att, prof)))
+    if ((rc = s_attention_sublayer(k, c, w, rope, b, b->h, att, lc, prof)))
         return rc;
     S_TIMED(prof, norm_ms, s_norm_rows(k, c, b->h, b->x, w->attn_norm, w->attn_norm_bias, T));
     memcpy(b->x, b->h, bytes);
@@ -363,14 +427,31 @@ static int s_check_args(const um_model_t *m, const int32_t *ids, int32_t n_seq,
 }
 
 /*
+ * Map position r (an index into the n_seq * seq_len positions) to the window row whose
+ * hidden state gives its logits. That is r itself, or the position before it within its
+ * sequence for families that shift their logits (Dream). Returns the index into the
+ * window's rows (q_len per sequence), or -1 when the position is outside the window.
+ */
+static int32_t s_head_row(const um_model_config_t *c, int32_t r, int32_t seq_len,
+                          int32_t q_start, int32_t q_len)
+{
+    int32_t s = r / seq_len, p = r % seq_len;
+    if (c->logits_shift && p != 0)
+        p--;
+    if (p < q_start || p >= q_start + q_len)
+        return -1;
+    return s * q_len + (p - q_start);
+}
+
+/*
  * The LM head for n_out rows: row i reads the hidden state of position rows[i] (i when
- * rows is NULL), or of the position before it within its sequence for families that
- * shift their logits (Dream). Pre-norm families apply the final norm; the BERT family
- * its MLM transform (dense, GELU, LayerNorm). Then the head product and its bias.
+ * rows is NULL) as s_head_row maps it. Pre-norm families apply the final norm; the BERT
+ * family its MLM transform (dense, GELU, LayerNorm). Then the head product and its bias.
  */
 static int s_head(const um_kernel_table_t *k, const um_model_config_t *c,
                   const um_model_weights_t *w, const s_buffers_t *b, const int32_t *rows,
-                  int32_t n_out, int32_t seq_len, float *logits, um_forward_profile_t *prof)
+                  int32_t n_out, int32_t seq_len, int32_t q_start, int32_t q_len,
+                  float *logits, um_forward_profile_t *prof)
 {
     int32_t d = c->d_model, V = c->embedding_size;
     float *in = b->rows, *scratch = b->rows + (size_t)n_out * d;
@@ -379,9 +460,7 @@ static int s_head(const um_kernel_table_t *k, const um_model_config_t *c,
     double t0 = prof ? s_now_ms() : 0.0;
 #pragma omp parallel for schedule(static) if (n_out > 1)
     for (int32_t i = 0; i < n_out; i++) {
-        int32_t r = rows ? rows[i] : i;
-        if (c->logits_shift && r % seq_len != 0)
-            r--;
+        int32_t r = s_head_row(c, rows ? rows[i] : i, seq_len, q_start, q_len);
         const float *x = b->x + (size_t)r * d;
         if (c->mlm_head)
             memcpy(scratch + (size_t)i * d, x, (size_t)d * sizeof *x);
@@ -408,20 +487,25 @@ static int s_head(const um_kernel_table_t *k, const um_model_config_t *c,
     return rc;
 }
 
-/* The forward pass; rows == NULL computes logits for every position. */
-static int s_forward(um_model_t *m, const int32_t *ids, int32_t n_seq, int32_t seq_len,
-                     const int32_t *rows, int32_t n_rows, float *logits)
+/*
+ * The forward pass over the window [q_start, q_start + q_len) of every sequence; rows ==
+ * NULL computes logits for every position (whole sequences only). cache is NULL, or
+ * receives the window's keys and values and supplies the others.
+ */
+static int s_forward(um_model_t *m, um_kv_cache_t *cache, const int32_t *ids, int32_t n_seq,
+                     int32_t seq_len, int32_t q_start, int32_t q_len, const int32_t *rows,
+                     int32_t n_rows, float *logits)
 {
     const um_model_config_t *c = um_model_config(m);
     const um_model_weights_t *w = um_model_weights(m);
     const um_kernel_table_t *k = um_kernels();
     um_forward_profile_t *prof = um_model_profile(m);
-    int32_t T = n_seq * seq_len;
+    int32_t T = n_seq * q_len;
     int32_t n_out = rows ? n_rows : T;
     int n_threads = s_max_threads();
     double start = prof ? s_now_ms() : 0.0;
     const um_attention_shape_t att = {
-        .n_seq = n_seq, .seq_len = seq_len, .n_heads = c->n_heads,
+        .n_seq = n_seq, .seq_len = seq_len, .q_len = q_len, .n_heads = c->n_heads,
         .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
         .q_stride = c->n_heads * c->head_dim, .kv_stride = c->n_kv_heads * c->head_dim,
     };
@@ -431,15 +515,23 @@ static int s_forward(um_model_t *m, const int32_t *ids, int32_t n_seq, int32_t s
     if (rc != 0)
         return rc;
 
-    S_TIMED(prof, other_ms, s_embed(k, c, w, ids, (size_t)T, seq_len, b.x, b.tmp));
+    S_TIMED(prof, other_ms,
+            s_embed(k, c, w, ids, (size_t)T, seq_len, q_start, q_len, b.x, b.tmp));
     for (int32_t l = 0; l < c->n_layers; l++) {
-        rc = s_block(k, c, &w->blocks[l], um_model_rope_table(m), &b, &att, prof);
+        s_layer_cache_t lc = {0};
+        if (cache) {
+            size_t layer = (size_t)l * cache->n_seq * cache->seq_len * cache->kv_dim;
+            lc = (s_layer_cache_t){cache->k + layer, cache->v + layer, q_start};
+        }
+        rc = s_block(k, c, &w->blocks[l], um_model_rope_table(m), &b, &att,
+                     cache ? &lc : NULL, prof);
         if (rc != 0) {
             um_error("forward", "block %d of %d failed: %s", l, c->n_layers, um_strerror(rc));
             return rc;
         }
     }
-    rc = s_head(k, c, w, &b, rows, n_out, seq_len, logits, prof);
+    if (n_out > 0)
+        rc = s_head(k, c, w, &b, rows, n_out, seq_len, q_start, q_len, logits, prof);
     if (rc != 0)
         um_error("forward", "LM head for %d rows failed: %s", n_out, um_strerror(rc));
     if (prof) {
@@ -455,7 +547,7 @@ int um_model_forward(um_model_t *model, const int32_t *ids, int32_t n_seq, int32
     int rc = s_check_args(model, ids, n_seq, seq_len, NULL, 0, logits, 1);
     if (rc != 0)
         return rc;
-    return s_forward(model, ids, n_seq, seq_len, NULL, 0, logits);
+    return s_forward(model, NULL, ids, n_seq, seq_len, 0, seq_len, NULL, 0, logits);
 }
 
 int um_model_forward_rows(um_model_t *model, const int32_t *ids, int32_t n_seq,
@@ -465,5 +557,92 @@ int um_model_forward_rows(um_model_t *model, const int32_t *ids, int32_t n_seq,
     int rc = s_check_args(model, ids, n_seq, seq_len, rows, n_rows, logits, 0);
     if (rc != 0 || n_rows == 0)
         return rc;
-    return s_forward(model, ids, n_seq, seq_len, rows, n_rows, logits);
+    return s_forward(model, NULL, ids, n_seq, seq_len, 0, seq_len, rows, n_rows, logits);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Block cache                                                                */
+
+int um_kv_cache_new(const um_model_t *model, int32_t n_seq, int32_t seq_len,
+                    um_kv_cache_t **out)
+{
+    *out = NULL;
+    const um_model_config_t *c = um_model_config(model);
+    if (n_seq < 1 || seq_len < 1 || seq_len > c->max_sequence_length)
+        return UM_ERANGE;
+    um_kv_cache_t *cache = calloc(1, sizeof *cache);
+    if (!cache)
+        return UM_ENOMEM;
+    *cache = (um_kv_cache_t){.n_layers = c->n_layers, .n_seq = n_seq, .seq_len = seq_len,
+                             .kv_dim = c->n_kv_heads * c->head_dim};
+    size_t n = (size_t)cache->n_layers * n_seq * seq_len * cache->kv_dim;
+    size_t bytes = s_round16(n) * sizeof(float);
+    cache->k = aligned_alloc(64, bytes);
+    cache->v = aligned_alloc(64, bytes);
+    if (!cache->k || !cache->v) {
+        um_error("forward", "out of memory for a block cache of %.1f MB (%d layers, %d "
+                 "sequences of %d positions)", 2.0 * bytes / 1e6, cache->n_layers, n_seq,
+                 seq_len);
+        um_kv_cache_destroy(&cache);
+        return UM_ENOMEM;
+    }
+    *out = cache;
+    return 0;
+}
+
+void um_kv_cache_destroy(um_kv_cache_t **cache)
+{
+    if (!cache || !*cache)
+        return;
+    free((*cache)->k);
+    free((*cache)->v);
+    free(*cache);
+    *cache = NULL;
+}
+
+size_t um_kv_cache_bytes(const um_kv_cache_t *cache)
+{
+    return 2 * (size_t)cache->n_layers * cache->n_seq * cache->seq_len * cache->kv_dim *
+           sizeof(float);
+}
+
+int um_model_forward_cached(um_model_t *model, um_kv_cache_t *cache, const int32_t *ids,
+                            int32_t n_seq, int32_t seq_len, int32_t q_start, int32_t q_len,
+                            const int32_t *rows, int32_t n_rows, float *logits)
+{
+    if (!cache || !rows)
+        return UM_EINVAL;
+    int rc = s_check_args(model, ids, n_seq, seq_len, rows, n_rows, logits, 0);
+    if (rc != 0)
+        return rc;
+    const um_model_config_t *c = um_model_config(model);
+    if (cache->n_seq != n_seq || cache->seq_len != seq_len || cache->n_layers != c->n_layers
+        || cache->kv_dim != c->n_kv_heads * c->head_dim) {
+        um_warn("forward", "block cache for %d sequences of %d positions cannot serve %d "
+                "sequences of %d: create the cache for the canvas it serves", cache->n_seq,
+                cache->seq_len, n_seq, seq_len);
+        return UM_EINVAL;
+    }
+    if (q_start < 0 || q_len < 1 || q_len > seq_len - q_start) {
+        um_warn("forward", "query window [%d, %d) is outside the %d positions", q_start,
+                q_start + q_len, seq_len);
+        return UM_ERANGE;
+    }
+    int whole = q_start == 0 && q_len == seq_len;
+    if (!whole && !cache->filled) {
+        um_warn("forward", "query window [%d, %d) needs a filled block cache: run the whole "
+                "sequence first", q_start, q_start + q_len);
+        return UM_EINVAL;
+    }
+    for (int32_t i = 0; i < n_rows; i++) {
+        if (s_head_row(c, rows[i], seq_len, q_start, q_len) < 0) {
+            um_warn("forward", "row %d (entry %d of rows) reads a position outside the query "
+                    "window [%d, %d)", rows[i], i, q_start, q_start + q_len);
+            return UM_ERANGE;
+        }
+    }
+    rc = s_forward(model, cache, ids, n_seq, seq_len, q_start, q_len, rows, n_rows, logits);
+    if (rc == 0 && whole)
+        cache->filled = 1;
+    return rc;
 }

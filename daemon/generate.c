@@ -150,6 +150,11 @@ int um_gen_check(const um_model_config_t *cfg, int32_t n_prompt, const um_gen_pa
                  "no eos_token_id: add it there or leave %s off", *field, *field);
         return UM_EINVAL;
     }
+    if (p->cache != UM_CACHE_NONE && p->cache != UM_CACHE_PREFIX && p->cache != UM_CACHE_DUAL) {
+        *field = "cache";
+        snprintf(err, errlen, "unknown cache mode %d: use none, prefix or dual", (int)p->cache);
+        return UM_EINVAL;
+    }
     if (!p->remask) {
         *field = "remasking";
         snprintf(err, errlen, "no remasking policy given");
@@ -235,10 +240,14 @@ typedef struct s_work {
     unsigned char *prompt_token; /* (L) 1 where the prompt had a token (not a mask) */
     um_sample_scratch_t *scratch; /* (n_threads) */
     int n_threads;
+    um_kv_cache_t *cache;  /* block cache, NULL with UM_CACHE_NONE */
+    float *full;           /* (n_seq * T, E) every position's logits, with full_lm_head */
 } s_work_t;
 
 static void s_work_free(s_work_t *w)
 {
+    um_kv_cache_destroy(&w->cache);
+    free(w->full);
     free(w->ids);
     free(w->rows);
     free(w->logits);
@@ -312,15 +321,48 @@ typedef struct s_run {
     int32_t n_prompt, L, E, mask_id, eos_id;
     int32_t T; /* tokens in one forward sequence: L plus the suffix */
     int32_t n_seq;
+    int logits_shift; /* the model's logits of position p read position p - 1 (Dream) */
 } s_run_t;
+
+const char *um_cache_mode_name(um_cache_mode_t mode)
+{
+    switch (mode) {
+    case UM_CACHE_NONE:
+        return "none";
+    case UM_CACHE_PREFIX:
+        return "prefix";
+    case UM_CACHE_DUAL:
+        return "dual";
+    }
+    return "unknown";
+}
+
+/*
+ * The query window of a block's later pass through the block cache: from the block's
+ * start to the end of the canvas (suffix included) for the prefix cache, or to the
+ * block's end for the dual cache. For a family that shifts its logits the window also
+ * takes the position before the block, whose hidden state gives the logits of the
+ * block's first position, so that this row is computed fresh and not read stale.
+ */
+static void s_cache_window(const s_run_t *r, int32_t block_start, int32_t block_end,
+                           int32_t *q_start, int32_t *q_len)
+{
+    int32_t start = r->logits_shift && block_start > 0 ? block_start - 1 : block_start;
+    int32_t end = r->p->cache == UM_CACHE_DUAL ? block_end : r->T;
+    *q_start = start;
+    *q_len = end - start;
+}
 
 /*
  * Run the forward pass for the candidates and combine guidance. With cfg_scale > 0
  * the second sequence is the canvas with every prompt token masked (masks written in
  * the prompt keep their committed value, as LLaDA's prompt_index does), and the logits
- * become uncond + (scale + 1) * (cond - uncond).
+ * become uncond + (scale + 1) * (cond - uncond). With a block cache the pass runs the
+ * window [q_start, q_start + q_len) of both sequences, and the unconditional sequence
+ * has its own rows in the cache.
  */
-static int s_forward(const s_run_t *r, s_work_t *w, const int32_t *canvas, int32_t n_cand)
+static int s_forward(const s_run_t *r, s_work_t *w, const int32_t *canvas, int32_t n_cand,
+                     int32_t q_start, int32_t q_len)
 {
     const int32_t T = r->T, E = r->E;
     memcpy(w->ids, canvas, (size_t)T * sizeof *w->ids);
@@ -333,8 +375,21 @@ static int s_forward(const s_run_t *r, s_work_t *w, const int32_t *canvas, int32
         for (int32_t j = 0; j < n_cand; j++)
             w->rows[n_cand + j] = T + w->cand[j];
     }
-    int rc = um_model_forward_rows(r->model, w->ids, r->n_seq, T, w->rows, r->n_seq * n_cand,
+    int rc;
+    if (w->cache) {
+        rc = um_model_forward_cached(r->model, w->cache, w->ids, r->n_seq, T, q_start, q_len,
+                                     w->rows, r->n_seq * n_cand, w->logits);
+    } else if (r->p->full_lm_head) {
+        if (!w->full && !(w->full = malloc((size_t)r->n_seq * T * E * sizeof *w->full)))
+            return UM_ENOMEM;
+        rc = um_model_forward(r->model, w->ids, r->n_seq, T, w->full);
+        for (int32_t j = 0; rc == 0 && j < r->n_seq * n_cand; j++)
+            memcpy(w->logits + (size_t)j * E, w->full + (size_t)w->rows[j] * E,
+                   (size_t)E * sizeof *w->logits);
+    } else {
+        rc = um_model_forward_rows(r->model, w->ids, r->n_seq, T, w->rows, r->n_seq * n_cand,
                                    w->logits);
+    }
     if (rc != 0 || r->n_seq == 1)
         return rc;
     const float s1 = (float)(r->p->cfg_scale + 1.0);
@@ -476,6 +531,7 @@ static void s_run_init(s_run_t *r, um_model_t *model, const um_gen_params_t *p,
     r->mask_id = cfg->mask_token_id;
     r->eos_id = cfg->eos_token_id;
     r->n_seq = p->cfg_scale > 0 ? 2 : 1;
+    r->logits_shift = cfg->logits_shift;
 
     int32_t n_suppressed = 0;
     int32_t n_banned = um_model_never_sampled(cfg, r->banned);
@@ -499,6 +555,33 @@ static void s_run_init(s_run_t *r, um_model_t *model, const um_gen_params_t *p,
         .suppressed = r->suppressed,
         .n_suppressed = n_suppressed,
     };
+}
+
+/*
+ * Allocate the block cache for a generation. A later pass of a block reads the
+ * positions before the block from the cache and computes no logits there, so a mask
+ * written in the prompt (infilling) could never be predicted: such prompts are
+ * rejected. Returns 0, UM_EINVAL or UM_ENOMEM with err filled.
+ */
+static int s_cache_begin(const s_run_t *r, s_work_t *w, const int32_t *prompt, char *err,
+                         size_t errlen)
+{
+    int32_t n_masks = 0;
+    for (int32_t i = 0; i < r->n_prompt; i++)
+        n_masks += prompt[i] == r->mask_id;
+    if (n_masks > 0) {
+        snprintf(err, errlen, "cache %s cannot serve a prompt with %d mask token%s "
+                 "(infilling), because the block cache never predicts positions before the "
+                 "active block: use cache none", um_cache_mode_name(r->p->cache), n_masks,
+                 n_masks == 1 ? "" : "s");
+        return UM_EINVAL;
+    }
+    int rc = um_kv_cache_new(r->model, r->n_seq, r->T, &w->cache);
+    if (rc != 0)
+        snprintf(err, errlen, "out of memory for a %s block cache of %d sequence%s of %d "
+                 "positions: use cache none", um_cache_mode_name(r->p->cache), r->n_seq,
+                 r->n_seq == 1 ? "" : "s", r->T);
+    return rc;
 }
 
 int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
@@ -543,12 +626,17 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
     }
     for (int32_t i = 0; i < n_prompt; i++)
         w.prompt_token[i] = prompt[i] != mask_id;
+    if (p->cache != UM_CACHE_NONE && (rc = s_cache_begin(&r, &w, prompt, err, errlen)) != 0)
+        goto done;
+    st.cache_bytes = w.cache ? (int64_t)um_kv_cache_bytes(w.cache) : 0;
 
     int32_t step = 0;
     for (int32_t b = 0; b < n_blocks; b++) {
         const int32_t block_start = n_prompt + b * block_length;
         const int32_t block_end = block_start + block_length < L ? block_start + block_length : L;
         const int32_t n_steps = s_block_steps(p->steps, n_blocks, b);
+        /* The block's first pass, whichever step runs it, refreshes the block cache. */
+        int refresh = 1;
         /*
          * The quota covers every mask left of the block's end, not only the block's own:
          * masks written in the prompt (infilling) compete for the same commits, and
@@ -591,7 +679,13 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
 
             double t_step = s_now_ms();
             double t_fwd = s_now_ms();
-            rc = s_forward(&r, &w, canvas, n_cand);
+            int32_t q_start = 0, q_len = r.T;
+            if (w.cache && !refresh) {
+                s_cache_window(&r, block_start, block_end, &q_start, &q_len);
+                st.cached_passes++;
+            }
+            refresh = 0;
+            rc = s_forward(&r, &w, canvas, n_cand, q_start, q_len);
             st.forward_ms += s_now_ms() - t_fwd;
             st.forward_passes++;
             st.steps_run++;

@@ -27,6 +27,22 @@
 #define UM_GEN_DEFAULT_EPS 1e-3
 
 /*
+ * Fast-dLLM's approximate block caches (docs/sampling.md, "Block caches"). Each block's
+ * first forward pass runs over the whole canvas and stores every layer's keys and
+ * values; the block's later passes reuse them.
+ */
+typedef enum um_cache_mode {
+    UM_CACHE_NONE = 0, /* every pass runs over the whole canvas */
+    UM_CACHE_PREFIX,   /* later passes run the block and everything after it; the
+                          positions before the block read their stored keys and values */
+    UM_CACHE_DUAL,     /* later passes run the block only; every other position reads
+                          its stored keys and values */
+} um_cache_mode_t;
+
+/* The request name of a cache mode: "none", "prefix" or "dual". */
+const char *um_cache_mode_name(um_cache_mode_t mode);
+
+/*
  * What one generation does. Every field after remask_state is off, or LLaDA's behaviour,
  * when zero (eot_id is read only with suppress_eos), so callers that set only the LLaDA
  * fields get LLaDA's generate().
@@ -58,6 +74,11 @@ typedef struct um_gen_params {
                                model sees them, nothing changes them. BERT's closing [SEP]
                                (um_model_framing). May be NULL when n_suffix is 0 */
     int32_t n_suffix;
+    um_cache_mode_t cache;  /* block cache; a prompt with mask tokens needs UM_CACHE_NONE */
+    int full_lm_head;       /* compute the LM head for every position, as the reference
+                               samplers do, and read the candidates' rows from it: the same
+                               tokens, slower. For benchmarks and parity tests; ignored
+                               with a block cache */
 } um_gen_params_t;
 
 /* What one denoising step did, passed to the step callback. */
@@ -86,6 +107,8 @@ typedef struct um_gen_stats {
     int32_t steps_run;      /* steps that ran a forward pass */
     int32_t early_stop;     /* 1 when early_stop ended the generation */
     int32_t eos_position;   /* canvas position of the first generated EOS, or -1 */
+    int32_t cached_passes;  /* forward passes that reused the block cache */
+    int64_t cache_bytes;    /* size of the block cache, 0 without one */
     double total_ms;
     double forward_ms;
     double sample_ms;       /* token sampling and scores, in all steps */

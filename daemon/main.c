@@ -95,11 +95,14 @@ static void s_usage(FILE *out)
             "                         (UNMASKD_ATTENTION sets the same)\n"
             "  --list-isas            show which instruction sets this CPU and build can run,\n"
             "                         and why not, then exit\n"
-            "  --weight-dtype TYPE    dtype of the stored weight matrices: f32, bf16 or auto;\n"
-            "                         auto picks bf16 where the CPU computes in bf16\n"
-            "                         (AVX512-BF16 or AMX) or the checkpoint is all bf16\n"
-            "                         (then widened to f32 inside each product), else f32;\n"
-            "                         default auto\n"
+            "  --weight-dtype TYPE    dtype of the stored weight matrices: f32, bf16, int8\n"
+            "                         or auto; auto picks bf16 where the CPU computes in\n"
+            "                         bf16 (AVX512-BF16 or AMX) or the checkpoint is all\n"
+            "                         bf16 (then widened to f32 inside each product), else\n"
+            "                         f32; int8 quantises every matrix per output channel\n"
+            "                         at load (UNMASKD_WEIGHT_DTYPE sets the same; default\n"
+            "                         auto, and UNMASKD_INT8_GEMM=onednn|dequant|auto picks\n"
+            "                         how int8 weights are multiplied)\n"
             "  --log-level LEVEL      debug, info, notice, warn or error; default info\n"
             "  --log-file PATH        append the log to PATH instead of stderr; SIGHUP\n"
             "                         reopens it (for logrotate)\n"
@@ -365,14 +368,8 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
             s_list_isas();
             return 1;
         case S_OPT_WEIGHT_DTYPE:
-            if (strcmp(optarg, "f32") == 0) {
-                opt->weight_dtype = UM_WDTYPE_F32;
-            } else if (strcmp(optarg, "bf16") == 0) {
-                opt->weight_dtype = UM_WDTYPE_BF16;
-            } else if (strcmp(optarg, "auto") == 0) {
-                opt->weight_dtype = 0;
-            } else {
-                fprintf(stderr, "unmaskd: --weight-dtype must be f32, bf16 or auto, got "
+            if (um_wdtype_parse(optarg, &opt->weight_dtype) != 0) {
+                fprintf(stderr, "unmaskd: --weight-dtype must be f32, bf16, int8 or auto, got "
                         "\"%s\"\n", optarg);
                 return -1;
             }
@@ -471,6 +468,8 @@ static void s_log_model(const um_model_t *model)
     if (um_model_weight_dtype(model) == UM_WDTYPE_BF16 && !um_gemm_bf16_native())
         um_info("main", "this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX): bf16 "
                 "weights are widened to f32 inside each product");
+    if (um_model_weight_dtype(model) == UM_WDTYPE_INT8)
+        um_info("main", "int8 weights: %s", um_gemm_int8_reason());
 }
 
 /* Require a remasking plugin; warn when the default one is missing. */

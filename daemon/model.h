@@ -168,6 +168,43 @@ int um_model_forward_rows(um_model_t *model, const int32_t *ids, int32_t n_seq,
                           float *logits);
 
 /*
+ * Block cache for Fast-dLLM's approximate prefix and dual caches: every layer's keys
+ * and values for every position of n_seq sequences of seq_len, 2 * n_layers * n_seq *
+ * seq_len * n_kv_heads * head_dim floats. Keys are stored after RoPE (forward.c explains
+ * why that equals caching them before). One cache serves one generation.
+ */
+typedef struct um_kv_cache um_kv_cache_t;
+
+/*
+ * Allocate an empty cache for n_seq sequences of seq_len positions of model. Returns 0
+ * and sets *out (the caller owns it), UM_ERANGE for a bad size, or UM_ENOMEM.
+ */
+int um_kv_cache_new(const um_model_t *model, int32_t n_seq, int32_t seq_len,
+                    um_kv_cache_t **out);
+
+/* Free the cache and set *cache to NULL; a NULL *cache is ignored. */
+void um_kv_cache_destroy(um_kv_cache_t **cache);
+
+/* Bytes the cache's keys and values take. */
+size_t um_kv_cache_bytes(const um_kv_cache_t *cache);
+
+/*
+ * A forward pass through a block cache. ids is the whole canvas (n_seq, seq_len), but
+ * only the query window [q_start, q_start + q_len) of each sequence runs through the
+ * blocks: its keys and values replace their rows in the cache, and its queries attend
+ * over all seq_len rows, fresh inside the window and as last stored outside it. A pass
+ * over the whole sequence (q_start 0, q_len seq_len) fills every row; a narrower
+ * window needs a filled cache. Writes logits (n_rows, embedding_size) for the listed
+ * positions (indices into the n_seq * seq_len positions), whose hidden state (their
+ * own, or the one before for Dream) must lie in the window. Returns 0, UM_EINVAL for a
+ * cache of another shape or not yet filled, UM_ERANGE for a bad id, window or row,
+ * UM_ENOMEM or UM_EBACKEND.
+ */
+int um_model_forward_cached(um_model_t *model, um_kv_cache_t *cache, const int32_t *ids,
+                            int32_t n_seq, int32_t seq_len, int32_t q_start, int32_t q_len,
+                            const int32_t *rows, int32_t n_rows, float *logits);
+
+/*
  * Where a forward pass spends its time, summed over the passes run while the profile
  * is attached. gemm_ms covers the weight products of the blocks; attention_ms the fused
  * attention (its own score and value products included); lm_head_ms the LM head

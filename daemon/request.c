@@ -35,8 +35,10 @@ static const char *const s_generate_fields[] = {
     "op", "id", "prompt", "messages", "gen_length", "steps", "block_length", "temperature",
     "cfg_scale", "remasking", "remasking_params", "seed", "stream", "top_k", "top_p",
     "schedule", "eps", "ban_eos", "suppress_eos_confidence", "early_stop", "trim_eos",
+    "cache",
 };
 static const char *const s_schedule_names[] = {"quota", "timestep"};
+static const char *const s_cache_names[] = {"none", "prefix", "dual"};
 static const char *const s_tokenize_fields[] = {"op", "id", "text", "messages"};
 static const char *const s_detokenize_fields[] = {"op", "id", "tokens"};
 static const char *const s_plain_fields[] = {"op", "id"};
@@ -380,6 +382,21 @@ static int s_read_bool(json_t *obj, const char *key, int def, int *out, um_req_e
 }
 
 /* Read a string field; *out stays NULL when the field is absent and not required. */
+/*
+ * Reject a NUL character (\u0000) in a string that names something (an op, a plugin,
+ * an id): C compares such names up to the first NUL, so "health\u0000x" would match
+ * "health". Text fields (prompt, answer, content) may contain one. Returns 0 or -1.
+ */
+static int s_check_no_nul(json_t *v, const char *key, um_req_error_t *err)
+{
+    size_t at = strlen(json_string_value(v));
+    if (at == json_string_length(v))
+        return 0;
+    um_req_error_set(err, UM_ERR_INVALID, key, "%s contains a NUL character (\\u0000) at "
+                     "byte %zu: a name or id never contains one, so remove it", key, at);
+    return -1;
+}
+
 static int s_read_string(json_t *obj, const char *key, int required, const char **out,
                          size_t *len, um_req_error_t *err)
 {
@@ -401,6 +418,8 @@ static int s_read_string(json_t *obj, const char *key, int required, const char 
                          "text in double quotes", key, s_json_type(v));
         return -1;
     }
+    if (!len && s_check_no_nul(v, key, err) != 0)
+        return -1;
     *out = json_string_value(v);
     if (len)
         *len = json_string_length(v);
@@ -450,6 +469,8 @@ static int s_read_messages(json_t *obj, json_t **out, um_req_error_t *err)
         }
         json_t *role = json_object_get(m, "role"), *content = json_object_get(m, "content");
         const char *r = json_string_value(role);
+        if (r && strlen(r) != json_string_length(role))
+            r = "a string with a NUL character";
         if (!r || (strcmp(r, "system") != 0 && strcmp(r, "user") != 0
                    && strcmp(r, "assistant") != 0)) {
             um_req_error_set(err, UM_ERR_INVALID, field, "%s.role must be \"system\", "
@@ -524,6 +545,30 @@ static int s_parse_schedule(um_request_t *req, um_req_error_t *err)
     return -1;
 }
 
+/* The cache field: absent (none), "none", "prefix" or "dual". */
+static int s_parse_cache(um_request_t *req, um_req_error_t *err)
+{
+    const char *name = NULL;
+    if (s_read_string(req->root, "cache", 0, &name, NULL, err) != 0)
+        return -1;
+    req->cache = UM_REQ_CACHE_NONE;
+    if (!name)
+        return 0;
+    for (size_t i = 0; i < 3; i++) {
+        if (strcmp(name, s_cache_names[i]) == 0) {
+            req->cache = (um_req_cache_t)i;
+            return 0;
+        }
+    }
+    char clip[UM_REQ_QUOTE_MAX + 4];
+    const char *hint = um_request_suggest(name, s_cache_names, 3);
+    um_req_error_set(err, UM_ERR_INVALID, "cache", "unknown cache \"%s\": %s%s%s"
+                     "use none (every step runs the whole canvas), prefix or dual "
+                     "(Fast-dLLM's approximate block caches)", s_clip(name, clip, sizeof clip),
+                     hint ? "did you mean " : "", hint ? hint : "", hint ? "? " : "");
+    return -1;
+}
+
 /*
  * Token sampling, schedule and end-of-text fields. Ranges that need the engine's
  * limits (temperature, top_p above 1, eps) are checked by um_gen_check; top_p <= 0 is
@@ -544,7 +589,7 @@ static int s_parse_sampling(um_request_t *req, um_req_error_t *err)
                          "0.95", req->top_p);
         return -1;
     }
-    if (s_parse_schedule(req, err) != 0)
+    if (s_parse_schedule(req, err) != 0 || s_parse_cache(req, err) != 0)
         return -1;
     if (s_read_number(o, "eps", UM_REQ_DEFAULT_EPS, &req->eps, err) != 0)
         return -1;
@@ -569,6 +614,7 @@ static int s_parse_generate(um_request_t *req, um_req_error_t *err)
     }
     if (s_read_text_or_messages(req, "prompt", &req->prompt, &req->prompt_len, err) != 0)
         return -1;
+    req->gen_length_given = json_object_get(o, "gen_length") != NULL;
     if (s_read_count(o, "gen_length", UM_REQ_DEFAULT_GEN_LENGTH, &req->gen_length, err) != 0)
         return -1;
     req->steps_given = json_object_get(o, "steps") != NULL;
@@ -661,6 +707,8 @@ static int s_parse_cancel(um_request_t *req, um_req_error_t *err)
                          s_json_type(target));
         return -1;
     }
+    if (json_is_string(target) && s_check_no_nul(target, "target", err) != 0)
+        return -1;
     req->target = target;
     return 0;
 }
@@ -814,6 +862,8 @@ static int s_parse_id(um_request_t *req, um_req_error_t *err)
                          s_json_type(id));
         return -1;
     }
+    if (json_is_string(id) && s_check_no_nul(id, "id", err) != 0)
+        return -1;
     req->id = id;
     return 0;
 }
@@ -834,6 +884,8 @@ static int s_parse_op(um_request_t *req, um_req_error_t *err)
                          list, s_json_type(op));
         return -1;
     }
+    if (s_check_no_nul(op, "op", err) != 0)
+        return -1;
     const char *name = json_string_value(op);
     for (size_t i = 0; i < UM_REQ_N_OPS; i++) {
         if (strcmp(name, s_op_names[i]) == 0) {

@@ -36,6 +36,13 @@ typedef enum um_req_schedule {
     UM_REQ_SCHEDULE_TIMESTEP = 1, /* equal to UM_SCHEDULE_TIMESTEP */
 } um_req_schedule_t;
 
+/* Values of the cache field, in the order of um_cache_mode_t; UM_REQ_CACHE_NONE when absent. */
+typedef enum um_req_cache {
+    UM_REQ_CACHE_NONE = 0,   /* equal to UM_CACHE_NONE */
+    UM_REQ_CACHE_PREFIX = 1, /* equal to UM_CACHE_PREFIX */
+    UM_REQ_CACHE_DUAL = 2,   /* equal to UM_CACHE_DUAL */
+} um_req_cache_t;
+
 typedef enum um_req_op {
     UM_REQ_GENERATE = 0,
     UM_REQ_TOKENIZE,
@@ -66,6 +73,7 @@ typedef struct um_request {
     const char *prompt;        /* UTF-8, may contain NUL bytes; NULL with messages */
     size_t prompt_len;         /* bytes */
     int32_t gen_length;
+    int gen_length_given;      /* 0: gen_length took its default */
     int32_t steps;
     int steps_given;           /* 0: steps took its default, gen_length */
     int32_t block_length;
@@ -84,6 +92,7 @@ typedef struct um_request {
     int suppress_eos_confidence;
     int early_stop;
     int trim_eos;              /* cut the reply's tokens and text at the first EOS */
+    um_req_cache_t cache;      /* Fast-dLLM block cache: none, prefix or dual */
 
     /* score: prompt (or messages), cfg_scale and seed as in generate, and these */
     const char *answer;        /* the text whose likelihood is estimated */

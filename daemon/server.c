@@ -670,6 +670,9 @@ static json_t *s_done_reply(um_server_t *srv, const s_job_t *job, const int32_t 
     json_object_set_new(st, "forward_ms", json_real(stats->forward_ms));
     json_object_set_new(st, "sample_ms", json_real(stats->sample_ms));
     json_object_set_new(st, "early_stop", json_boolean(stats->early_stop));
+    json_object_set_new(st, "cache", json_string(um_cache_mode_name(job->params.cache)));
+    json_object_set_new(st, "cached_passes", json_integer(stats->cached_passes));
+    json_object_set_new(st, "cache_bytes", json_integer((json_int_t)stats->cache_bytes));
     json_object_set_new(r, "stats", st);
     return r;
 }
@@ -1054,8 +1057,7 @@ static json_t *s_info_reply(um_server_t *srv, const json_t *id)
     json_object_set_new(r, "isa_reason", um_reply_text(um_kernels_reason()));
     json_object_set_new(r, "attention", um_reply_text(um_attention_backend_name()));
     json_object_set_new(r, "weight_dtype",
-                        json_string(um_model_weight_dtype(srv->model) == UM_WDTYPE_BF16
-                                        ? "bf16" : "f32"));
+                        json_string(um_wdtype_name(um_model_weight_dtype(srv->model))));
     json_object_set_new(r, "tokenizer", json_string(srv->tok->plugin->desc->name));
 
     json_t *remask = json_array(), *tokenizer = json_array();
@@ -1341,6 +1343,27 @@ static void s_unknown_plugin(um_server_t *srv, const char *name, um_req_error_t 
 }
 
 /*
+ * Reject a block cache for a prompt with mask tokens (infilling): the cache never
+ * predicts positions before the active block, so um_generate would refuse the job.
+ * Returns 0, or -1 with err filled.
+ */
+static int s_check_cache(const um_server_t *srv, const s_job_t *job, um_req_error_t *err)
+{
+    if (job->params.cache == UM_CACHE_NONE)
+        return 0;
+    int32_t n_masks = 0;
+    for (int32_t i = 0; i < job->n_prompt; i++)
+        n_masks += job->prompt[i] == srv->model_cfg->mask_token_id;
+    if (n_masks == 0)
+        return 0;
+    um_req_error_set(err, UM_ERR_INVALID, "cache", "cache \"%s\" cannot serve a prompt with %d "
+                     "mask token%s (infilling), because the block cache never predicts "
+                     "positions before the active block: use \"cache\": \"none\"",
+                     um_cache_mode_name(job->params.cache), n_masks, n_masks == 1 ? "" : "s");
+    return -1;
+}
+
+/*
  * Check a job against the operator's limits (--max-prompt-tokens, --max-gen-length,
  * --max-steps). um_gen_check has already held it to the model's positions, so with the
  * default limits none of them fails. Returns 0, or -1 with err filled.
@@ -1356,8 +1379,9 @@ static int s_check_limits(const um_server_t *srv, const s_job_t *job, const um_r
         return -1;
     }
     if (job->params.gen_length > srv->max_gen_length) {
-        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "gen_length", "gen_length is %d, over this "
+        um_req_error_set(err, UM_ERR_OUT_OF_RANGE, "gen_length", "gen_length %s %d, over this "
                          "daemon's limit of %d (--max-gen-length): ask for at most %d tokens",
+                         req->gen_length_given ? "is" : "defaults to",
                          job->params.gen_length, srv->max_gen_length, srv->max_gen_length);
         return -1;
     }
@@ -1500,6 +1524,7 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
         .early_stop = req->early_stop,
         .suffix = &job->suffix,
         .n_suffix = job->suffix >= 0 ? 1 : 0,
+        .cache = (um_cache_mode_t)req->cache,
     };
     const char *field = NULL;
     char msg[512] = "";
@@ -1508,6 +1533,8 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
         um_req_error_set(err, UM_ERR_OUT_OF_RANGE, field, "%s", msg);
         goto fail;
     }
+    if (s_check_cache(srv, job, err) != 0)
+        goto fail;
     if (s_check_limits(srv, job, req, err) != 0)
         goto fail;
     if (s_check_remask_params(plugin->desc, req->remasking_params, &job->remask_params, err) != 0)
@@ -2142,17 +2169,17 @@ const char *um_server_endpoint(const um_server_t *srv)
 }
 
 /*
- * Make the ROUTER a CURVE server when the daemon has a key pair and the endpoint is tcp,
- * with a ZAP handler that admits the keys of cfg.curve_clients, or any key. ipc
- * endpoints are protected by the socket file's permissions instead.
+ * Make the ROUTER a CURVE server when the daemon has a key pair and the endpoint is a
+ * network one (tcp, ws), with a ZAP handler that admits the keys of cfg.curve_clients,
+ * or any key. ipc endpoints are protected by the socket file's permissions instead.
  */
 static int s_bind_curve(um_server_t *srv, const char *endpoint, char *err, size_t errlen)
 {
     if (!srv->cfg.curve)
         return 0;
-    if (strncmp(endpoint, "tcp://", 6) != 0) {
-        um_warn("server", "--curve-key has no effect on %s: CURVE applies to tcp endpoints, "
-                "and an ipc socket is protected by its file permissions", endpoint);
+    if (strncmp(endpoint, "ipc://", 6) == 0 || strncmp(endpoint, "inproc://", 9) == 0) {
+        um_warn("server", "--curve-key has no effect on %s: CURVE applies to network "
+                "endpoints, and an ipc socket is protected by its file permissions", endpoint);
         return 0;
     }
     if (um_zap_start(&srv->zap, srv->zctx, srv->cfg.curve_clients, NULL, err, errlen) != 0
@@ -2182,6 +2209,14 @@ static int s_bind(um_server_t *srv, const char *endpoint, char *err, size_t errl
     if (rc != 0)
         return rc;
 
+    const char *ipc_path = s_ipc_path(endpoint);
+    struct stat ipc_st;
+    if (ipc_path && lstat(ipc_path, &ipc_st) == 0 && !S_ISSOCK(ipc_st.st_mode)) {
+        snprintf(err, errlen, "cannot bind %s: %s exists and is %s, not a socket, and binding "
+                 "would replace it: choose another path with --bind", endpoint, ipc_path,
+                 S_ISDIR(ipc_st.st_mode) ? "a folder" : "a file");
+        return UM_EIO;
+    }
     if (s_ipc_in_use(endpoint)) {
         snprintf(err, errlen, "cannot bind %s: another process is listening on that socket "
                  "file (a running unmaskd?): stop it or choose another path with --bind",

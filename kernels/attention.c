@@ -130,16 +130,19 @@ int um_attention(const um_kernel_table_t *k, const um_attention_shape_t *shape, 
                  const float *kk, const float *v, float *scratch)
 {
     const um_attention_shape_t *a = shape;
-    if (a->n_seq < 1 || a->seq_len < 1 || a->head_dim < 1 || a->n_kv_heads < 1 ||
+    if (a->n_seq < 1 || a->seq_len < 1 || a->q_len < 0 || a->q_len > a->seq_len ||
+        a->head_dim < 1 || a->n_kv_heads < 1 ||
         a->n_heads % a->n_kv_heads != 0 || a->q_stride < a->n_heads * a->head_dim ||
         a->kv_stride < a->n_kv_heads * a->head_dim) {
-        um_error("attention", "invalid shape: %d sequences of %d, %d heads, %d kv heads, "
-                 "head_dim %d, q stride %d, kv stride %d", a->n_seq, a->seq_len, a->n_heads,
-                 a->n_kv_heads, a->head_dim, a->q_stride, a->kv_stride);
+        um_error("attention", "invalid shape: %d sequences of %d keys and %d queries, %d "
+                 "heads, %d kv heads, head_dim %d, q stride %d, kv stride %d", a->n_seq,
+                 a->seq_len, a->q_len, a->n_heads, a->n_kv_heads, a->head_dim, a->q_stride,
+                 a->kv_stride);
         return UM_EINVAL;
     }
     int32_t L = a->seq_len, hd = a->head_dim, group = a->n_heads / a->n_kv_heads;
-    int32_t n_tiles = (L + UM_ATTENTION_TILE - 1) / UM_ATTENTION_TILE;
+    int32_t Lq = a->q_len > 0 ? a->q_len : L;
+    int32_t n_tiles = (Lq + UM_ATTENTION_TILE - 1) / UM_ATTENTION_TILE;
     size_t per_thread = s_thread_floats(a);
     int64_t n_tasks = (int64_t)a->n_seq * a->n_heads * n_tiles;
     um_attention_backend_t backend = s_backend;
@@ -151,9 +154,9 @@ int um_attention(const um_kernel_table_t *k, const um_attention_shape_t *shape, 
         int32_t h = (int32_t)(task / n_tiles % a->n_heads);
         int32_t s = (int32_t)(task / n_tiles / a->n_heads);
         int32_t row0 = tile * UM_ATTENTION_TILE;
-        int32_t rows = L - row0 < UM_ATTENTION_TILE ? L - row0 : UM_ATTENTION_TILE;
+        int32_t rows = Lq - row0 < UM_ATTENTION_TILE ? Lq - row0 : UM_ATTENTION_TILE;
         float *S = scratch + (size_t)s_thread_index() * per_thread;
-        float *q_tile = q + ((size_t)s * L + row0) * a->q_stride + (size_t)h * hd;
+        float *q_tile = q + ((size_t)s * Lq + row0) * a->q_stride + (size_t)h * hd;
         size_t kv_offset = (size_t)s * L * a->kv_stride + (size_t)(h / group) * hd;
 
         int r;

@@ -56,6 +56,7 @@ static const um_kernel_table_t s_scalar = {
     .logsumexp = um_k_logsumexp_ref,
     .vocab_stats = um_k_vocab_stats_ref,
     .gumbel_argmax = um_k_gumbel_argmax_ref,
+    .quantize_s8 = um_k_quantize_s8_ref,
 };
 
 static const char *const s_isa_names[UM_ISA_COUNT] = {

@@ -1,5 +1,6 @@
 /*
- * f32 matrix products through the oneDNN 2.6 C API (the matmul primitive).
+ * Matrix products through the oneDNN 2.6 C API (the matmul primitive): f32, and weight
+ * products with f32, bf16 or int8 weights prepared once at load.
  *
  * Owns the oneDNN CPU engine, a cache of matmul primitives keyed by everything that
  * fixes a primitive (transposition of B, M, N, K, the three strides, accumulate,
@@ -34,8 +35,18 @@
 /* ------------------------------------------------------------------------- */
 /* Cache of primitives                                                        */
 
-/* What B is: a plain f32 matrix with strides, or a prepared weight of either dtype. */
-enum { S_KIND_PLAIN = 0, S_KIND_WEIGHT_F32 = 1, S_KIND_WEIGHT_BF16 = 2 };
+/* What B is: a plain f32 matrix with strides, or a prepared weight of some dtype. An int8
+ * product takes u8 activations and writes s32 sums (lda is K, ldc is N, no accumulate). */
+enum { S_KIND_PLAIN = 0, S_KIND_WEIGHT_F32 = 1, S_KIND_WEIGHT_BF16 = 2, S_KIND_WEIGHT_INT8 = 3 };
+
+static const char *s_kind_name(int kind)
+{
+    if (kind == S_KIND_WEIGHT_BF16)
+        return "bf16";
+    if (kind == S_KIND_WEIGHT_INT8)
+        return "int8";
+    return "f32";
+}
 
 typedef struct s_gemm_key {
     int kind;    /* S_KIND_*; for weights ldb is 0 and B's layout is the weight's */
@@ -61,6 +72,12 @@ typedef struct s_gemm_ctx {
     size_t scratch_cap;
     uint16_t *a_bf16; /* A rounded to bf16 for products with bf16 weights */
     size_t a_bf16_cap; /* elements */
+    uint8_t *a_u8;     /* (M, K) A quantised for products with int8 weights */
+    size_t a_u8_cap;   /* bytes */
+    float *a_scale;    /* (M) scales of the rows of a_u8 */
+    size_t a_scale_cap; /* elements */
+    int32_t *c_s32;    /* (M, N) s32 sums of an int8 product */
+    size_t c_s32_cap;  /* elements */
     struct s_gemm_ctx *next;
 } s_gemm_ctx_t;
 
@@ -90,7 +107,7 @@ static s_gemm_ctx_t *s_pool; /* idle contexts, guarded by s_pool_lock */
                      "(lda %d, ldb %d, ldc %d): rerun with ONEDNN_VERBOSE=1 for "       \
                      "oneDNN's reason",                                                 \
                      #call, dnnl_status2str(st_),                                       \
-                     (key)->kind == S_KIND_WEIGHT_BF16 ? "bf16" : "f32",                \
+                     s_kind_name((key)->kind),                                          \
                      (key)->trans_b ? "A*B^T" : "A*B",                                  \
                      (key)->m, (key)->n, (key)->k, (key)->lda, (key)->ldb, (key)->ldc); \
             rc = UM_EBACKEND;                                                           \
@@ -153,14 +170,20 @@ static int s_entry_create(const s_gemm_key_t *key, float alpha,
     dnnl_dims_t b_dims = {key->k, key->n};
     dnnl_dims_t b_strides = {key->trans_b ? 1 : key->ldb, key->trans_b ? key->ldb : 1};
 
-    dnnl_data_type_t a_type = key->kind == S_KIND_WEIGHT_BF16 ? dnnl_bf16 : dnnl_f32;
+    dnnl_data_type_t a_type = dnnl_f32, c_type = dnnl_f32;
+    if (key->kind == S_KIND_WEIGHT_BF16) {
+        a_type = dnnl_bf16;
+    } else if (key->kind == S_KIND_WEIGHT_INT8) {
+        a_type = dnnl_u8;
+        c_type = dnnl_s32;
+    }
     UM_DNNL_CHECK(dnnl_memory_desc_init_by_strides(&e->a_md, 2, a_dims, a_type, a_strides), key);
     if (weights_md)
         e->b_md = *weights_md;
     else
         UM_DNNL_CHECK(dnnl_memory_desc_init_by_strides(&e->b_md, 2, b_dims, dnnl_f32, b_strides),
                       key);
-    UM_DNNL_CHECK(dnnl_memory_desc_init_by_strides(&e->c_md, 2, c_dims, dnnl_f32, c_strides), key);
+    UM_DNNL_CHECK(dnnl_memory_desc_init_by_strides(&e->c_md, 2, c_dims, c_type, c_strides), key);
 
     UM_DNNL_CHECK(dnnl_primitive_attr_create(&attr), key);
     /* A user scratchpad lets concurrent calls each bring their own buffer. */
@@ -191,8 +214,8 @@ static int s_entry_create(const s_gemm_key_t *key, float alpha,
     const char *impl = NULL;
     if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) != dnnl_success)
         impl = "unknown";
-    um_debug("gemm", "created matmul %s M=%d N=%d K=%d lda=%d ldb=%d ldc=%d alpha=%g%s: %s, "
-             "scratchpad %zu bytes",
+    um_debug("gemm", "created %s matmul %s M=%d N=%d K=%d lda=%d ldb=%d ldc=%d alpha=%g%s: "
+             "%s, scratchpad %zu bytes", s_kind_name(key->kind),
              key->trans_b ? "A*B^T" : "A*B", key->m, key->n, key->k, key->lda, key->ldb,
              key->ldc, (double)alpha, key->accumulate ? " accumulate" : "", impl,
              e->scratch_bytes);
@@ -322,7 +345,7 @@ static void s_ctx_give(s_gemm_ctx_t *ctx)
 
 /* Run e on the caller's matrices with ctx's stream and scratchpad. */
 static int s_execute(const s_gemm_entry_t *e, s_gemm_ctx_t *ctx, const void *A, const void *B,
-                     float *C)
+                     void *C)
 {
     int rc = 0;
     const s_gemm_key_t *key = &e->key;
@@ -439,36 +462,54 @@ int um_gemm_f32_nn(int32_t M, int32_t N, int32_t K, float alpha, const float *A,
 struct um_gemm_weight {
     int32_t n, k;
     um_wdtype_t dtype;
-    /* bf16 weights on a CPU without native bf16 products stay plain [N, K] bf16 and are
-     * widened to f32 panel by panel inside each product (widen is then 1, md unused). */
+    /* bf16 weights on a CPU without native bf16 products, and int8 weights on the dequant
+     * path, stay plain [N, K] and are widened to f32 panel by panel inside each product
+     * (widen is then 1, md unused). */
     int widen;
     dnnl_memory_desc_t md; /* B as the K x N operand, in the primitive's layout */
     void *data;            /* own copy (owned) or the caller's src */
     int owned;
-    size_t bytes;
+    size_t bytes;          /* of data, scale and row_sum */
+    int32_t levels;        /* int8 on the oneDNN path: activation levels each side of 0 */
+    float *scale;          /* (N) int8 only: W[n, k] ~ scale[n] * q[n, k] */
+    int32_t *row_sum;      /* (N) int8 only: sum_k q[n, k], for the activations' offset */
 };
 
 /* Rows of A a representative product has when the preferred layout is queried. */
 #define S_LAYOUT_QUERY_M 256
 
-/* Ask a matmul primitive for M = S_LAYOUT_QUERY_M which layout it wants for W. */
-static int s_weight_layout(int32_t N, int32_t K, dnnl_data_type_t type, dnnl_memory_desc_t *md)
+/*
+ * Ask a matmul primitive of kind S_KIND_WEIGHT_* for M = S_LAYOUT_QUERY_M which layout it
+ * wants for W; impl (if not NULL) receives the implementation's name, which points into
+ * a static string of oneDNN.
+ */
+static int s_weight_layout(int32_t N, int32_t K, int kind, dnnl_memory_desc_t *md,
+                           const char **impl)
 {
     int rc = 0;
-    s_gemm_key_t key = {.kind = type == dnnl_bf16 ? S_KIND_WEIGHT_BF16 : S_KIND_WEIGHT_F32,
-                        .trans_b = 1, .m = S_LAYOUT_QUERY_M, .n = N, .k = K};
+    s_gemm_key_t key = {.kind = kind, .trans_b = 1, .m = S_LAYOUT_QUERY_M, .n = N, .k = K};
     dnnl_memory_desc_t a_md, b_md, c_md;
     dnnl_primitive_desc_t pd = NULL;
     dnnl_dims_t a_dims = {S_LAYOUT_QUERY_M, K}, b_dims = {K, N}, c_dims = {S_LAYOUT_QUERY_M, N};
+    dnnl_data_type_t a_type = dnnl_f32, b_type = dnnl_f32, c_type = dnnl_f32;
+    if (kind == S_KIND_WEIGHT_BF16) {
+        a_type = b_type = dnnl_bf16;
+    } else if (kind == S_KIND_WEIGHT_INT8) {
+        a_type = dnnl_u8;
+        b_type = dnnl_s8;
+        c_type = dnnl_s32;
+    }
 
-    UM_DNNL_CHECK(dnnl_memory_desc_init_by_tag(&a_md, 2, a_dims, type, dnnl_ab), &key);
-    UM_DNNL_CHECK(dnnl_memory_desc_init_by_tag(&b_md, 2, b_dims, type, dnnl_format_tag_any),
+    UM_DNNL_CHECK(dnnl_memory_desc_init_by_tag(&a_md, 2, a_dims, a_type, dnnl_ab), &key);
+    UM_DNNL_CHECK(dnnl_memory_desc_init_by_tag(&b_md, 2, b_dims, b_type, dnnl_format_tag_any),
                   &key);
-    UM_DNNL_CHECK(dnnl_memory_desc_init_by_tag(&c_md, 2, c_dims, dnnl_f32, dnnl_ab), &key);
+    UM_DNNL_CHECK(dnnl_memory_desc_init_by_tag(&c_md, 2, c_dims, c_type, dnnl_ab), &key);
     dnnl_matmul_desc_t desc;
     UM_DNNL_CHECK(dnnl_matmul_desc_init(&desc, &a_md, &b_md, NULL, &c_md), &key);
     UM_DNNL_CHECK(dnnl_primitive_desc_create(&pd, &desc, NULL, s_engine, NULL), &key);
     *md = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+    if (impl && dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, impl) != dnnl_success)
+        *impl = "unknown";
 
 cleanup:
     if (pd)
@@ -543,16 +584,32 @@ static int s_weight_new_widened(um_gemm_weight_t *w, const void *src, int src_bf
     return 0;
 }
 
+/* Widen rows [n0, n0 + rows) of a plain bf16 or int8 weight to f32 rows of K in panel. */
+static void s_widen_rows(const um_gemm_weight_t *w, float *panel, int32_t n0, int32_t rows)
+{
+    if (w->dtype != UM_WDTYPE_INT8) {
+        um_kernels()->bf16_to_f32(panel, (const uint16_t *)w->data + (size_t)n0 * w->k,
+                                  (size_t)rows * w->k);
+        return;
+    }
+    for (int32_t r = 0; r < rows; r++) {
+        const int8_t *q = (const int8_t *)w->data + (size_t)(n0 + r) * w->k;
+        float scale = w->scale[n0 + r];
+        float *out = panel + (size_t)r * w->k;
+        for (int32_t i = 0; i < w->k; i++)
+            out[i] = (float)q[i] * scale;
+    }
+}
+
 /*
- * C = A W^T for a widened bf16 weight: each thread widens one panel of S_WIDEN_PANEL
- * rows of W to f32 in its own buffer, then multiplies A by that panel into its columns
- * of C. The panel stays in cache between the widening and the product.
+ * C = A W^T for a widened bf16 or int8 weight: each thread widens one panel of
+ * S_WIDEN_PANEL rows of W to f32 in its own buffer, then multiplies A by that panel into
+ * its columns of C. The panel stays in cache between the widening and the product.
  */
 static int s_apply_widened(const um_gemm_weight_t *w, int32_t M, const float *A, int32_t lda,
                            float *C, int32_t ldc, int accumulate)
 {
     int32_t n_panels = (w->n + S_WIDEN_PANEL - 1) / S_WIDEN_PANEL;
-    void (*widen)(float *, const uint16_t *, size_t) = um_kernels()->bf16_to_f32;
     int rc = 0;
 
 #pragma omp parallel if (n_panels > 1 && !omp_in_parallel())
@@ -569,7 +626,7 @@ static int s_apply_widened(const um_gemm_weight_t *w, int32_t M, const float *A,
                 continue;
             int32_t n0 = p * S_WIDEN_PANEL;
             int32_t rows = w->n - n0 < S_WIDEN_PANEL ? w->n - n0 : S_WIDEN_PANEL;
-            widen(panel, (const uint16_t *)w->data + (size_t)n0 * w->k, (size_t)rows * w->k);
+            s_widen_rows(w, panel, n0, rows);
             int r = um_gemm_f32_nt(M, rows, w->k, A, lda, panel, w->k, C + n0, ldc, accumulate);
             if (r != 0) {
 #pragma omp atomic write
@@ -581,13 +638,246 @@ static int s_apply_widened(const um_gemm_weight_t *w, int32_t M, const float *A,
     return rc;
 }
 
+/* ------------------------------------------------------------------------- */
+/* int8 weights                                                               */
+
+static pthread_mutex_t s_int8_lock = PTHREAD_MUTEX_INITIALIZER;
+static um_int8_path_t s_int8_path; /* 0 until selected; guarded by s_int8_lock */
+static int32_t s_int8_levels;
+static char s_int8_reason[192];
+
+/* Activation levels for oneDNN's int8 kernels on this host (see um_gemm_int8_levels). */
+static int32_t s_int8_host_levels(const char **why)
+{
+#if defined(__x86_64__)
+    unsigned isa = (unsigned)dnnl_get_effective_cpu_isa();
+    unsigned vnni512 = (unsigned)dnnl_cpu_isa_avx512_core_vnni;
+    unsigned vnni256 = (unsigned)dnnl_cpu_isa_avx2_vnni;
+    if ((isa & vnni512) == vnni512 || (isa & vnni256) == vnni256) {
+        *why = "VNNI sums u8 * s8 products in s32";
+        return 127;
+    }
+    *why = "no VNNI within the ISA cap, so oneDNN sums u8 * s8 pairs in int16";
+    return 63;
+#else
+    *why = "oneDNN sums u8 * s8 products in s32 on this architecture";
+    return 127;
+#endif
+}
+
+/* Select the int8 path by name ("auto", "onednn" or "dequant"); needs the engine. */
+static int s_int8_select_locked(const char *name, char *err, size_t errlen)
+{
+    int want = 0;
+    if (strcmp(name, "onednn") == 0)
+        want = UM_INT8_ONEDNN;
+    else if (strcmp(name, "dequant") == 0)
+        want = UM_INT8_DEQUANT;
+    else if (strcmp(name, "auto") != 0)
+        return um_fail(err, errlen, UM_EINVAL, "int8 product path \"%s\" is unknown: use "
+                       "onednn, dequant or auto", name);
+
+    pthread_rwlock_wrlock(&s_cache_lock);
+    int rc = s_engine_get_locked();
+    pthread_rwlock_unlock(&s_cache_lock);
+    if (rc != 0)
+        return um_fail(err, errlen, rc, "creating the oneDNN CPU engine failed");
+
+    /* A product of a typical shape shows which implementation oneDNN would run. */
+    dnnl_memory_desc_t md;
+    const char *impl = NULL;
+    int have_int8 = s_weight_layout(S_LAYOUT_QUERY_M, S_LAYOUT_QUERY_M, S_KIND_WEIGHT_INT8,
+                                    &md, &impl) == 0;
+    int jit = have_int8 && strncmp(impl, "ref", 3) != 0 && strstr(impl, ":ref") == NULL;
+    const char *why_levels = "";
+    int32_t levels = s_int8_host_levels(&why_levels);
+
+    if (want == UM_INT8_ONEDNN && !have_int8)
+        return um_fail(err, errlen, UM_EBACKEND, "int8 product path onednn is not available: "
+                       "oneDNN %s has no u8 x s8 matmul here; use dequant or auto",
+                       um_gemm_backend());
+    if (!want)
+        want = jit ? UM_INT8_ONEDNN : UM_INT8_DEQUANT;
+
+    s_int8_path = (um_int8_path_t)want;
+    s_int8_levels = levels;
+    char before[sizeof s_int8_reason];
+    memcpy(before, s_int8_reason, sizeof before);
+    if (want == UM_INT8_ONEDNN)
+        snprintf(s_int8_reason, sizeof s_int8_reason,
+                 "onednn u8 x s8 matmul (%s), activations quantised per row to %d levels "
+                 "each side of 0: %s", impl, levels, why_levels);
+    else
+        snprintf(s_int8_reason, sizeof s_int8_reason,
+                 "dequant: int8 weights widened to f32 inside f32 products, because %s",
+                 strcmp(name, "dequant") == 0 ? "it was requested"
+                 : have_int8 ? "oneDNN would run its reference int8 matmul"
+                             : "oneDNN has no int8 matmul here");
+    if (strcmp(before, s_int8_reason) != 0)
+        um_info("gemm", "int8 weights: %s", s_int8_reason);
+    return 0;
+}
+
+int um_gemm_int8_select(const char *name, char *err, size_t errlen)
+{
+    if (!name) {
+        name = getenv("UNMASKD_INT8_GEMM");
+        if (!name || !*name)
+            name = "auto";
+    }
+    pthread_mutex_lock(&s_int8_lock);
+    int rc = s_int8_select_locked(name, err, errlen);
+    pthread_mutex_unlock(&s_int8_lock);
+    return rc;
+}
+
+/* Select from the environment on first use; returns 0 or the selection's error. */
+static int s_int8_ensure(void)
+{
+    pthread_mutex_lock(&s_int8_lock);
+    int rc = 0;
+    if (!s_int8_path) {
+        const char *name = getenv("UNMASKD_INT8_GEMM");
+        char err[256];
+        rc = s_int8_select_locked(name && *name ? name : "auto", err, sizeof err);
+        if (rc != 0)
+            um_error("gemm", "%s", err);
+    }
+    pthread_mutex_unlock(&s_int8_lock);
+    return rc;
+}
+
+um_int8_path_t um_gemm_int8_path(void)
+{
+    if (s_int8_ensure() != 0)
+        return UM_INT8_DEQUANT;
+    pthread_mutex_lock(&s_int8_lock);
+    um_int8_path_t path = s_int8_path;
+    pthread_mutex_unlock(&s_int8_lock);
+    return path;
+}
+
+const char *um_gemm_int8_reason(void)
+{
+    if (s_int8_ensure() != 0)
+        return "int8 path selection failed";
+    return s_int8_reason;
+}
+
+int32_t um_gemm_int8_levels(void)
+{
+    if (s_int8_ensure() != 0)
+        return 127;
+    pthread_mutex_lock(&s_int8_lock);
+    int32_t levels = s_int8_levels;
+    pthread_mutex_unlock(&s_int8_lock);
+    return levels;
+}
+
+/*
+ * Quantise src per row into w (see UM_WDTYPE_INT8), then keep the plain [N, K] int8 rows
+ * for the dequant path or reorder them into oneDNN's layout. Takes ownership of w.
+ */
+static int s_weight_new_int8(um_gemm_weight_t *w, const void *src, int src_bf16,
+                             um_gemm_weight_t **out)
+{
+    int rc = 0;
+    int32_t N = w->n, K = w->k;
+    size_t n = (size_t)N * (size_t)K;
+    size_t cap = (n + S_SCRATCH_ALIGN - 1) / S_SCRATCH_ALIGN * S_SCRATCH_ALIGN;
+    int8_t *plain = aligned_alloc(S_SCRATCH_ALIGN, cap);
+    float *row = src_bf16 ? malloc((size_t)K * sizeof *row) : NULL;
+    w->scale = malloc((size_t)N * sizeof *w->scale);
+    w->row_sum = malloc((size_t)N * sizeof *w->row_sum);
+    w->owned = 1;
+    if (!plain || (src_bf16 && !row) || !w->scale || !w->row_sum) {
+        um_error("gemm", "out of memory quantising a %d x %d weight to int8", N, K);
+        rc = UM_ENOMEM;
+        goto fail;
+    }
+
+    for (int32_t r = 0; r < N; r++) {
+        const float *x = (const float *)src + (size_t)r * K;
+        if (src_bf16) {
+            um_kernels()->bf16_to_f32(row, (const uint16_t *)src + (size_t)r * K, (size_t)K);
+            x = row;
+        }
+        int8_t *q = plain + (size_t)r * K;
+        w->scale[r] = um_kernels()->quantize_s8(q, x, K, 127);
+        int32_t sum = 0;
+        for (int32_t i = 0; i < K; i++)
+            sum += q[i];
+        w->row_sum[r] = sum;
+    }
+    free(row);
+    row = NULL;
+
+    size_t side = (size_t)N * (sizeof *w->scale + sizeof *w->row_sum);
+    pthread_mutex_lock(&s_int8_lock);
+    w->widen = s_int8_path == UM_INT8_DEQUANT;
+    w->levels = s_int8_levels;
+    pthread_mutex_unlock(&s_int8_lock);
+    if (w->widen) {
+        w->data = plain;
+        w->bytes = n + side;
+        *out = w;
+        return 0;
+    }
+
+    rc = s_weight_layout(N, K, S_KIND_WEIGHT_INT8, &w->md, NULL);
+    if (rc != 0)
+        goto fail;
+    s_gemm_key_t key = {.kind = S_KIND_WEIGHT_INT8, .trans_b = 1, .n = N, .k = K, .ldb = K};
+    dnnl_memory_desc_t src_md;
+    dnnl_dims_t dims = {K, N}, strides = {1, K};
+    UM_DNNL_CHECK(dnnl_memory_desc_init_by_strides(&src_md, 2, dims, dnnl_s8, strides), &key);
+    if (dnnl_memory_desc_equal(&src_md, &w->md)) {
+        w->data = plain;
+        w->bytes = n + side;
+        *out = w;
+        return 0;
+    }
+    size_t bytes = dnnl_memory_desc_get_size(&w->md);
+    w->data = aligned_alloc(S_SCRATCH_ALIGN,
+                            (bytes + S_SCRATCH_ALIGN - 1) / S_SCRATCH_ALIGN * S_SCRATCH_ALIGN);
+    if (!w->data) {
+        um_error("gemm", "out of memory allocating %.1f MB for a %d x %d int8 weight",
+                 bytes / 1e6, N, K);
+        rc = UM_ENOMEM;
+        goto fail;
+    }
+    w->bytes = bytes + side;
+    rc = s_reorder(&src_md, plain, &w->md, w->data, &key);
+    if (rc != 0)
+        goto fail;
+    free(plain);
+    *out = w;
+    return 0;
+
+cleanup:
+fail:
+    if (w->data != plain)
+        free(w->data);
+    free(plain);
+    free(row);
+    free(w->scale);
+    free(w->row_sum);
+    free(w);
+    return rc;
+}
+
 int um_gemm_weight_new(int32_t N, int32_t K, const void *src, int src_bf16, um_wdtype_t dtype,
                        um_gemm_weight_t **out)
 {
     *out = NULL;
-    if (N < 1 || K < 1 || !src || (dtype != UM_WDTYPE_F32 && dtype != UM_WDTYPE_BF16)) {
+    if (N < 1 || K < 1 || !src || !um_wdtype_name(dtype)) {
         um_error("gemm", "invalid weight N=%d K=%d dtype %d%s: sizes must be >= 1 and the "
-                 "dtype f32 or bf16", N, K, (int)dtype, src ? "" : " with NULL data");
+                 "dtype f32, bf16 or int8", N, K, (int)dtype, src ? "" : " with NULL data");
+        return UM_EINVAL;
+    }
+    if (dtype == UM_WDTYPE_INT8 && K > UM_GEMM_INT8_MAX_K) {
+        um_error("gemm", "int8 weight N=%d K=%d is too wide: K may be at most %d, so that the "
+                 "s32 sums cannot overflow; use bf16 or f32", N, K, UM_GEMM_INT8_MAX_K);
         return UM_EINVAL;
     }
     um_gemm_weight_t *w = calloc(1, sizeof *w);
@@ -603,9 +893,16 @@ int um_gemm_weight_new(int32_t N, int32_t K, const void *src, int src_bf16, um_w
     pthread_rwlock_unlock(&s_cache_lock);
     if (rc != 0)
         goto fail;
+    if (dtype == UM_WDTYPE_INT8) {
+        rc = s_int8_ensure();
+        if (rc != 0)
+            goto fail;
+        return s_weight_new_int8(w, src, src_bf16, out);
+    }
     if (dtype == UM_WDTYPE_BF16 && !um_gemm_bf16_native())
         return s_weight_new_widened(w, src, src_bf16, out);
-    rc = s_weight_layout(N, K, type, &w->md);
+    rc = s_weight_layout(N, K, type == dnnl_bf16 ? S_KIND_WEIGHT_BF16 : S_KIND_WEIGHT_F32,
+                         &w->md, NULL);
     if (rc != 0)
         goto fail;
 
@@ -654,6 +951,8 @@ void um_gemm_weight_destroy(um_gemm_weight_t **w)
         return;
     if ((*w)->owned)
         free((*w)->data);
+    free((*w)->scale);
+    free((*w)->row_sum);
     free(*w);
     *w = NULL;
 }
@@ -691,6 +990,94 @@ static int s_round_rows_bf16(s_gemm_ctx_t *ctx, int32_t M, int32_t K, const floa
     return 0;
 }
 
+/* Grow *buf to hold n elements of size bytes each; *cap counts elements. */
+static int s_buffer_reserve(void **buf, size_t *cap, size_t n, size_t size)
+{
+    if (*cap >= n)
+        return 0;
+    size_t bytes = (n * size + S_SCRATCH_ALIGN - 1) / S_SCRATCH_ALIGN * S_SCRATCH_ALIGN;
+    void *grown = aligned_alloc(S_SCRATCH_ALIGN, bytes ? bytes : S_SCRATCH_ALIGN);
+    if (!grown)
+        return UM_ENOMEM;
+    free(*buf);
+    *buf = grown;
+    *cap = n;
+    return 0;
+}
+
+/*
+ * C = A W^T (+ C) for an int8 weight on the oneDNN path. Row m of A becomes
+ * a_scale[m] * q[m, k] with q from the quantize_s8 kernel, stored as u8 q + levels + 1,
+ * so oneDNN sums S[m, n] = sum_k (q[m, k] + levels + 1) w[n, k] exactly in s32.
+ * Subtracting (levels + 1) * row_sum[n] leaves sum_k q w, which is scaled per row and
+ * per column here: oneDNN 2.6's output scales can only vary along N.
+ */
+static int s_apply_int8(const um_gemm_weight_t *w, int32_t M, const float *A, int32_t lda,
+                        float *C, int32_t ldc, int accumulate)
+{
+    int32_t N = w->n, K = w->k;
+    s_gemm_key_t key = {.kind = S_KIND_WEIGHT_INT8, .trans_b = 1, .m = M, .n = N, .k = K,
+                        .lda = K, .ldb = K, .ldc = N};
+    float one = 1.0f;
+    memcpy(&key.alpha_bits, &one, sizeof one);
+    const s_gemm_entry_t *e;
+    int rc = s_cache_get(&key, 1.0f, &w->md, &e);
+    if (rc != 0)
+        return rc;
+    if (!dnnl_memory_desc_equal(&e->b_md, &w->md)) {
+        um_error("gemm", "cached int8 product M=%d N=%d K=%d expects another weight layout "
+                 "than the weight passed", M, N, K);
+        return UM_EBACKEND;
+    }
+    s_gemm_ctx_t *ctx;
+    rc = s_ctx_take(e->scratch_bytes, &ctx);
+    if (rc != 0)
+        return rc;
+    if (s_buffer_reserve((void **)&ctx->a_u8, &ctx->a_u8_cap, (size_t)M * K, 1) != 0 ||
+        s_buffer_reserve((void **)&ctx->a_scale, &ctx->a_scale_cap, (size_t)M,
+                         sizeof(float)) != 0 ||
+        s_buffer_reserve((void **)&ctx->c_s32, &ctx->c_s32_cap, (size_t)M * N,
+                         sizeof(int32_t)) != 0) {
+        um_error("gemm", "out of memory for the buffers of an int8 product M=%d N=%d K=%d",
+                 M, N, K);
+        s_ctx_give(ctx);
+        return UM_ENOMEM;
+    }
+
+    const int32_t levels = w->levels, offset = w->levels + 1;
+    uint8_t *a_u8 = ctx->a_u8;
+    float *a_scale = ctx->a_scale;
+    float (*quantize)(int8_t *, const float *, int32_t, int32_t) = um_kernels()->quantize_s8;
+#pragma omp parallel for schedule(static) if (M > 16 && !omp_in_parallel())
+    for (int32_t m = 0; m < M; m++) {
+        uint8_t *u = a_u8 + (size_t)m * K;
+        a_scale[m] = quantize((int8_t *)u, A + (size_t)m * lda, K, levels);
+        for (int32_t i = 0; i < K; i++)
+            u[i] = (uint8_t)((int32_t)(int8_t)u[i] + offset);
+    }
+
+    rc = s_execute(e, ctx, a_u8, w->data, ctx->c_s32);
+    if (rc == 0) {
+        const int32_t *sums = ctx->c_s32;
+        const float *w_scale = w->scale;
+        const int32_t *row_sum = w->row_sum;
+#pragma omp parallel for schedule(static) if (M > 16 && !omp_in_parallel())
+        for (int32_t m = 0; m < M; m++) {
+            const int32_t *s_row = sums + (size_t)m * N;
+            float *c = C + (size_t)m * ldc;
+            float sa = a_scale[m];
+            /* The difference is exact in s32. Its conversion to f32 and the two
+             * products each round to nearest, by at most 2^-24 relative. */
+            for (int32_t n = 0; n < N; n++) {
+                float v = sa * (w_scale[n] * (float)(s_row[n] - offset * row_sum[n]));
+                c[n] = accumulate ? c[n] + v : v;
+            }
+        }
+    }
+    s_ctx_give(ctx);
+    return rc;
+}
+
 int um_gemm_weight_apply(const um_gemm_weight_t *w, int32_t M, const float *A, int32_t lda,
                          float *C, int32_t ldc, int accumulate)
 {
@@ -716,6 +1103,8 @@ int um_gemm_weight_apply(const um_gemm_weight_t *w, int32_t M, const float *A, i
         return rc;
     if (w->widen)
         return s_apply_widened(w, M, A, lda, C, ldc, accumulate);
+    if (w->dtype == UM_WDTYPE_INT8)
+        return s_apply_int8(w, M, A, lda, C, ldc, accumulate);
 
     const s_gemm_entry_t *e;
     rc = s_cache_get(&key, 1.0f, &w->md, &e);
@@ -784,6 +1173,35 @@ int um_gemm_set_max_isa(um_isa_t isa)
 /* ------------------------------------------------------------------------- */
 /* Backend name and shutdown                                                  */
 
+const char *um_wdtype_name(um_wdtype_t dtype)
+{
+    switch (dtype) {
+    case UM_WDTYPE_F32:
+        return "f32";
+    case UM_WDTYPE_BF16:
+        return "bf16";
+    case UM_WDTYPE_INT8:
+        return "int8";
+    }
+    return NULL;
+}
+
+int um_wdtype_parse(const char *name, um_wdtype_t *out)
+{
+    static const um_wdtype_t all[] = {UM_WDTYPE_F32, UM_WDTYPE_BF16, UM_WDTYPE_INT8};
+    if (name && strcmp(name, "auto") == 0) {
+        *out = 0;
+        return 0;
+    }
+    for (size_t i = 0; name && i < sizeof all / sizeof all[0]; i++) {
+        if (strcmp(name, um_wdtype_name(all[i])) == 0) {
+            *out = all[i];
+            return 0;
+        }
+    }
+    return UM_EINVAL;
+}
+
 static pthread_once_t s_backend_once = PTHREAD_ONCE_INIT;
 static char s_backend_name[48];
 
@@ -809,6 +1227,9 @@ void um_gemm_shutdown(void)
         dnnl_stream_destroy(ctx->stream);
         free(ctx->scratch);
         free(ctx->a_bf16);
+        free(ctx->a_u8);
+        free(ctx->a_scale);
+        free(ctx->c_s32);
         free(ctx);
     }
     pthread_mutex_unlock(&s_pool_lock);

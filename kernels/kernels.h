@@ -53,6 +53,15 @@ void um_k_bf16_to_f32_ref(float *out, const uint16_t *in, size_t n);
 /* Narrow n f32 values to bf16, rounding to nearest even; NaN stays a quiet NaN. */
 void um_k_f32_to_bf16_ref(uint16_t *out, const float *in, size_t n);
 
+/*
+ * Symmetric int8 quantisation of one row of n values: scale = max_i |x[i]| / levels in
+ * f32, and q[i] = x[i] / scale (an f32 division) rounded to nearest even and clamped to
+ * [-levels, levels], for 1 <= levels <= 127. Returns the scale; an all-zero row gets
+ * scale 0 and q = 0. The max skips NaN entries, and a NaN entry becomes -levels. SIMD
+ * versions give the same bits.
+ */
+float um_k_quantize_s8_ref(int8_t *q, const float *x, int32_t n, int32_t levels);
+
 /* ------------------------------------------------------------------------- */
 /* Vocabulary reductions: one pass over a row of logits                       */
 
@@ -124,6 +133,7 @@ typedef struct um_kernel_table {
     double (*logsumexp)(const float *, int32_t);
     void (*vocab_stats)(const float *, int32_t, float, um_vocab_stats_t *);
     int32_t (*gumbel_argmax)(const float *, int32_t, double, uint64_t, uint64_t);
+    float (*quantize_s8)(int8_t *, const float *, int32_t, int32_t);
 } um_kernel_table_t;
 
 /* "scalar", "avx2", "avx512", "amx", "neon"; NULL for a value outside um_isa_t. */
@@ -193,7 +203,18 @@ typedef enum um_wdtype {
     /* bf16 weights. With native bf16 the activations are rounded to bf16 too and the
      * products accumulate in f32. Without it the weights are widened, so the product is f32. */
     UM_WDTYPE_BF16 = 2,
+    /* int8 weights, quantised at load per output channel (row of W): scale_n =
+     * max_k |W[n, k]| / 127 and q = um_k_quantize_s8_ref of the row. The product either
+     * quantises the activations per row and multiplies integers in oneDNN, or widens the
+     * int8 weights to f32 inside the product (um_gemm_int8_path reports which). */
+    UM_WDTYPE_INT8 = 3,
 } um_wdtype_t;
+
+/* "f32", "bf16", "int8"; NULL for a value outside um_wdtype_t. */
+const char *um_wdtype_name(um_wdtype_t dtype);
+
+/* Parse "f32", "bf16" or "int8" (and "auto" as 0); returns 0 and sets *out, or UM_EINVAL. */
+int um_wdtype_parse(const char *name, um_wdtype_t *out);
 
 /*
  * A weight matrix W [N, K] (nn.Linear layout) in the layout the matmul primitive
@@ -205,8 +226,9 @@ typedef struct um_gemm_weight um_gemm_weight_t;
  * Prepare W from src, N rows of K contiguous values, f32 (src_bf16 == 0) or bf16
  * (src_bf16 != 0). The data is reordered once into the primitive's preferred layout
  * and dtype; when that layout and dtype are those of src, the weight borrows src, which
- * must then outlive it (um_gemm_weight_borrows reports which). Returns 0 and sets *out,
- * UM_EINVAL for a bad size or NULL src, UM_ENOMEM, or UM_EBACKEND.
+ * must then outlive it (um_gemm_weight_borrows reports which). An int8 weight is
+ * quantised first and never borrows. Returns 0 and sets *out, UM_EINVAL for a bad size
+ * (int8: K above UM_GEMM_INT8_MAX_K) or NULL src, UM_ENOMEM, or UM_EBACKEND.
  */
 int um_gemm_weight_new(int32_t N, int32_t K, const void *src, int src_bf16, um_wdtype_t dtype,
                        um_gemm_weight_t **out);
@@ -223,8 +245,11 @@ size_t um_gemm_weight_bytes(const um_gemm_weight_t *w);
 /*
  * C[M, N] = A[M, K] W^T (+ C when accumulate). A and C are f32 row-major with row
  * strides lda and ldc. For a bf16 weight A is rounded to bf16 (nearest even) first and
- * the products are accumulated in f32. Primitives are cached per (dtype, M, N, K,
- * strides, accumulate). Thread-safe. Returns 0, UM_EINVAL, UM_ENOMEM or UM_EBACKEND.
+ * the products are accumulated in f32. For an int8 weight on the oneDNN path each row
+ * of A is quantised as um_k_quantize_s8_ref does at um_gemm_int8_levels() levels, the
+ * integer products are summed exactly in s32, and C = a_scale[m] * (w_scale[n] * sum).
+ * Primitives are cached per (dtype, M, N, K, strides, accumulate). Thread-safe.
+ * Returns 0, UM_EINVAL, UM_ENOMEM or UM_EBACKEND.
  */
 int um_gemm_weight_apply(const um_gemm_weight_t *w, int32_t M, const float *A, int32_t lda,
                          float *C, int32_t ldc, int accumulate);
@@ -235,6 +260,39 @@ int um_gemm_weight_apply(const um_gemm_weight_t *w, int32_t M, const float *A, i
  * product: half the memory of f32, the same arithmetic as f32 on the widened values.
  */
 int um_gemm_bf16_native(void);
+
+/* Largest K of an int8 weight: K * 255 * 127 stays below 2^31 in the s32 sums. */
+#define UM_GEMM_INT8_MAX_K 65536
+
+/* How int8 weights are multiplied. */
+typedef enum um_int8_path {
+    UM_INT8_ONEDNN = 1,  /* u8 activations times s8 weights in oneDNN, s32 sums */
+    UM_INT8_DEQUANT = 2, /* weights widened to f32 panel by panel, f32 activations */
+} um_int8_path_t;
+
+/*
+ * Choose how int8 weights prepared from now on are multiplied: "onednn", "dequant", or
+ * "auto" (NULL: the environment variable UNMASKD_INT8_GEMM, else auto). Auto takes
+ * oneDNN when its int8 matmul is JIT-compiled on this host and dequant when oneDNN
+ * would run its reference loops. The choice is logged at info. Returns 0, or UM_EINVAL
+ * with a message in err for an unknown name, or UM_EBACKEND.
+ */
+int um_gemm_int8_select(const char *name, char *err, size_t errlen);
+
+/* The path int8 weights get now (selecting auto on first use), and one line saying
+ * why, e.g. "onednn u8 x s8 matmul (gemm:jit), activations quantised per row to 63
+ * levels each side of 0: no VNNI within the ISA cap, ...". */
+um_int8_path_t um_gemm_int8_path(void);
+const char *um_gemm_int8_reason(void);
+
+/*
+ * Levels of the activations on the oneDNN int8 path: 127 where oneDNN multiplies with
+ * VNNI (AVX512-VNNI, AVX-VNNI, AMX) or outside x86, else 63. Without VNNI, oneDNN's x86
+ * kernels sum pairs of u8 * s8 products in int16 (vpmaddubsw), which saturates once
+ * a pair passes 32767. The u8 activation is q + levels + 1, so at 63 levels a pair is
+ * at most 2 * 127 * 127 = 32258 and every sum stays exact.
+ */
+int32_t um_gemm_int8_levels(void);
 
 /*
  * Cap the instruction set oneDNN may use, to match the kernel ISA selection. Must run
@@ -261,9 +319,14 @@ const char *um_xsmm_version(void);
 /* Query rows one attention task covers; a task's score tile is this many rows of L. */
 #define UM_ATTENTION_TILE 64
 
-/* Shapes of a bidirectional multi-head attention over n_seq sequences of seq_len. */
+/*
+ * Shapes of a bidirectional multi-head attention over n_seq sequences of seq_len keys.
+ * Each sequence has q_len query rows (0 means seq_len), so a block cache can send a
+ * window of queries against every key of the sequence.
+ */
 typedef struct um_attention_shape {
     int32_t n_seq, seq_len;
+    int32_t q_len; /* query rows per sequence, in [0, seq_len]; 0: seq_len */
     int32_t n_heads, n_kv_heads, head_dim; /* n_heads a multiple of n_kv_heads */
     int32_t q_stride;  /* floats between rows of q (and of the output) */
     int32_t kv_stride; /* floats between rows of k and of v */
@@ -291,7 +354,8 @@ size_t um_attention_scratch_floats(const um_attention_shape_t *shape, int n_thre
 /*
  * Bidirectional attention without a mask, fused per (sequence, head, tile of
  * UM_ATTENTION_TILE query rows): scores = q k^T, a stable softmax per row, then
- * scores v, written over that tile's query rows in q. q must already carry the
+ * scores v, written over that tile's query rows in q. q holds (n_seq, q_len) rows,
+ * k and v (n_seq, seq_len) rows. q must already carry the
  * 1/sqrt(head_dim) scale. Query head h reads key/value head h / (n_heads / n_kv_heads).
  * Tasks run under OpenMP, each thread with its own tile of scratch (at least
  * um_attention_scratch_floats floats for omp_get_max_threads() threads), so no

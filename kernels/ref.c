@@ -133,6 +133,30 @@ void um_k_f32_to_bf16_ref(uint16_t *out, const float *in, size_t n)
     }
 }
 
+float um_k_quantize_s8_ref(int8_t *q, const float *x, int32_t n, int32_t levels)
+{
+    float max_abs = 0.0f;
+    for (int32_t i = 0; i < n; i++)
+        max_abs = fmaxf(max_abs, fabsf(x[i]));
+    if (max_abs == 0.0f) {
+        memset(q, 0, (size_t)n);
+        return 0.0f;
+    }
+
+    /* A division, not a multiplication by 1 / scale, so that PyTorch's x / scale in
+     * tools/quant_ref.py gives the same quotients bit for bit. rintf rounds halves to
+     * even in the default rounding mode, as torch.round does. */
+    float scale = max_abs / (float)levels;
+    float hi = (float)levels;
+    for (int32_t i = 0; i < n; i++) {
+        float v = rintf(x[i] / scale);
+        v = fmaxf(v, -hi); /* fmaxf(NaN, -hi) is -hi */
+        v = fminf(v, hi);
+        q[i] = (int8_t)v;
+    }
+    return scale;
+}
+
 int32_t um_k_argmax_ref(const float *x, int32_t n)
 {
     /* Strict > keeps the first of equal values; a NaN never replaces the running best. */

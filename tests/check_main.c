@@ -23,6 +23,7 @@ int main(void)
     srunner_add_suite(sr, um_chat_suite());
     srunner_add_suite(sr, um_score_suite());
     srunner_add_suite(sr, um_generate_suite());
+    srunner_add_suite(sr, um_cache_suite());
     srunner_add_suite(sr, um_plugins_suite());
     srunner_add_suite(sr, um_tokenizer_suite());
     srunner_add_suite(sr, um_server_suite());

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
 #include <unmaskd/error.h>
 
 #include "kernels.h"
@@ -240,6 +241,237 @@ START_TEST(weight_concurrent_threads)
 END_TEST
 
 /* ------------------------------------------------------------------------- */
+/* int8 weights                                                               */
+
+/* Select an int8 path by name, failing the test on an error. */
+static void s_int8_select(const char *name)
+{
+    char err[256] = "";
+    int rc = um_gemm_int8_select(name, err, sizeof err);
+    ck_assert_msg(rc == 0, "um_gemm_int8_select(%s) returned %s: %s", name, um_error_name(rc),
+                  err);
+}
+
+START_TEST(int8_quantiser_matches_torch)
+{
+    /* tools/quant_ref.py quantises the same matrices with torch: the int8 values and the
+     * scales must match bit for bit, for the reference and for every kernel table. */
+    const char *dir = um_test_env("UM_TEST_FIXTURES");
+    json_error_t jerr;
+    json_t *root = json_load_file(um_test_path(dir, "quant.json"), 0, &jerr);
+    ck_assert_msg(root != NULL, "cannot read quant.json (%s): regenerate it with "
+                  "tools/quant_ref.py fixtures tests/fixtures", jerr.text);
+    json_t *qz = json_object_get(root, "quantiser");
+    size_t x_len = 0, q_len = 0, s_len = 0;
+    float *x = (float *)um_test_read_file(
+        um_test_path(dir, json_string_value(json_object_get(qz, "x"))), &x_len);
+    int8_t *q = (int8_t *)um_test_read_file(
+        um_test_path(dir, json_string_value(json_object_get(qz, "q"))), &q_len);
+    float *scale = (float *)um_test_read_file(
+        um_test_path(dir, json_string_value(json_object_get(qz, "scale"))), &s_len);
+    ck_assert(x && q && scale);
+    ck_assert_uint_eq(x_len, q_len * sizeof(float));
+
+    json_t *shapes = json_object_get(qz, "shapes");
+    size_t at = 0, row_at = 0, zero_rows = 0;
+    for (size_t c = 0; c < json_array_size(shapes); c++) {
+        json_t *sh = json_array_get(shapes, c);
+        int32_t rows = (int32_t)json_integer_value(json_array_get(sh, 0));
+        int32_t cols = (int32_t)json_integer_value(json_array_get(sh, 1));
+        int8_t *got = malloc((size_t)cols);
+        for (int32_t r = 0; r < rows; r++, row_at++, at += (size_t)cols) {
+            ck_assert_uint_lt(row_at, s_len / sizeof(float));
+            for (int isa = 0; isa < UM_ISA_COUNT; isa++) {
+                const um_kernel_table_t *t = um_kernels_for((um_isa_t)isa);
+                if (!t)
+                    continue;
+                float s = t->quantize_s8(got, x + at, cols, 127);
+                ck_assert_msg(memcmp(&s, &scale[row_at], sizeof s) == 0, "%s case %zu row %d: "
+                              "scale %.9g, torch %.9g", t->isa, c, r, s, scale[row_at]);
+                for (int32_t i = 0; i < cols; i++)
+                    ck_assert_msg(got[i] == q[at + i], "%s case %zu row %d col %d (x %.9g): "
+                                  "%d, torch %d", t->isa, c, r, i, x[at + i], got[i], q[at + i]);
+            }
+            zero_rows += scale[row_at] == 0.0f;
+        }
+        free(got);
+    }
+    ck_assert_uint_eq(at, q_len);
+    ck_assert_msg(zero_rows >= 1, "the fixture has no all-zero row");
+    free(x);
+    free(q);
+    free(scale);
+    json_decref(root);
+}
+END_TEST
+
+/*
+ * One int8 product on the path `path` against a double product of the operands as that
+ * path rounds them: int8 weights q_w * s_w, and on the oneDNN path activations
+ * q_a * s_a quantised per row to um_gemm_int8_levels() levels.
+ */
+static void s_check_int8_case(const s_weight_case_t *wc, const char *path, int accumulate)
+{
+    int32_t M = wc->m, N = wc->n, K = wc->k;
+    float *A = malloc((size_t)M * wc->lda * sizeof *A);
+    float *W = malloc((size_t)N * K * sizeof *W);
+    float *C = malloc((size_t)M * wc->ldc * sizeof *C);
+    float *C0 = malloc((size_t)M * wc->ldc * sizeof *C0);
+    int8_t *qw = malloc((size_t)N * K), *qa = malloc((size_t)K);
+    float *sw = malloc((size_t)N * sizeof *sw);
+    s_fill(A, (size_t)M * wc->lda, 21 + M, -1.0f, 1.0f);
+    s_fill(W, (size_t)N * K, 22 + N, -1.0f, 1.0f);
+    s_fill(C0, (size_t)M * wc->ldc, 23, -2.0f, 2.0f);
+    /* Row 0 of W all zero: scale 0, and its column of the product must be exactly 0. */
+    memset(W, 0, (size_t)K * sizeof *W);
+    memcpy(C, C0, (size_t)M * wc->ldc * sizeof *C);
+    for (int32_t n = 0; n < N; n++)
+        sw[n] = um_k_quantize_s8_ref(qw + (size_t)n * K, W + (size_t)n * K, K, 127);
+
+    s_int8_select(path);
+    int onednn = um_gemm_int8_path() == UM_INT8_ONEDNN;
+    int32_t levels = um_gemm_int8_levels();
+    um_gemm_weight_t *w = NULL;
+    int rc = um_gemm_weight_new(N, K, W, 0, UM_WDTYPE_INT8, &w);
+    ck_assert_msg(rc == 0, "um_gemm_weight_new returned %s", um_error_name(rc));
+    ck_assert_int_eq(um_gemm_weight_borrows(w), 0);
+    rc = um_gemm_weight_apply(w, M, A, wc->lda, C, wc->ldc, accumulate);
+    ck_assert_msg(rc == 0, "um_gemm_weight_apply returned %s", um_error_name(rc));
+
+    for (int32_t i = 0; i < M; i++) {
+        const float *a = A + (size_t)i * wc->lda;
+        float sa = onednn ? um_k_quantize_s8_ref(qa, a, K, levels) : 1.0f;
+        for (int32_t j = 0; j < N; j++) {
+            double sum = 0, abs_sum = 0;
+            for (int32_t p = 0; p < K; p++) {
+                double av = onednn ? (double)qa[p] : (double)a[p];
+                /* The dequant path widens q_w * s_w to f32; the oneDNN path sums integers. */
+                double bv = onednn ? (double)qw[(size_t)j * K + p]
+                                   : (double)((float)qw[(size_t)j * K + p] * sw[j]);
+                sum += av * bv;
+                abs_sum += fabs(av * bv);
+            }
+            double dot = onednn ? (double)sa * (double)sw[j] * sum : sum;
+            double c0 = accumulate ? C0[(size_t)i * wc->ldc + j] : 0.0;
+            double expected = dot + c0, got = C[(size_t)i * wc->ldc + j];
+            /* oneDNN path: the s32 sum is exact, then its conversion to f32, two products
+             * and the add of C each round once, at most 4 * 2^-24 of |dot| + |C0|, below
+             * 3e-7. Dequant path: an f32 product of f32 operands as in
+             * weight_product_matches_double, 1e-5 of the sum of magnitudes. */
+            double tol = onednn ? 3e-7 * (fabs(dot) + fabs(c0))
+                                : 1e-5 * abs_sum + 1e-6;
+            ck_assert_msg(fabs(got - expected) <= tol, "%s M=%d N=%d K=%d acc %d C[%d][%d]="
+                          "%.9g expected %.9g", path, M, N, K, accumulate, i, j, got, expected);
+            if (j == 0 && !accumulate)
+                ck_assert_msg(got == 0.0, "%s: the zero weight row gave %.9g", path, got);
+        }
+        for (int32_t j = N; j < wc->ldc; j++)
+            ck_assert_float_eq(C[(size_t)i * wc->ldc + j], C0[(size_t)i * wc->ldc + j]);
+    }
+    um_gemm_weight_destroy(&w);
+    s_int8_select("auto");
+    free(A);
+    free(W);
+    free(C);
+    free(C0);
+    free(qw);
+    free(qa);
+    free(sw);
+}
+
+START_TEST(int8_product_matches_dequantised)
+{
+    const s_weight_case_t *wc = &s_weight_cases[_i % S_N_WEIGHT_CASES];
+    const char *path = _i / S_N_WEIGHT_CASES ? "dequant" : "onednn";
+    s_check_int8_case(wc, path, 0);
+    s_check_int8_case(wc, path, 1);
+}
+END_TEST
+
+START_TEST(int8_sums_exact_at_extremes)
+{
+    /* Every activation at its largest level and every weight at +-127: each pair of
+     * products is as large as the offset u8 activations allow. Without VNNI, oneDNN's
+     * int16 pair sums would saturate at 8-bit activations and halve these results. */
+    enum { M = 3, N = 4, K = 4096 };
+    float *A = malloc((size_t)M * K * sizeof *A), *W = malloc((size_t)N * K * sizeof *W);
+    float C[M * N];
+    for (int32_t i = 0; i < M * K; i++)
+        A[i] = 1.0f;
+    /* Rows of W: all 1, all -1, alternating 1 and -1, and all 0.5. */
+    for (int32_t k = 0; k < K; k++) {
+        W[k] = 1.0f;
+        W[K + k] = -1.0f;
+        W[2 * K + k] = k % 2 ? 1.0f : -1.0f;
+        W[3 * K + k] = 0.5f;
+    }
+    /* Row 3: one 1 (q 127), so 0.5 / scale is 63.5 exactly in f32 and rounds to even, 64. */
+    W[3 * K] = 1.0f;
+    s_int8_select("onednn");
+    um_gemm_weight_t *w = NULL;
+    ck_assert_int_eq(um_gemm_weight_new(N, K, W, 0, UM_WDTYPE_INT8, &w), 0);
+    ck_assert_int_eq(um_gemm_weight_apply(w, M, A, K, C, N, 0), 0);
+    /* Row 3 sums 127 + 64 * (K - 1) steps of 1/127. */
+    const double expected[N] = {K, -K, 0, (127.0 + 64.0 * (K - 1)) / 127.0};
+    for (int32_t i = 0; i < M; i++)
+        for (int32_t n = 0; n < N; n++)
+            ck_assert_msg(fabs(C[i * N + n] - expected[n]) <= 3e-7 * fabs(expected[n]),
+                          "C[%d][%d] = %.9g, expected %.9g (%d activation levels)", i, n,
+                          C[i * N + n], expected[n], um_gemm_int8_levels());
+    um_gemm_weight_destroy(&w);
+    s_int8_select("auto");
+    free(A);
+    free(W);
+}
+END_TEST
+
+START_TEST(int8_select_and_size)
+{
+    char err[256] = "";
+    ck_assert_int_eq(um_gemm_int8_select("vnni", err, sizeof err), UM_EINVAL);
+    ck_assert_msg(strstr(err, "vnni") && strstr(err, "onednn, dequant or auto"),
+                  "message: %s", err);
+
+    ck_assert_str_eq(um_wdtype_name(UM_WDTYPE_INT8), "int8");
+    ck_assert_ptr_null(um_wdtype_name((um_wdtype_t)9));
+    um_wdtype_t d = UM_WDTYPE_F32;
+    ck_assert_int_eq(um_wdtype_parse("int8", &d), 0);
+    ck_assert_int_eq(d, UM_WDTYPE_INT8);
+    ck_assert_int_eq(um_wdtype_parse("auto", &d), 0);
+    ck_assert_int_eq(d, 0);
+    ck_assert_int_eq(um_wdtype_parse("int4", &d), UM_EINVAL);
+
+    /* One byte per element plus a scale and a row sum per row: exactly that when the
+     * weight stays plain (dequant), at most the oneDNN layout's padding more otherwise. */
+    enum { N = 40, K = 72 };
+    static float W[N * K];
+    s_fill(W, N * K, 31, -1.0f, 1.0f);
+    const char *paths[] = {"dequant", "onednn"};
+    for (int p = 0; p < 2; p++) {
+        s_int8_select(paths[p]);
+        ck_assert_ptr_nonnull(strstr(um_gemm_int8_reason(), paths[p]));
+        um_gemm_weight_t *w = NULL;
+        ck_assert_int_eq(um_gemm_weight_new(N, K, W, 0, UM_WDTYPE_INT8, &w), 0);
+        size_t plain = (size_t)N * K + (size_t)N * 8;
+        if (p == 0)
+            ck_assert_uint_eq(um_gemm_weight_bytes(w), plain);
+        else
+            ck_assert_msg(um_gemm_weight_bytes(w) >= plain &&
+                          um_gemm_weight_bytes(w) < 2 * plain, "%zu bytes for %zu plain",
+                          um_gemm_weight_bytes(w), plain);
+        um_gemm_weight_destroy(&w);
+    }
+    s_int8_select("auto");
+
+    /* K past UM_GEMM_INT8_MAX_K could overflow the s32 sums. */
+    um_gemm_weight_t *w = (um_gemm_weight_t *)1;
+    ck_assert_int_eq(um_gemm_weight_new(1, UM_GEMM_INT8_MAX_K + 1, W, 0, UM_WDTYPE_INT8, &w),
+                     UM_EINVAL);
+    ck_assert_ptr_null(w);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------- */
 /* Fused attention                                                            */
 
 typedef struct s_attention_case {
@@ -381,6 +613,14 @@ Suite *um_gemm_suite(void)
     tcase_add_test(tc, weight_borrow_follows_source);
     tcase_add_test(tc, weight_rejects_bad_arguments);
     tcase_add_test(tc, weight_concurrent_threads);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("int8");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, int8_quantiser_matches_torch);
+    tcase_add_loop_test(tc, int8_product_matches_dequantised, 0, 2 * S_N_WEIGHT_CASES);
+    tcase_add_test(tc, int8_sums_exact_at_extremes);
+    tcase_add_test(tc, int8_select_and_size);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("attention");

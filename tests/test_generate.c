@@ -117,8 +117,12 @@ static void *s_begin(const um_remask_ops_t *ops, json_t *params, const char *nam
     return state;
 }
 
-/* Every fixture case, token for token, with its forward passes and early stop. */
-static void s_check_case(int index)
+/*
+ * Every fixture case, token for token, with its forward passes and early stop. With
+ * full_lm_head the engine computes the LM head for every position, as the reference
+ * does, rather than for the candidates only.
+ */
+static void s_check_case(int index, int full_lm_head)
 {
     json_t *c = json_array_get(s_cases, (size_t)index);
     ck_assert_ptr_nonnull(c);
@@ -144,6 +148,7 @@ static void s_check_case(int index)
     p.ban_eos = json_is_true(json_object_get(c, "ban_eos"));
     p.suppress_eos = json_is_true(json_object_get(c, "suppress_eos_confidence"));
     p.early_stop = json_is_true(json_object_get(c, "early_stop"));
+    p.full_lm_head = full_lm_head;
     s_end_open();
     p.remask_state = s_begin(p.remask, json_object_get(c, "remasking_params"), name);
     ck_assert_uint_eq(n_expected, n_prompt + (size_t)p.gen_length);
@@ -172,7 +177,18 @@ static void s_check_case(int index)
 
 START_TEST(matches_reference_canvas)
 {
-    s_check_case(_i);
+    s_check_case(_i, 0);
+}
+END_TEST
+
+/*
+ * Every case again with the LM head over every position, as the reference samplers
+ * compute it: the candidates-only head must give the same tokens, and does since both
+ * runs match the reference token for token.
+ */
+START_TEST(full_lm_head_same_tokens)
+{
+    s_check_case(_i, 1);
 }
 END_TEST
 
@@ -185,7 +201,7 @@ START_TEST(matches_reference_scalar)
     char err[256];
     ck_assert_int_eq(um_kernels_select("scalar", err, sizeof err), 0);
     for (size_t i = 0; i < json_array_size(s_cases); i += 3)
-        s_check_case((int)i);
+        s_check_case((int)i, 0);
     ck_assert_int_eq(um_kernels_select(NULL, err, sizeof err), 0);
 }
 END_TEST
@@ -711,6 +727,7 @@ Suite *um_generate_suite(void)
     tcase_add_unchecked_fixture(tc, s_setup, s_teardown);
     tcase_set_timeout(tc, 300);
     tcase_add_loop_test(tc, matches_reference_canvas, 0, s_count_cases());
+    tcase_add_loop_test(tc, full_lm_head_same_tokens, 0, s_count_cases());
     tcase_add_test(tc, matches_reference_scalar);
     tcase_add_test(tc, fixture_covers_every_policy);
     suite_add_tcase(s, tc);

@@ -696,6 +696,65 @@ START_TEST(f32_to_bf16_rounds_to_nearest_even)
 }
 END_TEST
 
+START_TEST(quantize_s8_matches_ref)
+{
+    const um_kernel_table_t *t = s_table(_i);
+    if (!t)
+        return;
+    const int32_t n = 126464;
+    float *x = malloc(n * sizeof *x);
+    int8_t *got = malloc(n), *ref = malloc(n);
+    s_fill(x, n, 77, -3.0f, 3.0f);
+    /* A NaN, which the max skips; ties and zero rows are checked after the loop. */
+    x[40] = NAN;
+    static const int32_t levels[] = {127, 63};
+
+    for (size_t l = 0; l < sizeof levels / sizeof levels[0]; l++) {
+        for (size_t c = 0; c < S_N_LENGTHS; c++) {
+            int32_t len = s_lengths[c];
+            float s_got = t->quantize_s8(got, x, len, levels[l]);
+            float s_ref = um_k_quantize_s8_ref(ref, x, len, levels[l]);
+            S_CHECK(memcmp(&s_got, &s_ref, sizeof s_got) == 0, "%s quantize_s8 n=%d: scale "
+                    "%.9g, scalar %.9g", t->isa, len, s_got, s_ref);
+            for (int32_t i = 0; i < len; i++) {
+                S_CHECK(got[i] == ref[i], "%s quantize_s8 n=%d levels %d i=%d (x %.9g): %d, "
+                        "scalar %d", t->isa, len, levels[l], i, x[i], got[i], ref[i]);
+                /* The reference itself: within half a step of x / scale, inside the range. */
+                S_CHECK(abs(ref[i]) <= levels[l], "quantize_s8 n=%d i=%d: %d out of range",
+                        len, i, ref[i]);
+                if (!isnan(x[i]))
+                    S_CHECK(fabs(x[i] / s_ref - ref[i]) <= 0.5 + 1e-6, "quantize_s8 n=%d "
+                            "i=%d: x %.9g scale %.9g gave %d", len, i, x[i], s_ref, ref[i]);
+            }
+        }
+    }
+    /* x[40] is a NaN: it becomes -levels. */
+    t->quantize_s8(got, x, 48, 127);
+    ck_assert_int_eq(got[40], -127);
+
+    /* All zeros: scale 0 and q 0, whatever q held before. */
+    memset(x, 0, 100 * sizeof *x);
+    memset(got, 5, 100);
+    ck_assert_float_eq(t->quantize_s8(got, x, 100, 127), 0.0f);
+    for (int32_t i = 0; i < 100; i++)
+        ck_assert_int_eq(got[i], 0);
+
+    /* Ties: scale 1 (max 127), so 2.5 -> 2, 3.5 -> 4, -2.5 -> -2. */
+    float ties[40] = {127.0f, 2.5f, 3.5f, -2.5f, 0.5f, -0.5f, 1.5f};
+    for (int32_t i = 7; i < 40; i++)
+        ties[i] = 2.5f;
+    t->quantize_s8(got, ties, 40, 127);
+    const int8_t want[7] = {127, 2, 4, -2, 0, 0, 2};
+    for (int32_t i = 0; i < 7; i++)
+        ck_assert_int_eq(got[i], want[i]);
+    for (int32_t i = 7; i < 40; i++)
+        ck_assert_int_eq(got[i], 2);
+    free(x);
+    free(got);
+    free(ref);
+}
+END_TEST
+
 /* ------------------------------------------------------------------------- */
 /* Vocabulary reductions                                                      */
 
@@ -1394,6 +1453,7 @@ Suite *um_kernels_suite(void)
     tcase_add_loop_test(tc, add_is_exact, 0, UM_ISA_COUNT);
     tcase_add_loop_test(tc, bf16_to_f32_exact, 0, UM_ISA_COUNT);
     tcase_add_loop_test(tc, f32_to_bf16_rounds_to_nearest_even, 0, UM_ISA_COUNT);
+    tcase_add_loop_test(tc, quantize_s8_matches_ref, 0, UM_ISA_COUNT);
     tcase_add_loop_test(tc, tails_stay_inside_row, 0, UM_ISA_COUNT);
     suite_add_tcase(s, tc);
 

@@ -842,6 +842,31 @@ START_TEST(test_score)
 }
 END_TEST
 
+/* A daemon on the bundled model with int8 weights. */
+static void s_setup_daemon_int8(void)
+{
+    const char *const extra[] = {"--weight-dtype", "int8", NULL};
+    s_daemon_start_with(extra);
+}
+
+/* info names the int8 weights, and a generation runs on them. */
+START_TEST(test_info_int8)
+{
+    json_t *r = s_done(s_call(s_sock, json_pack("{s:s, s:s}", "op", "info", "id", "i8")));
+    ck_assert_str_eq(json_string_value(json_object_get(r, "weight_dtype")), "int8");
+    const char *backend = json_string_value(json_object_get(r, "backend"));
+    ck_assert_msg(backend && strstr(backend, "(int8)"), "backend \"%s\" does not name int8",
+                  backend ? backend : "(none)");
+    json_decref(r);
+
+    json_t *req = s_generate("g8", "once upon a time", 16);
+    json_object_set_new(req, "steps", json_integer(8));
+    r = s_done(s_call(s_sock, req));
+    ck_assert_int_eq(json_array_size(json_object_get(r, "tokens")), 16);
+    json_decref(r);
+}
+END_TEST
+
 /* A daemon on the random-weight BERT fixture, whose vocab.txt has the words w0, w1, ... */
 static void s_setup_daemon_bert(void)
 {
@@ -2257,6 +2282,10 @@ Suite *um_server_suite(void)
 
     tc = s_tcase("bert", s_setup_daemon_bert, 60);
     tcase_add_test(tc, test_generate_bert_framing);
+    suite_add_tcase(s, tc);
+
+    tc = s_tcase("int8", s_setup_daemon_int8, 60);
+    tcase_add_test(tc, test_info_int8);
     suite_add_tcase(s, tc);
 
     tc = s_tcase("bad_plugins", s_setup_daemon_bad_plugins, 120);

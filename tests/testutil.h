@@ -87,6 +87,7 @@ Suite *um_families_suite(void);
 Suite *um_chat_suite(void);
 Suite *um_score_suite(void);
 Suite *um_generate_suite(void);
+Suite *um_cache_suite(void);
 Suite *um_plugins_suite(void);
 Suite *um_tokenizer_suite(void);
 Suite *um_server_suite(void);

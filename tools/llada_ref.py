@@ -135,6 +135,37 @@ class Block(nn.Module):
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
+    def forward_cached(self, x, layer_cache, q_start, cos, sin):
+        """Run the window x [B, Lq, d] at positions q_start.. through a block cache.
+
+        layer_cache is [k, v], each [B, n_kv_heads, T, hd] with keys before RoPE, as
+        Fast-dLLM stores them. The window's keys and values replace their rows, then RoPE
+        is applied to the whole key set at positions 0..T-1 and to the queries at their
+        own absolute positions, and the queries attend over all T rows.
+        """
+        c = self.c
+        B, Lq, _ = x.shape
+        hd = c.d_model // c.n_heads
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(B, Lq, c.n_heads, hd).transpose(1, 2)
+        k = self.k_proj(h).view(B, Lq, c.n_kv_heads, hd).transpose(1, 2)
+        v = self.v_proj(h).view(B, Lq, c.n_kv_heads, hd).transpose(1, 2)
+        layer_cache[0][:, :, q_start:q_start + Lq] = k
+        layer_cache[1][:, :, q_start:q_start + Lq] = v
+        T = layer_cache[0].shape[2]
+        q = apply_rope(q, cos[q_start:q_start + Lq], sin[q_start:q_start + Lq])
+        k = apply_rope(layer_cache[0], cos[:T], sin[:T])
+        v = layer_cache[1]
+        if c.n_kv_heads != c.n_heads:
+            rep = c.n_heads // c.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)
+        att = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+        x = x + self.attn_out(att.transpose(1, 2).reshape(B, Lq, c.n_heads * hd))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
 
 class Transformer(nn.Module):
     def __init__(self, c):
@@ -171,6 +202,26 @@ class LLaDA(nn.Module):
         cos, sin = self.rope_cos[:L], self.rope_sin[:L]
         for blk in t.blocks:
             x = blk(x, cos, sin)
+        return t.ff_out(t.ln_f(x))
+
+    def new_cache(self, batch, seq_len):
+        """An empty block cache: per layer [k, v] of [batch, n_kv_heads, seq_len, hd]."""
+        c = self.config
+        hd = c.d_model // c.n_heads
+        return [[torch.zeros(batch, c.n_kv_heads, seq_len, hd) for _ in range(2)]
+                for _ in range(c.n_layers)]
+
+    def forward_cached(self, ids, cache, q_start, q_end):
+        """Return logits [B, q_end - q_start, embedding_size] of the window of ids [B, T].
+
+        Only the window runs through the blocks; its keys and values replace their rows in
+        cache (from new_cache), and every other row is read as last stored. A window over
+        the whole sequence fills the cache.
+        """
+        t = self.model.transformer
+        x = t.wte(ids[:, q_start:q_end])
+        for blk, layer_cache in zip(t.blocks, cache):
+            x = blk.forward_cached(x, layer_cache, q_start, self.rope_cos, self.rope_sin)
         return t.ff_out(t.ln_f(x))
 
 # ----------------------------------------------------------------------------
@@ -559,8 +610,13 @@ def generate(model, prompt, gen_length=64, block_length=32, steps=64, temperatur
              cfg_scale=0.0, remasking="low_confidence", seed=0, on_step=None, params=None,
              top_k=0, top_p=1.0, schedule=None, eps=1e-3, ban_eos=False, suppress_eos=False,
              early_stop=False, eot_id=-1, margin=None, stats=None, suffix=(),
-             never_sampled=None):
+             never_sampled=None, cache="none"):
     """Run unmaskd's sampler and return the full canvas (prompt + generation) as a list.
+
+    cache: "none", or Fast-dLLM's "prefix" or "dual" block cache. A block's first forward
+    pass runs the whole canvas and fills the cache. Its later passes run the block and
+    everything after it (prefix) or the block alone (dual); the other positions read the
+    keys and values of that first pass.
 
     margin (a Margin) collects the closest decision; stats (a dict) receives
     forward_passes, steps_run, early_stop and eos_position. suffix: fixed tokens after
@@ -593,11 +649,19 @@ def generate(model, prompt, gen_length=64, block_length=32, steps=64, temperatur
     prompt_index = torch.zeros_like(x, dtype=torch.bool)
     prompt_index[0, :P] = True
     prompt_index &= x != mask_id
-    st = {"forward_passes": 0, "steps_run": 0, "early_stop": False, "eos_position": -1}
+    st = {"forward_passes": 0, "steps_run": 0, "early_stop": False, "eos_position": -1,
+          "cached_passes": 0}
+    n_seq = 2 if cfg_scale > 0 else 1
+    T = x.shape[1]
+    if cache != "none":
+        if mask_id in prompt:
+            raise ValueError("a block cache cannot serve a prompt with mask tokens")
+        kv = model.new_cache(n_seq, T)
     global_step = 0
     done = False
     for start, end, n_steps in block_plan(gen_length, block_length, steps):
         block_end = P + end
+        refresh = True
         # Every mask left of the block's end counts, prompt masks (infilling) included.
         n_masked_block = int((x[0, :block_end] == mask_id).sum())
         quotas = step_quota(n_masked_block, n_steps)
@@ -618,14 +682,26 @@ def generate(model, prompt, gen_length=64, block_length=32, steps=64, temperatur
             if quota == 0 and not adaptive:
                 continue
 
+            batch = x
             if cfg_scale > 0:
                 un = x.clone()
                 un[prompt_index] = mask_id
-                both = model(torch.cat([x, un], 0)).float()
-                scale = torch.tensor(np.float32(cfg_scale + 1.0))
-                logits = both[1] + scale * (both[0] - both[1])
+                batch = torch.cat([x, un], 0)
+            if cache == "none":
+                out = model(batch).float()
             else:
-                logits = model(x)[0].float()
+                q_start, q_end = 0, T
+                if not refresh:
+                    q_start, q_end = P + start, (P + end if cache == "dual" else T)
+                    st["cached_passes"] += 1
+                refresh = False
+                out = torch.full((n_seq, T, n_embed), math.nan)
+                out[:, q_start:q_end] = model.forward_cached(batch, kv, q_start, q_end).float()
+            if cfg_scale > 0:
+                scale = torch.tensor(np.float32(cfg_scale + 1.0))
+                logits = out[1] + scale * (out[0] - out[1])
+            else:
+                logits = out[0]
             st["forward_passes"] += 1
             st["steps_run"] += 1
 

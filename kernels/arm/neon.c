@@ -784,4 +784,6 @@ const um_kernel_table_t um_kernels_neon_table = {
     .logsumexp = um_k_logsumexp_neon,
     .vocab_stats = um_k_vocab_stats_neon,
     .gumbel_argmax = um_k_gumbel_argmax_neon,
+    /* NOTE: no NEON version of the int8 quantiser yet. */
+    .quantize_s8 = um_k_quantize_s8_ref,
 };

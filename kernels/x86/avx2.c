@@ -190,4 +190,5 @@ const um_kernel_table_t um_kernels_avx2_table = {
     .logsumexp = um_k_logsumexp_avx2,
     .vocab_stats = um_k_vocab_stats_avx2,
     .gumbel_argmax = um_k_gumbel_argmax_avx2,
+    .quantize_s8 = um_k_quantize_s8_avx2,
 };

@@ -180,4 +180,5 @@ const um_kernel_table_t um_kernels_avx512_table = {
     .logsumexp = um_k_logsumexp_avx512,
     .vocab_stats = um_k_vocab_stats_avx512,
     .gumbel_argmax = um_k_gumbel_argmax_avx512,
+    .quantize_s8 = um_k_quantize_s8_avx512,
 };

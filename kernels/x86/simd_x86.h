@@ -834,3 +834,62 @@ int32_t UM_X86_FN(gumbel_argmax)(const float *x, int32_t n, double temperature, 
     }
     return (int32_t)arg;
 }
+
+/* ------------------------------------------------------------------------- */
+/* int8 quantisation                                                          */
+
+/*
+ * um_k_quantize_s8_ref with 256-bit AVX2 instructions, which the AVX-512 build has too.
+ * It gives the same bits: the same f32 division, VROUNDPS to nearest even (as rintf in
+ * the default rounding mode), and max and min whose NaN rule matches fmaxf and fminf in
+ * the operand order used.
+ */
+float UM_X86_FN(quantize_s8)(int8_t *q, const float *x, int32_t n, int32_t levels)
+{
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vmax = _mm256_setzero_ps();
+    int32_t i = 0;
+    /* VMAXPS returns its second operand when either is a NaN, so NaN lanes keep vmax. */
+    for (; i + 8 <= n; i += 8)
+        vmax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask), vmax);
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
+    float max_abs = 0.0f;
+    for (int l = 0; l < 8; l++)
+        max_abs = fmaxf(max_abs, lanes[l]);
+    for (; i < n; i++)
+        max_abs = fmaxf(max_abs, fabsf(x[i]));
+    if (max_abs == 0.0f) {
+        for (i = 0; i < n; i++)
+            q[i] = 0;
+        return 0.0f;
+    }
+
+    float scale = max_abs / (float)levels;
+    const __m256 vscale = _mm256_set1_ps(scale);
+    const __m256 hi = _mm256_set1_ps((float)levels), lo = _mm256_set1_ps(-(float)levels);
+    /* VPACKS* interleave the 128-bit halves; this restores the order of the 32 values. */
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (i = 0; i + 32 <= n; i += 32) {
+        __m256i v[4];
+        for (int k = 0; k < 4; k++) {
+            __m256 t = _mm256_div_ps(_mm256_loadu_ps(x + i + 8 * k), vscale);
+            t = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            t = _mm256_max_ps(t, lo); /* a NaN becomes lo, as fmaxf(NaN, lo) */
+            t = _mm256_min_ps(t, hi);
+            v[k] = _mm256_cvtps_epi32(t);
+        }
+        __m256i w16 = _mm256_packs_epi32(v[0], v[1]), x16 = _mm256_packs_epi32(v[2], v[3]);
+        __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16, x16), order);
+        _mm256_storeu_si256((__m256i *)(q + i), b);
+    }
+    /* The tail repeats the reference's steps (the reference itself would recompute the
+     * scale from the tail alone). */
+    for (; i < n; i++) {
+        float t = rintf(x[i] / scale);
+        t = fmaxf(t, -(float)levels);
+        t = fminf(t, (float)levels);
+        q[i] = (int8_t)t;
+    }
+    return scale;
+}
