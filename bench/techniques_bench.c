@@ -1,0 +1,279 @@
+/*
+ * techniques-bench: what each of the engine's savings is worth, side by side in one run.
+ *
+ * The plain path does what the reference samplers do: the LM head over every position,
+ * every step a pass over the whole canvas, every planned step run, weights as loaded.
+ * Each other variant adds one technique to it, and the last adds them all:
+ *
+ *   rows         the LM head only for the positions that can be committed this step
+ *   early_stop   stop once everything after the first committed EOS is EOS
+ *   prefix       Fast-dLLM's prefix cache (with the rows-only head, as every cached pass)
+ *   dual         Fast-dLLM's dual cache (the same)
+ *   int8         int8 weights (a second copy of the model, quantised at load)
+ *   all          rows, early_stop, dual and int8 together
+ *
+ * The variants run in rounds, one generation of each per round, so that a busy machine
+ * slows them alike. For each it reports the median milliseconds per step (a step is one
+ * forward pass and its sampling), the median generated tokens per second (gen_length
+ * over the whole generation's time, since an early stop also fills the canvas), the
+ * forward passes, and how many generated tokens equal the plain path's.
+ */
+#include <getopt.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <unmaskd/error.h>
+
+#include "generate.h"
+#include "kernels.h"
+#include "log.h"
+#include "model.h"
+#include "plugins.h"
+#include "tokenizer.h"
+
+#define S_DEFAULT_PROMPT "once upon a time, there was a little girl named lily. she"
+
+enum { S_PLAIN, S_ROWS, S_EARLY_STOP, S_PREFIX, S_DUAL, S_INT8, S_ALL, S_N_VARIANTS };
+
+static const char *const s_variant_names[S_N_VARIANTS] = {
+    "plain", "rows", "early_stop", "prefix", "dual", "int8", "all"};
+
+typedef struct s_variant {
+    double *step_ms;    /* (repeat) milliseconds per forward pass */
+    double *tps;        /* (repeat) generated tokens per second */
+    int32_t passes;     /* forward passes of the last run */
+    int32_t agree;      /* generated tokens equal to the plain path's, last run */
+    int early_stopped;  /* the last run stopped early */
+} s_variant_t;
+
+static int s_cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double s_median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, s_cmp_double);
+    return v[n / 2];
+}
+
+static void s_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: techniques-bench [options]\n"
+            "  --model DIR         model folder (default models/tinystories)\n"
+            "  --plugin-dir DIR    folder with low_confidence.so and the tokenizer plugins\n"
+            "                      (default build-plugins)\n"
+            "  --prompt TEXT       prompt, encoded with the model's tokenizer (default a\n"
+            "                      story opening)\n"
+            "  --gen-length N      generated tokens (default 96)\n"
+            "  --steps N           denoising steps (default: gen length)\n"
+            "  --block-length N    block length (default 32)\n"
+            "  --repeat N          rounds (default 3)\n"
+            "  --threads N         OpenMP threads (default: OpenMP's choice)\n"
+            "  --weight-dtype TYPE weights of every variant but int8: f32, bf16 or auto\n"
+            "                      (default auto)\n"
+            "  --json              print one JSON object instead of the table\n");
+}
+
+/* The generation parameters of variant v, its policy state not yet begun. */
+static um_gen_params_t s_params(int v, const um_remask_ops_t *remask, int32_t gen_length,
+                                int32_t steps, int32_t block_length)
+{
+    um_gen_params_t p = {.gen_length = gen_length, .block_length = block_length,
+                         .steps = steps, .temperature = 0, .seed = 1, .remask = remask,
+                         .eot_id = -1};
+    p.full_lm_head = v == S_PLAIN || v == S_EARLY_STOP || v == S_INT8;
+    p.early_stop = v == S_EARLY_STOP || v == S_ALL;
+    p.cache = v == S_PREFIX ? UM_CACHE_PREFIX
+              : v == S_DUAL || v == S_ALL ? UM_CACHE_DUAL
+                                          : UM_CACHE_NONE;
+    return p;
+}
+
+int main(int argc, char **argv)
+{
+    const char *model_dir = "models/tinystories", *plugin_dir = "build-plugins";
+    const char *prompt_text = S_DEFAULT_PROMPT;
+    int gen_length = 96, steps = 0, block_length = 32, repeat = 3, threads = 0, json = 0;
+    um_model_options_t base_opts = {0};
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},        {"plugin-dir", required_argument, 0, 'p'},
+        {"prompt", required_argument, 0, 'P'},       {"gen-length", required_argument, 0, 'g'},
+        {"steps", required_argument, 0, 's'},        {"block-length", required_argument, 0, 'b'},
+        {"repeat", required_argument, 0, 'r'},       {"threads", required_argument, 0, 't'},
+        {"weight-dtype", required_argument, 0, 'w'}, {"json", no_argument, 0, 'j'},
+        {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
+    int c;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model_dir = optarg; break;
+        case 'p': plugin_dir = optarg; break;
+        case 'P': prompt_text = optarg; break;
+        case 'g': gen_length = atoi(optarg); break;
+        case 's': steps = atoi(optarg); break;
+        case 'b': block_length = atoi(optarg); break;
+        case 'r': repeat = atoi(optarg); break;
+        case 't': threads = atoi(optarg); break;
+        case 'w':
+            if (um_wdtype_parse(optarg, &base_opts.weight_dtype) != 0
+                || base_opts.weight_dtype == UM_WDTYPE_INT8) {
+                fprintf(stderr, "techniques-bench: --weight-dtype must be f32, bf16 or auto "
+                        "(int8 is a variant of its own), got \"%s\"\n", optarg);
+                return 2;
+            }
+            break;
+        case 'j': json = 1; break;
+        case 'h': s_usage(stdout); return 0;
+        default: s_usage(stderr); return 2;
+        }
+    }
+    if (steps == 0)
+        steps = gen_length;
+    if (gen_length < 1 || steps < 1 || block_length < 1 || repeat < 1) {
+        fprintf(stderr, "techniques-bench: --gen-length, --steps, --block-length and --repeat "
+                        "must be at least 1\n");
+        return 2;
+    }
+    if (threads > 0)
+        omp_set_num_threads(threads);
+    um_log_set_level(UM_LOG_WARN);
+
+    char err[1024] = "";
+    if (um_kernels_select(NULL, err, sizeof err) != 0) {
+        fprintf(stderr, "techniques-bench: %s\n", err);
+        return 2;
+    }
+    um_model_t *model = NULL, *model_int8 = NULL;
+    um_model_options_t int8_opts = {.weight_dtype = UM_WDTYPE_INT8};
+    if (um_model_load_opts(model_dir, &base_opts, &model, err, sizeof err) != 0
+        || um_model_load_opts(model_dir, &int8_opts, &model_int8, err, sizeof err) != 0) {
+        fprintf(stderr, "techniques-bench: %s\n", err);
+        return 1;
+    }
+    um_plugin_registry_t reg = {0};
+    um_plugins_scan(&reg, plugin_dir);
+    const um_plugin_t *policy = um_plugins_find(&reg, UM_PLUGIN_REMASK, "low_confidence");
+    if (!policy) {
+        fprintf(stderr, "techniques-bench: low_confidence.so not found in %s: build first and "
+                        "pass --plugin-dir\n", plugin_dir);
+        return 1;
+    }
+    um_tokenizer_t tok = {0};
+    int32_t *prompt = NULL;
+    size_t n_prompt = 0;
+    if (um_tokenizer_open(&tok, &reg, NULL, model_dir, err, sizeof err) != 0
+        || um_tokenizer_encode(&tok, prompt_text, strlen(prompt_text), &prompt, &n_prompt) != 0
+        || n_prompt == 0) {
+        fprintf(stderr, "techniques-bench: cannot encode the prompt: %s\n", err);
+        return 1;
+    }
+    const um_model_config_t *cfg = um_model_config(model);
+    int32_t L = (int32_t)n_prompt + gen_length;
+    if (L > cfg->max_sequence_length) {
+        fprintf(stderr, "techniques-bench: the prompt's %zu tokens plus gen_length %d pass the "
+                "model's %d positions: lower --gen-length\n", n_prompt, gen_length,
+                cfg->max_sequence_length);
+        return 2;
+    }
+
+    s_variant_t var[S_N_VARIANTS] = {{0}};
+    int32_t *canvas = malloc((size_t)L * sizeof *canvas);
+    int32_t *plain = malloc((size_t)L * sizeof *plain);
+    for (int v = 0; v < S_N_VARIANTS; v++) {
+        var[v].step_ms = calloc((size_t)repeat, sizeof *var[v].step_ms);
+        var[v].tps = calloc((size_t)repeat, sizeof *var[v].tps);
+    }
+    /* Round -1 warms up: primitives, page faults, caches. */
+    for (int r = -1; r < repeat; r++) {
+        for (int v = 0; v < S_N_VARIANTS; v++) {
+            um_gen_params_t p = s_params(v, policy->desc->remask, gen_length, steps,
+                                         block_length);
+            void *state = NULL;
+            um_param_t checked[16];
+            const um_remask_ops_t *ops = p.remask;
+            if (ops->n_params > 16
+                || um_params_check(ops->params, ops->n_params, NULL, 0, checked, err,
+                                   sizeof err) != 0
+                || ops->request_begin(um_plugin_host(), checked, ops->n_params, &state, err,
+                                      sizeof err) != 0) {
+                fprintf(stderr, "techniques-bench: %s\n", err);
+                return 1;
+            }
+            p.remask_state = state;
+            um_gen_stats_t st;
+            um_model_t *m = v == S_INT8 || v == S_ALL ? model_int8 : model;
+            int rc = um_generate(m, prompt, (int32_t)n_prompt, &p, NULL, NULL, canvas, &st, err,
+                                 sizeof err);
+            p.remask->request_end(state);
+            if (rc != 0) {
+                fprintf(stderr, "techniques-bench: %s: %s\n", s_variant_names[v], err);
+                return 1;
+            }
+            if (r < 0)
+                continue;
+            var[v].step_ms[r] = st.total_ms / (st.forward_passes > 0 ? st.forward_passes : 1);
+            var[v].tps[r] = gen_length / (st.total_ms / 1e3);
+            var[v].passes = st.forward_passes;
+            var[v].early_stopped = st.early_stop;
+            if (v == S_PLAIN)
+                memcpy(plain, canvas, (size_t)L * sizeof *canvas);
+            var[v].agree = 0;
+            for (int32_t i = (int32_t)n_prompt; i < L; i++)
+                var[v].agree += canvas[i] == plain[i];
+        }
+    }
+    double step_ms[S_N_VARIANTS], tps[S_N_VARIANTS];
+    for (int v = 0; v < S_N_VARIANTS; v++) {
+        step_ms[v] = s_median(var[v].step_ms, repeat);
+        tps[v] = s_median(var[v].tps, repeat);
+    }
+
+    if (json) {
+        printf("{\"model\":\"%s\",\"d_model\":%d,\"n_layers\":%d,\"vocab\":%d,"
+               "\"weight_dtype\":\"%s\",\"isa\":\"%s\",\"threads\":%d,\"prompt_tokens\":%zu,"
+               "\"gen_length\":%d,\"steps\":%d,\"block_length\":%d,\"repeat\":%d,"
+               "\"variants\":[",
+               model_dir, cfg->d_model, cfg->n_layers, cfg->embedding_size,
+               um_wdtype_name(um_model_weight_dtype(model)), um_isa_name(um_kernels_isa()),
+               omp_get_max_threads(), n_prompt, gen_length, steps, block_length, repeat);
+        for (int v = 0; v < S_N_VARIANTS; v++)
+            printf("%s{\"name\":\"%s\",\"ms_per_step_median\":%.3f,"
+                   "\"tokens_per_second_median\":%.3f,\"forward_passes\":%d,"
+                   "\"early_stop\":%s,\"tokens_equal_to_plain\":%d,"
+                   "\"step_speedup\":%.3f,\"tokens_per_second_speedup\":%.3f}",
+                   v ? "," : "", s_variant_names[v], step_ms[v], tps[v], var[v].passes,
+                   var[v].early_stopped ? "true" : "false", var[v].agree,
+                   step_ms[S_PLAIN] / step_ms[v], tps[v] / tps[S_PLAIN]);
+        printf("]}\n");
+    } else {
+        printf("model %s: d_model %d, %d layers, vocab %d, weights %s (int8 for int8 and all)\n",
+               model_dir, cfg->d_model, cfg->n_layers, cfg->embedding_size,
+               um_wdtype_name(um_model_weight_dtype(model)));
+        printf("kernels %s, %d threads; prompt %zu tokens, gen %d, steps %d, block %d, "
+               "medians of %d rounds\n", um_isa_name(um_kernels_isa()), omp_get_max_threads(),
+               n_prompt, gen_length, steps, block_length, repeat);
+        printf("%-11s %10s %8s %10s %8s %7s %12s\n", "variant", "ms/step", "speedup",
+               "tokens/s", "speedup", "passes", "same tokens");
+        for (int v = 0; v < S_N_VARIANTS; v++)
+            printf("%-11s %10.2f %7.2fx %10.1f %7.2fx %7d %6d of %d\n", s_variant_names[v],
+                   step_ms[v], step_ms[S_PLAIN] / step_ms[v], tps[v], tps[v] / tps[S_PLAIN],
+                   var[v].passes, var[v].agree, gen_length);
+    }
+    for (int v = 0; v < S_N_VARIANTS; v++) {
+        free(var[v].step_ms);
+        free(var[v].tps);
+    }
+    free(canvas);
+    free(plain);
+    free(prompt);
+    um_tokenizer_close(&tok);
+    um_plugins_clear(&reg);
+    um_model_destroy(&model);
+    um_model_destroy(&model_int8);
+    um_gemm_shutdown();
+    return 0;
+}
