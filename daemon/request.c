@@ -827,6 +827,10 @@ static void s_json_error(const char *data, size_t len, const json_error_t *jerr,
         {"invalid escape", "has an invalid escape",
          "JSON knows only \\\", \\\\, \\/, \\b, \\f, \\n, \\r, \\t and \\uXXXX: write a "
          "backslash as \\\\"},
+        {"too big integer", "is an integer past the 64-bit range",
+         "send at most 9223372036854775807 (2^63 - 1)"},
+        {"real number overflow", "is a number past the range of a double",
+         "send a number below 1.7e308"},
         {"invalid Unicode", "has a \\u escape that is no character",
          "write a character outside the Basic Multilingual Plane as a surrogate pair such as "
          "\\uD83D\\uDE00, never one half alone"},

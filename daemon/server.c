@@ -1373,9 +1373,13 @@ static int s_check_limits(const um_server_t *srv, const s_job_t *job, const um_r
 {
     int chat = req->messages != NULL;
     if (job->n_prompt > srv->max_prompt_tokens) {
+        int32_t prefix, suffix;
+        um_model_framing(srv->model_cfg, &prefix, &suffix);
         um_req_error_set(err, UM_ERR_OUT_OF_RANGE, chat ? "messages" : "prompt", "the prompt "
-                         "is %d tokens, over this daemon's limit of %d (--max-prompt-tokens): "
-                         "shorten it", job->n_prompt, srv->max_prompt_tokens);
+                         "is %d tokens%s, over this daemon's limit of %d (--max-prompt-tokens): "
+                         "shorten it", job->n_prompt,
+                         prefix >= 0 ? " with the [CLS] the model reads first" : "",
+                         srv->max_prompt_tokens);
         return -1;
     }
     if (job->params.gen_length > srv->max_gen_length) {
@@ -2271,6 +2275,14 @@ int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *
     srv->max_gen_length = cfg->max_gen_length > 0 && cfg->max_gen_length < positions
                               ? cfg->max_gen_length : positions - opening - closing;
     srv->max_steps = cfg->max_steps > 0 ? cfg->max_steps : 0;
+    if (cfg->max_prompt_tokens > srv->max_prompt_tokens)
+        um_notice("server", "--max-prompt-tokens %d is past what the model's %d positions "
+                  "allow, so the limit is %d", cfg->max_prompt_tokens, positions,
+                  srv->max_prompt_tokens);
+    if (cfg->max_gen_length > srv->max_gen_length)
+        um_notice("server", "--max-gen-length %d is past what the model's %d positions "
+                  "allow, so the limit is %d", cfg->max_gen_length, positions,
+                  srv->max_gen_length);
     int rc = um_chat_load(um_model_dir(model), &srv->chat, err, errlen);
     if (rc != 0) {
         free(srv);

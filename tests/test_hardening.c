@@ -1006,6 +1006,18 @@ START_TEST(test_limits)
                    "(--max-steps): send \"steps\" of at most 8");
     s_expect_generates(sock);
 
+    /* A number JSON parsers cannot hold: the field and the largest value are named. */
+    const char *too_big = "{\"op\":\"generate\",\"id\":\"h\",\"prompt\":\"hi\","
+                       "\"seed\":9223372036854775808}";
+    ck_assert_int_eq(zmq_send(sock, too_big, strlen(too_big), 0), (int)strlen(too_big));
+    json_t *hr = s_recv_must(sock);
+    ck_assert_str_eq(s_error_code(hr), UM_ERR_BAD_JSON);
+    json_t *he = json_object_get(hr, "error");
+    ck_assert_str_eq(json_string_value(json_object_get(he, "field")), "seed");
+    ck_assert_ptr_nonnull(strstr(json_string_value(json_object_get(he, "message")),
+                                 "past the 64-bit range"));
+    json_decref(hr);
+
     /* Over --max-request-size: an error reply. */
     char big[3001];
     int head = snprintf(big, sizeof big, "{\"op\":\"tokenize\",\"id\":\"big\",\"text\":\"");
