@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <unmaskd/error.h>
 
@@ -64,9 +65,11 @@ static void s_usage(FILE *out)
 {
     fprintf(out,
             "usage: techniques-bench [options]\n"
-            "  --model DIR         model folder (default models/tinystories)\n"
+            "  --model DIR         model folder (default models/tinystories, or\n"
+            "                      ../models/tinystories from a build folder)\n"
             "  --plugin-dir DIR    folder with low_confidence.so and the tokenizer plugins\n"
-            "                      (default build-plugins)\n"
+            "                      (default build-plugins, or build/build-plugins from the\n"
+            "                      source folder)\n"
             "  --prompt TEXT       prompt, encoded with the model's tokenizer (default a\n"
             "                      story opening)\n"
             "  --gen-length N      generated tokens (default 96)\n"
@@ -76,7 +79,13 @@ static void s_usage(FILE *out)
             "  --threads N         OpenMP threads (default: OpenMP's choice)\n"
             "  --weight-dtype TYPE weights of every variant but int8: f32, bf16 or auto\n"
             "                      (default auto)\n"
-            "  --json              print one JSON object instead of the table\n");
+            "  --json              print one JSON object instead of the table\n"
+            "\n"
+            "variants: plain (the LM head over every position, as the reference samplers),\n"
+            "rows (the LM head over the candidates only), early_stop, prefix and dual\n"
+            "(block caches), int8 (int8 weights), all (rows, early_stop, dual, int8).\n"
+            "\"same tokens\" counts generated tokens equal to the plain path's: rows must\n"
+            "match it, and the others show what they change.\n");
 }
 
 /* The generation parameters of variant v, its policy state not yet begun. */
@@ -99,6 +108,7 @@ int main(int argc, char **argv)
     const char *model_dir = "models/tinystories", *plugin_dir = "build-plugins";
     const char *prompt_text = S_DEFAULT_PROMPT;
     int gen_length = 96, steps = 0, block_length = 32, repeat = 3, threads = 0, json = 0;
+    int opt_model = 0, opt_plugins = 0;
     um_model_options_t base_opts = {0};
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},        {"plugin-dir", required_argument, 0, 'p'},
@@ -110,8 +120,8 @@ int main(int argc, char **argv)
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
-        case 'm': model_dir = optarg; break;
-        case 'p': plugin_dir = optarg; break;
+        case 'm': model_dir = optarg; opt_model = 1; break;
+        case 'p': plugin_dir = optarg; opt_plugins = 1; break;
         case 'P': prompt_text = optarg; break;
         case 'g': gen_length = atoi(optarg); break;
         case 's': steps = atoi(optarg); break;
@@ -133,11 +143,25 @@ int main(int argc, char **argv)
     }
     if (steps == 0)
         steps = gen_length;
-    if (gen_length < 1 || steps < 1 || block_length < 1 || repeat < 1) {
-        fprintf(stderr, "techniques-bench: --gen-length, --steps, --block-length and --repeat "
-                        "must be at least 1\n");
-        return 2;
+    const struct {
+        const char *name;
+        int value;
+    } counts[] = {{"--gen-length", gen_length}, {"--steps", steps},
+                  {"--block-length", block_length}, {"--repeat", repeat}};
+    for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++) {
+        if (counts[i].value < 1) {
+            fprintf(stderr, "techniques-bench: %s must be at least 1, got %d\n", counts[i].name,
+                    counts[i].value);
+            return 2;
+        }
     }
+    /* The defaults name the source tree's folders; from a build folder inside it they
+       are one level up. */
+    if (!opt_model && access(model_dir, F_OK) != 0 && access("../models/tinystories", F_OK) == 0)
+        model_dir = "../models/tinystories";
+    if (!opt_plugins && access(plugin_dir, F_OK) != 0
+        && access("build/build-plugins", F_OK) == 0)
+        plugin_dir = "build/build-plugins";
     if (threads > 0)
         omp_set_num_threads(threads);
     um_log_set_level(UM_LOG_WARN);
@@ -253,8 +277,8 @@ int main(int argc, char **argv)
         printf("model %s: d_model %d, %d layers, vocab %d, weights %s (int8 for int8 and all)\n",
                model_dir, cfg->d_model, cfg->n_layers, cfg->embedding_size,
                um_wdtype_name(um_model_weight_dtype(model)));
-        printf("kernels %s, %d threads; prompt %zu tokens, gen %d, steps %d, block %d, "
-               "medians of %d rounds\n", um_isa_name(um_kernels_isa()), omp_get_max_threads(),
+        printf("kernels %s, threads: %d; prompt %zu tokens, gen %d, steps %d, block %d, "
+               "rounds: %d (medians)\n", um_isa_name(um_kernels_isa()), omp_get_max_threads(),
                n_prompt, gen_length, steps, block_length, repeat);
         printf("%-11s %10s %8s %10s %8s %7s %12s\n", "variant", "ms/step", "speedup",
                "tokens/s", "speedup", "passes", "same tokens");
