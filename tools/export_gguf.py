@@ -25,7 +25,11 @@ import os
 import struct
 import sys
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:
+    sys.exit("export_gguf.py: needs numpy: run it with /usr/bin/python3 or install "
+             "python3-numpy")
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -387,21 +391,57 @@ def export(model_dir, out_path, dtype, log=print):
     header = b"".join(head)
 
     tmp = out_path + ".partial"
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(b"\0" * (align(len(header)) - len(header)))
-        base = f.tell()
-        for gg, hf, heads, shape, kind, off in infos:
-            f.write(b"\0" * (base + off - f.tell()))
-            data = convert(st.raw(hf), st.dtype(hf), "f32" if kind == GGML_F32 else "bf16")
-            if heads:
-                data = permute_rope_rows(data, heads)
-            f.write(np.ascontiguousarray(data).tobytes())
-        f.write(b"\0" * (base + offset - f.tell()))
-    # Renamed into place only when complete, so a cache never contains half a file.
-    os.replace(tmp, out_path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(b"\0" * (align(len(header)) - len(header)))
+            base = f.tell()
+            for gg, hf, heads, shape, kind, off in infos:
+                f.write(b"\0" * (base + off - f.tell()))
+                data = convert(st.raw(hf), st.dtype(hf),
+                               "f32" if kind == GGML_F32 else "bf16")
+                if heads:
+                    data = permute_rope_rows(data, heads)
+                f.write(np.ascontiguousarray(data).tobytes())
+            f.write(b"\0" * (base + offset - f.tell()))
+        # Renamed into place only when complete, so a cache never contains half a file.
+        os.replace(tmp, out_path)
+    except OSError as e:
+        remove_partial(tmp)
+        if e.filename and e.filename not in (tmp, out_path):
+            raise ExportError(f"cannot read {e.filename}: {e.strerror or e}")
+        raise ExportError(f"cannot write {out_path}: {e.strerror or e}: pass a writable "
+                          "file path")
+    except BaseException:
+        remove_partial(tmp)
+        raise
     log(f"wrote {out_path}: {len(infos)} tensors, {dtype} matrices, vocabulary {n_vocab}, "
         f"{os.path.getsize(out_path) / 1e6:.1f} MB")
+
+
+def remove_partial(path):
+    """Remove a half-written output; it may not exist."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def check_out_path(path):
+    """Fail early, before the model is read, on an output path that cannot be written."""
+    if os.path.isdir(path):
+        raise ExportError(f"{path} is a folder: pass a file path such as "
+                          f"{os.path.join(path, 'model.gguf')}")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ExportError(f"{path} is not a regular file: pass a file path such as "
+                          "DIR/model.gguf")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ExportError(f"cannot write {path}: the folder {folder} does not exist: pass a "
+                          "writable file path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {path}: the folder {folder} is not writable: pass a "
+                          "writable file path")
 
 
 def main():
@@ -413,6 +453,7 @@ def main():
                     help="storage of the weight matrices (default %(default)s)")
     a = ap.parse_args()
     try:
+        check_out_path(a.out)
         export(a.model_dir, a.out, a.dtype)
     except ExportError as e:
         sys.exit(f"export_gguf.py: {e}")
