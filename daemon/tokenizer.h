@@ -28,7 +28,8 @@ int um_tokenizer_open(um_tokenizer_t *tok, const um_plugin_registry_t *reg, cons
 
 /*
  * Load a second instance of the tokenizer src holds, from the same model_dir, for
- * another thread. Its load messages go to the debug level, since src's said the same.
+ * another thread. Its load messages go to the debug level, because src's load logged
+ * the same ones.
  */
 int um_tokenizer_open_copy(um_tokenizer_t *tok, const um_tokenizer_t *src,
                            const char *model_dir, char *err, size_t errlen);
