@@ -13,9 +13,12 @@
 
 #include "testutil.h"
 
+Suite *um_log_suite(void);
+
 int main(void)
 {
     SRunner *sr = srunner_create(um_kernels_suite());
+    srunner_add_suite(sr, um_log_suite());
     srunner_add_suite(sr, um_gemm_suite());
     srunner_add_suite(sr, um_safetensors_suite());
     srunner_add_suite(sr, um_model_suite());
