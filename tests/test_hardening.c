@@ -734,6 +734,15 @@ START_TEST(test_curve_bind)
     zmq_ctx_term(ctx);
     s_stop_clean(&d);
 
+    /* A key folder that other users may write is refused: they could add their own key. */
+    ck_assert_int_eq(chmod(clients, 0777), 0);
+    um_test_daemon_t open_keys = {.pid = -1};
+    ck_assert_int_ne(s_start_expect_exit(&open_keys, "curveperm", extra), 0);
+    ck_assert_msg(s_file_has(open_keys.log, "is writable by other users (mode 0777), who could "
+                             "add their own key: run chmod go-w"),
+                  "the log %s lacks the key folder's permissions", open_keys.log);
+    ck_assert_int_eq(chmod(clients, 0700), 0);
+
     static const char *const files[] = {"server.key", "server.pub", "client.key", "client.pub",
                                         "stranger.key", "stranger.pub", "keygen.log",
                                         "clients/client.pub"};
