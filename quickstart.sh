@@ -18,8 +18,8 @@ libpcre2-dev libutf8proc-dev libdnnl-dev libmicrohttpd-dev check libcurl4-openss
 # libxsmm (an optional attention backend) is packaged for x86-64 only.
 [ "$(uname -m)" = x86_64 ] && PACKAGES="$PACKAGES libxsmm-dev"
 # Only the tests need these: headless Chromium for the playground page test (large, so
-# the demo does not install it) and Python to drive it.
-TEST_PACKAGES="chromium chromium-driver python3"
+# the demo does not install it), Python to drive it, and numpy for the GGUF export test.
+TEST_PACKAGES="chromium chromium-driver python3 python3-numpy"
 
 install_packages() {
     missing=""

@@ -27,35 +27,34 @@
 /* ------------------------------------------------------------------------- */
 /* Host services                                                              */
 
-static void s_host_log(int level, const char *plugin, const char *fmt, ...)
+/* Write one plugin message at level, its component named after the plugin. */
+static void s_host_vlog(int level, const char *plugin, const char *fmt, va_list ap)
 {
     if (level < um_log_threshold)
         return;
     char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
     char component[96];
     snprintf(component, sizeof component, "plugin %s", plugin ? plugin : "?");
     um_log_write(level, component, "%s", msg);
 }
 
-/* As s_host_log with information demoted to debug, for a second copy of a plugin's state. */
-static void s_host_log_quiet(int level, const char *plugin, const char *fmt, ...)
+static void s_host_log(int level, const char *plugin, const char *fmt, ...)
 {
-    if (level == UM_LOG_INFO)
-        level = UM_LOG_DEBUG;
-    if (level < um_log_threshold)
-        return;
-    char msg[1024];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    s_host_vlog(level, plugin, fmt, ap);
     va_end(ap);
-    char component[96];
-    snprintf(component, sizeof component, "plugin %s", plugin ? plugin : "?");
-    um_log_write(level, component, "%s", msg);
+}
+
+/* Log as s_host_log, with information messages demoted to debug, for a second instance
+   whose load would repeat the first one's messages. */
+static void s_host_log_quiet(int level, const char *plugin, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    s_host_vlog(level == UM_LOG_INFO ? UM_LOG_DEBUG : level, plugin, fmt, ap);
+    va_end(ap);
 }
 
 static int32_t s_select_top(const double *score, int32_t n, int32_t k, int32_t *out)

@@ -1625,8 +1625,8 @@ static int s_accept_score(um_server_t *srv, const s_client_t *client, um_request
         goto fail;
     }
     job->n_answer = (int32_t)n_answer;
-    /* The score of an answer holding a token no sampler may predict ([MASK], BERT's [CLS]
-       or [PAD]) means nothing: the mask token is what the estimate puts in its place. */
+    /* An answer that contains a token the model never predicts ([MASK], BERT's [CLS] or
+       [PAD]) has no likelihood, because the estimate masks answer tokens with [MASK]. */
     int32_t never[UM_MODEL_MAX_NEVER_SAMPLED];
     int32_t n_never = um_model_never_sampled(srv->model_cfg, never);
     for (int32_t i = 0; i < job->n_answer; i++) {

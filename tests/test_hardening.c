@@ -823,7 +823,7 @@ START_TEST(test_plugin_permissions)
         {"file", 0755, 0646, (gid_t)-1},
         {"group", 0755, 0664, 100}, /* "users" on Debian, not the daemon's group */
         {"good", 0755, 0664, (gid_t)-1},
-        {"owner", 0755, 0644, (gid_t)-1}, /* given to user nobody below, when root */
+        {"owner", 0755, 0644, (gid_t)-1}, /* given to user "nobody" below, when root */
         {"loose", 0777, 0644, (gid_t)-1}, /* the folder above a plugin folder */
     };
     char paths[6][300], files[6][1900]; /* gcc bounds paths[i] by the whole array */
@@ -851,7 +851,7 @@ START_TEST(test_plugin_permissions)
             extra[n_extra++] = paths[i];
         }
     }
-    /* A folder of user nobody: that user could swap the plugins. */
+    /* A folder owned by user "nobody": that user could swap the plugins. */
     int owner_tested = chown(paths[4], 65534, (gid_t)-1) == 0;
     if (owner_tested) {
         extra[n_extra++] = "--plugin-dir";
@@ -1009,7 +1009,8 @@ START_TEST(test_limits)
     json_object_set_new(nul, "remasking", json_stringn("low_confidence\0x", 16));
     s_expect_error(sock, nul, UM_ERR_INVALID, "remasking", "remasking contains a NUL character");
     s_expect_generates(sock);
-    /* Steps default to gen_length: the error says so rather than name a value never sent. */
+    /* Steps default to gen_length, and the error states that default rather than a value
+       the client never sent. */
     s_expect_error(sock, s_generate("d", "hi", 16), UM_ERR_OUT_OF_RANGE, "steps",
                    "steps defaults to gen_length, 16, over this daemon's limit of 8 "
                    "(--max-steps): send \"steps\" of at most 8");

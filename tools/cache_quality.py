@@ -38,22 +38,8 @@ import torch.nn.functional as F
 
 import llada_ref
 import um_data
-import um_tokenizer
 
 MODES = ("none", "prefix", "dual")
-
-
-def held_out(model_dir):
-    """Return (stream of held-out tokens, held-out stories, tokenizer), or Nones."""
-    import train
-
-    text = os.path.join(um_data.data_dir(), "tinystories_train_head_lowercase.txt")
-    if not os.path.exists(text):
-        return None, None, None
-    _, val_s = um_data.split_stories(um_data.read_stories(text))
-    tok = um_tokenizer.load(os.path.join(model_dir, "tokenizer.json"))
-    val, _ = train.encode_stories(tok, val_s, tok.added["<|endoftext|>"])
-    return val, val_s, tok
 
 
 @torch.no_grad()
@@ -124,7 +110,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    stream, stories, tok = held_out(args.model)
+    stream, stories, tok = um_data.held_out(args.model)
     if stream is None:
         print("skipping: the TinyStories text was not found; set UNMASKD_DATA to the data "
               "folder (with tinystories-head/)")

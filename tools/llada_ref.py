@@ -125,13 +125,21 @@ class Block(nn.Module):
         k = self.k_proj(h).view(B, L, c.n_kv_heads, hd).transpose(1, 2)
         v = self.v_proj(h).view(B, L, c.n_kv_heads, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self._attend_and_mlp(x, q, k, v)
+
+    def _attend_and_mlp(self, x, q, k, v):
+        """Return the block's output for input x [B, Lq, d] given its rotated q [B, heads,
+        Lq, hd] and the keys and values it attends over: attention, then the MLP."""
+        c = self.c
+        B, Lq, _ = x.shape
+        hd = c.d_model // c.n_heads
         if c.n_kv_heads != c.n_heads:
             rep = c.n_heads // c.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)
         att = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
-        x = x + self.attn_out(att.transpose(1, 2).reshape(B, L, c.n_heads * hd))
+        x = x + self.attn_out(att.transpose(1, 2).reshape(B, Lq, c.n_heads * hd))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
@@ -155,16 +163,7 @@ class Block(nn.Module):
         T = layer_cache[0].shape[2]
         q = apply_rope(q, cos[q_start:q_start + Lq], sin[q_start:q_start + Lq])
         k = apply_rope(layer_cache[0], cos[:T], sin[:T])
-        v = layer_cache[1]
-        if c.n_kv_heads != c.n_heads:
-            rep = c.n_heads // c.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)
-        att = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
-        x = x + self.attn_out(att.transpose(1, 2).reshape(B, Lq, c.n_heads * hd))
-        h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return self._attend_and_mlp(x, q, k, layer_cache[1])
 
 
 class Transformer(nn.Module):
@@ -205,7 +204,7 @@ class LLaDA(nn.Module):
         return t.ff_out(t.ln_f(x))
 
     def new_cache(self, batch, seq_len):
-        """An empty block cache: per layer [k, v] of [batch, n_kv_heads, seq_len, hd]."""
+        """Return an empty block cache: per layer [k, v] of [batch, n_kv_heads, seq_len, hd]."""
         c = self.config
         hd = c.d_model // c.n_heads
         return [[torch.zeros(batch, c.n_kv_heads, seq_len, hd) for _ in range(2)]
@@ -214,8 +213,8 @@ class LLaDA(nn.Module):
     def forward_cached(self, ids, cache, q_start, q_end):
         """Return logits [B, q_end - q_start, embedding_size] of the window of ids [B, T].
 
-        Only the window runs through the blocks; its keys and values replace their rows in
-        cache (from new_cache), and every other row is read as last stored. A window over
+        Only the window runs through the blocks. Its keys and values replace their rows in
+        cache (from new_cache), and every other row is read as last stored, so a window over
         the whole sequence fills the cache.
         """
         t = self.model.transformer

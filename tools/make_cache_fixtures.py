@@ -5,7 +5,7 @@ Each case runs the PyTorch reference (llada_ref.generate with cache "prefix" or 
 and records the exact canvas, the forward passes, how many of them reused the cache, and
 whether the canvas equals the uncached one. As in make_fixtures.py, a case is kept only
 when every decision is several times farther from flipping than the two engines' logits
-differ; cases whose tokens depend on the seed try further seeds first.
+differ. A case whose tokens depend on the seed tries further seeds first.
 
 Usage: make_cache_fixtures.py --model models/tinystories --out tests/fixtures
 """

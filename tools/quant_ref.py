@@ -5,10 +5,10 @@ and a quality report of the quantisation on the bundled model.
 Weights: every linear layer's matrix W [N, K] is quantised per output channel (row):
 scale[n] = max_k |W[n, k]| / 127 in float32, q = W / scale (a float32 division) rounded
 half to even and clamped to [-127, 127]; an all-zero row gets scale 0 and q = 0. The
-embedding table and the norms stay as they are. Activations, on oneDNN's int8 path,
-are quantised the same way per row (one row per token) with `levels` steps each side
-of 0: 127 on CPUs with VNNI (and outside x86), 63 on x86 CPUs without it (see
-um_gemm_int8_levels in kernels/kernels.h). The dequant path keeps activations in f32.
+embedding table and the norms stay as they are. On oneDNN's int8 path, activations
+are quantised the same way per row (one row per token), with `levels` steps each side
+of 0. levels is 127 on CPUs with VNNI (and outside x86) and 63 on x86 CPUs without it
+(um_gemm_int8_levels in kernels/kernels.h). The dequant path keeps activations in f32.
 
 Commands:
   fixtures OUT_DIR   write quant.json and its .bin files for tests/test_gemm.c and
@@ -174,26 +174,11 @@ def write_fixtures(out_dir, model_dir):
 # Quality report
 
 
-def held_out_stream(model_dir):
-    """Return the validation stories' token stream as train.py splits it, or None."""
-    import um_data
-    import um_tokenizer
-    import train
-
-    text = os.path.join(um_data.data_dir(), "tinystories_train_head_lowercase.txt")
-    if not os.path.exists(text):
-        return None, None, None
-    _, val_s = um_data.split_stories(um_data.read_stories(text))
-    tok = um_tokenizer.load(os.path.join(model_dir, "tokenizer.json"))
-    eos = tok.added["<|endoftext|>"]
-    val, _ = train.encode_stories(tok, val_s, eos)
-    return val, val_s, tok
-
-
 def quality(args):
     import train
+    import um_data
 
-    val, val_s, tok = held_out_stream(args.model)
+    val, val_s, tok = um_data.held_out(args.model)
     if val is None:
         print("skipping the quality report: the TinyStories text was not found; set "
               "UNMASKD_DATA to the data folder (with tinystories-head/)")

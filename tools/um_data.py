@@ -39,3 +39,20 @@ def split_stories(stories, holdout=0.05):
     """Split stories into (train, validation); the last `holdout` fraction is validation."""
     n_val = max(1, int(len(stories) * holdout))
     return stories[:-n_val], stories[-n_val:]
+
+
+def held_out(model_dir):
+    """Return the held-out token stream, stories and tokenizer, as train.py splits them.
+
+    Returns three Nones when the TinyStories text is not in data_dir().
+    """
+    import train
+    import um_tokenizer
+
+    text = os.path.join(data_dir(), "tinystories_train_head_lowercase.txt")
+    if not os.path.exists(text):
+        return None, None, None
+    _, val_s = split_stories(read_stories(text))
+    tok = um_tokenizer.load(os.path.join(model_dir, "tokenizer.json"))
+    val, _ = train.encode_stories(tok, val_s, tok.added["<|endoftext|>"])
+    return val, val_s, tok
