@@ -1438,6 +1438,8 @@ static void s_curve_cluster(void)
         ck_assert(out != NULL);
         fputs(text, out);
         fclose(out);
+        /* Not left to the umask: a key file others may write is rejected. */
+        ck_assert_int_eq(chmod(path, 0644), 0);
         free(text);
     }
     char key[300], workers[300], clients[300], server_pub[300], worker_key[300], stranger[300];
