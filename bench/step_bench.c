@@ -3,7 +3,9 @@
  *
  * Reports the forward pass over the whole canvas (what every denoising step costs),
  * then whole generations: milliseconds per denoising step and generated tokens per
- * second. Prints a table, and one JSON object with --json so runs can be compared.
+ * second. With --batch N it also runs N generations (seeds 1 to N) one after another
+ * and then in one batch sharing each step's forward pass (um_gen_step_batch), and
+ * reports both. Prints a table, and one JSON object with --json so runs can be compared.
  */
 #include <getopt.h>
 #include <math.h>
@@ -53,6 +55,8 @@ static void s_usage(FILE *out)
             "  --cache LIST        block caches to time generations with, comma-separated:\n"
             "                      none, prefix, dual (default none); the table and JSON\n"
             "                      give each one's step time and agreement with the first\n"
+            "  --batch N           also time N generations (seeds 1 to N, cache none) one\n"
+            "                      after another and in one batch, side by side\n"
             "  --json              print one JSON object instead of the table\n");
 }
 
@@ -65,6 +69,110 @@ typedef struct s_gen_result {
     int32_t agree;            /* generated tokens equal to the first mode's */
     double cache_mb;
 } s_gen_result_t;
+
+/* Medians of --batch: N generations one after another, then in one batch. */
+typedef struct s_batch_result {
+    int n;
+    double serial_ms, batch_ms;   /* median wall time of all N generations */
+    int32_t agree;                /* batched tokens equal to the serial run's */
+    int32_t largest_batch;        /* stats.batch_size of the first generation */
+} s_batch_result_t;
+
+/* Run N generations of p with seeds 1..N, one after another (batched 0) or in one batch;
+ * writes each canvas (L ids) to canvases. Returns the wall time, or -1 with err filled. */
+static double s_run_n(um_model_t *model, const int32_t *ids, int prompt_tokens,
+                      const um_gen_params_t *p, int n, int batched, int32_t *canvases,
+                      int32_t L, int32_t *largest, char *err, size_t errlen)
+{
+    um_gen_params_t *ps = malloc((size_t)n * sizeof *ps);
+    um_gen_t **gens = calloc((size_t)n, sizeof *gens);
+    double ms = -1;
+    if (!ps || !gens) {
+        snprintf(err, errlen, "out of memory for %d generations", n);
+        goto done;
+    }
+    double t0 = s_now_ms();
+    for (int i = 0; i < n; i++) {
+        ps[i] = *p;
+        ps[i].seed = (uint64_t)i + 1;
+        int32_t *canvas = canvases + (size_t)i * L;
+        if (!batched) {
+            um_gen_stats_t st;
+            if (um_generate(model, ids, prompt_tokens, &ps[i], NULL, NULL, canvas, &st, err,
+                            errlen) != 0)
+                goto done;
+        } else if (um_gen_begin(model, ids, prompt_tokens, &ps[i], NULL, NULL, canvas, &gens[i],
+                                err, errlen) != 0) {
+            goto done;
+        }
+    }
+    for (int running = batched; running;) {
+        if (um_gen_step_batch(gens, n) != 0) {
+            snprintf(err, errlen, "out of memory for a batch of %d", n);
+            goto done;
+        }
+        running = 0;
+        for (int i = 0; i < n; i++)
+            running |= !um_gen_done(gens[i]);
+    }
+    for (int i = 0; batched && i < n; i++) {
+        um_gen_stats_t st;
+        if (um_gen_end(&gens[i], &st, err, errlen) != 0)
+            goto done;
+        if (i == 0)
+            *largest = st.batch_size;
+    }
+    ms = s_now_ms() - t0;
+
+done:
+    for (int i = 0; gens && i < n; i++)
+        if (gens[i])
+            um_gen_end(&gens[i], NULL, NULL, 0);
+    free(gens);
+    free(ps);
+    return ms;
+}
+
+/* Time --batch: repeat times N serial generations, then N batched. Returns 0 or -1. */
+static int s_time_batch(um_model_t *model, const int32_t *ids, int prompt_tokens,
+                        const um_gen_params_t *p, int repeat, int32_t L, s_batch_result_t *res,
+                        char *err, size_t errlen)
+{
+    const int n = res->n;
+    int32_t *serial = malloc((size_t)n * L * sizeof *serial);
+    int32_t *batch = malloc((size_t)n * L * sizeof *batch);
+    double *serial_ms = malloc((size_t)repeat * sizeof *serial_ms);
+    double *batch_ms = malloc((size_t)repeat * sizeof *batch_ms);
+    int rc = -1;
+    if (!serial || !batch || !serial_ms || !batch_ms) {
+        snprintf(err, errlen, "out of memory for %d canvases", n);
+        goto done;
+    }
+    /* Alternate the two so that a change in machine load hits both alike. */
+    for (int r = 0; r < repeat; r++) {
+        int32_t one = 1;
+        serial_ms[r] = s_run_n(model, ids, prompt_tokens, p, n, 0, serial, L, &one, err, errlen);
+        batch_ms[r] = s_run_n(model, ids, prompt_tokens, p, n, 1, batch, L,
+                              &res->largest_batch, err, errlen);
+        if (serial_ms[r] < 0 || batch_ms[r] < 0)
+            goto done;
+    }
+    qsort(serial_ms, (size_t)repeat, sizeof *serial_ms, s_cmp_double);
+    qsort(batch_ms, (size_t)repeat, sizeof *batch_ms, s_cmp_double);
+    res->serial_ms = serial_ms[repeat / 2];
+    res->batch_ms = batch_ms[repeat / 2];
+    res->agree = 0;
+    for (size_t i = 0; i < (size_t)n * L; i++)
+        res->agree += (i % L) >= (size_t)prompt_tokens && serial[i] == batch[i];
+    rc = 0;
+
+done:
+    free(serial);
+    free(batch);
+    free(serial_ms);
+    free(batch_ms);
+    return rc;
+}
 
 /* Parse "none,prefix,dual" into modes; returns their count, or -1 for an unknown name. */
 static int s_parse_caches(const char *list, um_cache_mode_t *modes, int max)
@@ -129,7 +237,7 @@ int main(int argc, char **argv)
     const char *isa = NULL, *attention = NULL;
     um_model_options_t load_opts = {0};
     int prompt_tokens = 16, gen_length = 64, steps = 64, block_length = 32, repeat = 5;
-    int threads = 0, json = 0, n_caches = 1;
+    int threads = 0, json = 0, n_caches = 1, batch_n = 0;
     um_cache_mode_t caches[3] = {UM_CACHE_NONE};
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},      {"plugin-dir", required_argument, 0, 'p'},
@@ -139,6 +247,7 @@ int main(int argc, char **argv)
         {"isa", required_argument, 0, 'i'},        {"weight-dtype", required_argument, 0, 'w'},
         {"attention", required_argument, 0, 'a'}, {"cache", required_argument, 0, 'c'},
         {"json", no_argument, 0, 'j'},             {"help", no_argument, 0, 'h'},
+        {"batch", required_argument, 0, 'B'},
         {0, 0, 0, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -151,6 +260,7 @@ int main(int argc, char **argv)
         case 'b': block_length = atoi(optarg); break;
         case 'r': repeat = atoi(optarg); break;
         case 't': threads = atoi(optarg); break;
+        case 'B': batch_n = atoi(optarg); break;
         case 'i': isa = optarg; break;
         case 'a': attention = optarg; break;
         case 'c':
@@ -173,9 +283,10 @@ int main(int argc, char **argv)
         default: s_usage(stderr); return 2;
         }
     }
-    if (prompt_tokens < 1 || gen_length < 1 || steps < 1 || block_length < 1 || repeat < 1) {
+    if (prompt_tokens < 1 || gen_length < 1 || steps < 1 || block_length < 1 || repeat < 1
+        || batch_n < 0) {
         fprintf(stderr, "step-bench: --prompt-tokens, --gen-length, --steps, --block-length "
-                        "and --repeat must be at least 1\n");
+                        "and --repeat must be at least 1, and --batch at least 0\n");
         return 2;
     }
     if (threads > 0)
@@ -242,6 +353,18 @@ int main(int argc, char **argv)
         for (int32_t i = prompt_tokens; i < L; i++)
             res[k].agree += canvas[i] == first[i];
     }
+    s_batch_result_t batch = {.n = batch_n};
+    if (batch_n > 0) {
+        um_gen_params_t p = {.gen_length = gen_length, .block_length = block_length,
+                             .steps = steps, .temperature = 0, .cfg_scale = 0,
+                             .remask = policy->desc->remask};
+        if (s_time_batch(model, ids, prompt_tokens, &p, repeat, L, &batch, err, sizeof err)
+            != 0) {
+            fprintf(stderr, "step-bench: --batch %d: %s\n", batch_n, err);
+            return 1;
+        }
+    }
+    const double batch_tokens = (double)batch_n * gen_length;
     int passes = res[0].passes;
     qsort(fwd, (size_t)repeat, sizeof *fwd, s_cmp_double);
     int mid = repeat / 2;
@@ -273,7 +396,15 @@ int main(int argc, char **argv)
                    k ? "," : "", um_cache_mode_name(res[k].cache), res[k].passes,
                    res[k].cached_passes, res[k].cache_mb, res[k].step_ms[1], res[k].tps[1],
                    res[k].agree);
-        printf("]}\n");
+        printf("]");
+        if (batch_n > 0)
+            printf(",\"batch\":{\"n\":%d,\"serial_ms_median\":%.3f,\"batch_ms_median\":%.3f,"
+                   "\"serial_tokens_per_second\":%.2f,\"batch_tokens_per_second\":%.2f,"
+                   "\"speedup\":%.3f,\"batch_size\":%d,\"tokens_agreeing\":%d}",
+                   batch_n, batch.serial_ms, batch.batch_ms,
+                   batch_tokens / (batch.serial_ms / 1e3), batch_tokens / (batch.batch_ms / 1e3),
+                   batch.serial_ms / batch.batch_ms, batch.largest_batch, batch.agree);
+        printf("}\n");
     } else {
         printf("model %s: d_model %d, %d layers, vocab %d, weights %s\n", model_dir,
                cfg->d_model, cfg->n_layers, cfg->embedding_size, um_model_dtype(model));
@@ -302,6 +433,16 @@ int main(int argc, char **argv)
                    res[k].step_ms[1] / res[0].step_ms[1], um_cache_mode_name(res[0].cache),
                    res[k].cached_passes, res[k].passes, res[k].cache_mb, res[k].agree,
                    gen_length, um_cache_mode_name(res[0].cache));
+        if (batch_n > 0) {
+            printf("%d generations (seeds 1 to %d), median of %d runs:\n", batch_n, batch_n,
+                   repeat);
+            printf("  one after another: %10.1f ms, %8.1f generated tokens/s\n",
+                   batch.serial_ms, batch_tokens / (batch.serial_ms / 1e3));
+            printf("  in one batch:      %10.1f ms, %8.1f generated tokens/s (%.2fx), "
+                   "batch_size %d, %d of %d tokens as one after another\n", batch.batch_ms,
+                   batch_tokens / (batch.batch_ms / 1e3), batch.serial_ms / batch.batch_ms,
+                   batch.largest_batch, batch.agree, (int)batch_tokens);
+        }
     }
     free(ids);
     free(canvas);

@@ -77,6 +77,48 @@ typedef struct s_buffers {
     float *tmp;    /* (n_threads, d_model) one row per thread */
 } s_buffers_t;
 
+/*
+ * Where the T rows of a pass come from. Uniform: the window [q_start, q_start + q_len)
+ * of each of n_seq sequences of seq_len ids, q_len rows per sequence. Ragged (offsets
+ * set): n_seq sequences of different lengths concatenated, sequence s being rows and
+ * ids [offsets[s], offsets[s + 1]), every position a query row.
+ */
+typedef struct s_layout {
+    int32_t n_seq, seq_len, q_start, q_len;
+    const int32_t *offsets; /* (n_seq + 1) ascending, from 0; NULL when uniform */
+} s_layout_t;
+
+static int32_t s_layout_rows(const s_layout_t *lo)
+{
+    return lo->offsets ? lo->offsets[lo->n_seq] : lo->n_seq * lo->q_len;
+}
+
+/* The ragged sequence that row t belongs to: the last s with offsets[s] <= t. */
+static int32_t s_seq_of_row(const s_layout_t *lo, int32_t t)
+{
+    int32_t lo_s = 0, hi_s = lo->n_seq - 1;
+    while (lo_s < hi_s) {
+        int32_t mid = lo_s + (hi_s - lo_s + 1) / 2;
+        if (lo->offsets[mid] <= t)
+            lo_s = mid;
+        else
+            hi_s = mid - 1;
+    }
+    return lo_s;
+}
+
+/* Position of row t within its sequence; sets *id to the index of its token in ids. */
+static size_t s_row_position(const s_layout_t *lo, size_t t, size_t *id)
+{
+    if (lo->offsets) {
+        *id = t;
+        return t - (size_t)lo->offsets[s_seq_of_row(lo, (int32_t)t)];
+    }
+    size_t pos = (size_t)lo->q_start + t % (size_t)lo->q_len;
+    *id = (t / (size_t)lo->q_len) * (size_t)lo->seq_len + pos;
+    return pos;
+}
+
 /* Round a float count up to 16 floats, so every buffer starts 64-byte aligned. */
 static size_t s_round16(size_t n)
 {
@@ -131,20 +173,19 @@ static void s_embed_row(const um_kernel_table_t *k, const um_embedding_t *e, siz
 
 /*
  * Token embeddings, plus, for the BERT family, learned positions and token type 0
- * followed by the embedding LayerNorm. The T rows are the window [q_start, q_start +
- * q_len) of each sequence of ids (n_seq, seq_len). Row t is position q_start + t % q_len.
- * tmp has one row of d floats per thread.
+ * followed by the embedding LayerNorm, for the T rows of the layout. tmp has one row of
+ * d floats per thread.
  */
 static void s_embed(const um_kernel_table_t *k, const um_model_config_t *c,
-                    const um_model_weights_t *w, const int32_t *ids, size_t T, int32_t seq_len,
-                    int32_t q_start, int32_t q_len, float *x, float *tmp)
+                    const um_model_weights_t *w, const int32_t *ids, size_t T,
+                    const s_layout_t *lo, float *x, float *tmp)
 {
     int32_t d = c->d_model;
 #pragma omp parallel for schedule(static) if (T > 1)
     for (size_t t = 0; t < T; t++) {
         float *row = x + t * d, *scratch = tmp + (size_t)s_thread_index() * d;
-        size_t pos = (size_t)q_start + t % (size_t)q_len;
-        size_t id = (t / (size_t)q_len) * (size_t)seq_len + pos;
+        size_t id;
+        size_t pos = s_row_position(lo, t, &id);
         s_embed_row(k, &w->wte, (size_t)ids[id], d, row, scratch, 0);
         if (c->rope)
             continue;
@@ -185,11 +226,10 @@ static void s_bias_rows(const um_kernel_table_t *k, float *y, const float *bias,
  * Rotate q and k by their position within the sequence (RoPE families only), and fold
  * the attention scale 1/sqrt(head_dim) into q so that the score product needs no
  * scaling of its own. The scale is applied after the rotation, so it changes no result
- * beyond f32 rounding. Row t is position q_start + t % q_len.
+ * beyond f32 rounding. Positions come from the layout.
  */
 static void s_rope_rows(const um_kernel_table_t *k, const um_model_config_t *c,
-                        const float *rope, float *q, float *kk, size_t T, int32_t q_start,
-                        int32_t q_len)
+                        const float *rope, float *q, float *kk, size_t T, const s_layout_t *lo)
 {
     int32_t hd = c->head_dim;
     size_t q_dim = (size_t)c->n_heads * hd, kv_dim = (size_t)c->n_kv_heads * hd;
@@ -198,7 +238,8 @@ static void s_rope_rows(const um_kernel_table_t *k, const um_model_config_t *c,
     for (size_t t = 0; t < T; t++) {
         float *q_row = q + t * q_dim, *k_row = kk + t * kv_dim;
         if (c->rope) {
-            const float *cos_sin = rope + ((size_t)q_start + t % (size_t)q_len) * hd;
+            size_t id;
+            const float *cos_sin = rope + s_row_position(lo, t, &id) * hd;
             for (int32_t h = 0; h < c->n_heads; h++)
                 k->rope(q_row + (size_t)h * hd, cos_sin, hd);
             for (int32_t h = 0; h < c->n_kv_heads; h++)
@@ -250,12 +291,6 @@ static int s_apply3(const um_gemm_weight_t *w1, float *y1, int32_t ld1,
     return rc;
 }
 
-/* Query rows of a pass: n_seq times the window length. */
-static int32_t s_query_rows(const um_attention_shape_t *att)
-{
-    return att->n_seq * (att->q_len > 0 ? att->q_len : att->seq_len);
-}
-
 /*
  * A pass's view of the block cache: this layer's key and value rows, (n_seq, seq_len,
  * kv_dim) each, and where the query window starts. NULL k for an uncached pass.
@@ -290,11 +325,11 @@ static void s_cache_store(const um_model_config_t *c, const um_attention_shape_t
  */
 static int s_attention_sublayer(const um_kernel_table_t *k, const um_model_config_t *c,
                                 const um_block_weights_t *w, const float *rope,
-                                const s_buffers_t *b, const float *in,
+                                const s_buffers_t *b, const float *in, const s_layout_t *lo,
                                 const um_attention_shape_t *att, const s_layer_cache_t *lc,
                                 um_forward_profile_t *prof)
 {
-    int32_t T = s_query_rows(att), d = c->d_model;
+    int32_t T = s_layout_rows(lo), d = c->d_model;
     int32_t q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
     int rc = 0;
 
@@ -308,9 +343,7 @@ static int s_attention_sublayer(const um_kernel_table_t *k, const um_model_confi
         s_bias_rows(k, b->k, w->k_bias, T, kv_dim, kv_dim);
         s_bias_rows(k, b->v, w->v_bias, T, kv_dim, kv_dim);
     });
-    int32_t q_start = lc ? lc->q_start : 0;
-    int32_t q_len = att->q_len > 0 ? att->q_len : att->seq_len;
-    S_TIMED(prof, rope_ms, s_rope_rows(k, c, rope, b->q, b->k, T, q_start, q_len));
+    S_TIMED(prof, rope_ms, s_rope_rows(k, c, rope, b->q, b->k, T, lo));
     const float *keys = b->k, *values = b->v;
     if (lc) {
         /*
@@ -358,16 +391,16 @@ static int s_mlp_sublayer(const um_kernel_table_t *k, const um_model_config_t *c
  */
 static int s_block(const um_kernel_table_t *k, const um_model_config_t *c,
                    const um_block_weights_t *w, const float *rope, const s_buffers_t *b,
-                   const um_attention_shape_t *att, const s_layer_cache_t *lc,
-                   um_forward_profile_t *prof)
+                   const s_layout_t *lo, const um_attention_shape_t *att,
+                   const s_layer_cache_t *lc, um_forward_profile_t *prof)
 {
-    int32_t T = s_query_rows(att), d = c->d_model;
+    int32_t T = s_layout_rows(lo), d = c->d_model;
     size_t bytes = (size_t)T * d * sizeof(float);
     int rc;
 
     if (!c->post_norm) {
         S_TIMED(prof, norm_ms, s_norm_rows(k, c, b->h, b->x, w->attn_norm, NULL, T));
-        if ((rc = s_attention_sublayer(k, c, w, rope, b, b->h, att, lc, prof)))
+        if ((rc = s_attention_sublayer(k, c, w, rope, b, b->h, lo, att, lc, prof)))
             return rc;
         S_TIMED(prof, norm_ms, s_norm_rows(k, c, b->h, b->x, w->ff_norm, NULL, T));
         return s_mlp_sublayer(k, c, w, b, b->h, T, prof);
@@ -375,7 +408,7 @@ static int s_block(const um_kernel_table_t *k, const um_model_config_t *c,
 
     /* The sub-layers add into x, so they read a copy of x from h. */
     memcpy(b->h, b->x, bytes);
-    if ((rc = s_attention_sublayer(k, c, w, rope, b, b->h, att, lc, prof)))
+    if ((rc = s_attention_sublayer(k, c, w, rope, b, b->h, lo, att, lc, prof)))
         return rc;
     S_TIMED(prof, norm_ms, s_norm_rows(k, c, b->h, b->x, w->attn_norm, w->attn_norm_bias, T));
     memcpy(b->x, b->h, bytes);
@@ -427,14 +460,19 @@ static int s_check_args(const um_model_t *m, const int32_t *ids, int32_t n_seq,
 }
 
 /*
- * Map position r (an index into the n_seq * seq_len positions) to the window row whose
- * hidden state gives its logits. That is r itself, or the position before it within its
- * sequence for families that shift their logits (Dream). Returns the index into the
- * window's rows (q_len per sequence), or -1 when the position is outside the window.
+ * Map position r (an index into the n_seq * seq_len positions, or into the concatenated
+ * ragged sequences) to the row whose hidden state gives its logits. That is r itself, or
+ * the position before it within its sequence for families that shift their logits
+ * (Dream). Returns the index into the pass's rows (q_len per sequence when uniform), or
+ * -1 when the position is outside the window.
  */
-static int32_t s_head_row(const um_model_config_t *c, int32_t r, int32_t seq_len,
-                          int32_t q_start, int32_t q_len)
+static int32_t s_head_row(const um_model_config_t *c, int32_t r, const s_layout_t *lo)
 {
+    if (lo->offsets) {
+        int first = r == lo->offsets[s_seq_of_row(lo, r)];
+        return c->logits_shift && !first ? r - 1 : r;
+    }
+    int32_t seq_len = lo->seq_len, q_start = lo->q_start, q_len = lo->q_len;
     int32_t s = r / seq_len, p = r % seq_len;
     if (c->logits_shift && p != 0)
         p--;
@@ -450,8 +488,8 @@ static int32_t s_head_row(const um_model_config_t *c, int32_t r, int32_t seq_len
  */
 static int s_head(const um_kernel_table_t *k, const um_model_config_t *c,
                   const um_model_weights_t *w, const s_buffers_t *b, const int32_t *rows,
-                  int32_t n_out, int32_t seq_len, int32_t q_start, int32_t q_len,
-                  float *logits, um_forward_profile_t *prof)
+                  int32_t n_out, const s_layout_t *lo, float *logits,
+                  um_forward_profile_t *prof)
 {
     int32_t d = c->d_model, V = c->embedding_size;
     float *in = b->rows, *scratch = b->rows + (size_t)n_out * d;
@@ -460,7 +498,7 @@ static int s_head(const um_kernel_table_t *k, const um_model_config_t *c,
     double t0 = prof ? s_now_ms() : 0.0;
 #pragma omp parallel for schedule(static) if (n_out > 1)
     for (int32_t i = 0; i < n_out; i++) {
-        int32_t r = s_head_row(c, rows ? rows[i] : i, seq_len, q_start, q_len);
+        int32_t r = s_head_row(c, rows ? rows[i] : i, lo);
         const float *x = b->x + (size_t)r * d;
         if (c->mlm_head)
             memcpy(scratch + (size_t)i * d, x, (size_t)d * sizeof *x);
@@ -488,26 +526,26 @@ static int s_head(const um_kernel_table_t *k, const um_model_config_t *c,
 }
 
 /*
- * The forward pass over the window [q_start, q_start + q_len) of every sequence; rows ==
- * NULL computes logits for every position (whole sequences only). cache is NULL, or
- * receives the window's keys and values and supplies the others.
+ * The forward pass over the rows of the layout; rows == NULL computes logits for every
+ * position (whole sequences only). cache is NULL, or (uniform layouts only) receives the
+ * window's keys and values and supplies the others.
  */
-static int s_forward(um_model_t *m, um_kv_cache_t *cache, const int32_t *ids, int32_t n_seq,
-                     int32_t seq_len, int32_t q_start, int32_t q_len, const int32_t *rows,
-                     int32_t n_rows, float *logits)
+static int s_forward(um_model_t *m, um_kv_cache_t *cache, const int32_t *ids,
+                     const s_layout_t *lo, const int32_t *rows, int32_t n_rows, float *logits)
 {
     const um_model_config_t *c = um_model_config(m);
     const um_model_weights_t *w = um_model_weights(m);
     const um_kernel_table_t *k = um_kernels();
     um_forward_profile_t *prof = um_model_profile(m);
-    int32_t T = n_seq * q_len;
+    int32_t T = s_layout_rows(lo);
     int32_t n_out = rows ? n_rows : T;
     int n_threads = s_max_threads();
     double start = prof ? s_now_ms() : 0.0;
     const um_attention_shape_t att = {
-        .n_seq = n_seq, .seq_len = seq_len, .q_len = q_len, .n_heads = c->n_heads,
-        .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
+        .n_seq = lo->n_seq, .seq_len = lo->seq_len, .q_len = lo->offsets ? 0 : lo->q_len,
+        .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
         .q_stride = c->n_heads * c->head_dim, .kv_stride = c->n_kv_heads * c->head_dim,
+        .seq_offsets = lo->offsets,
     };
 
     s_buffers_t b;
@@ -516,14 +554,14 @@ static int s_forward(um_model_t *m, um_kv_cache_t *cache, const int32_t *ids, in
         return rc;
 
     S_TIMED(prof, other_ms,
-            s_embed(k, c, w, ids, (size_t)T, seq_len, q_start, q_len, b.x, b.tmp));
+            s_embed(k, c, w, ids, (size_t)T, lo, b.x, b.tmp));
     for (int32_t l = 0; l < c->n_layers; l++) {
         s_layer_cache_t lc = {0};
         if (cache) {
             size_t layer = (size_t)l * cache->n_seq * cache->seq_len * cache->kv_dim;
-            lc = (s_layer_cache_t){cache->k + layer, cache->v + layer, q_start};
+            lc = (s_layer_cache_t){cache->k + layer, cache->v + layer, lo->q_start};
         }
-        rc = s_block(k, c, &w->blocks[l], um_model_rope_table(m), &b, &att,
+        rc = s_block(k, c, &w->blocks[l], um_model_rope_table(m), &b, lo, &att,
                      cache ? &lc : NULL, prof);
         if (rc != 0) {
             um_error("forward", "block %d of %d failed: %s", l, c->n_layers, um_strerror(rc));
@@ -531,7 +569,7 @@ static int s_forward(um_model_t *m, um_kv_cache_t *cache, const int32_t *ids, in
         }
     }
     if (n_out > 0)
-        rc = s_head(k, c, w, &b, rows, n_out, seq_len, q_start, q_len, logits, prof);
+        rc = s_head(k, c, w, &b, rows, n_out, lo, logits, prof);
     if (rc != 0)
         um_error("forward", "LM head for %d rows failed: %s", n_out, um_strerror(rc));
     if (prof) {
@@ -547,7 +585,8 @@ int um_model_forward(um_model_t *model, const int32_t *ids, int32_t n_seq, int32
     int rc = s_check_args(model, ids, n_seq, seq_len, NULL, 0, logits, 1);
     if (rc != 0)
         return rc;
-    return s_forward(model, NULL, ids, n_seq, seq_len, 0, seq_len, NULL, 0, logits);
+    const s_layout_t lo = {n_seq, seq_len, 0, seq_len, NULL};
+    return s_forward(model, NULL, ids, &lo, NULL, 0, logits);
 }
 
 int um_model_forward_rows(um_model_t *model, const int32_t *ids, int32_t n_seq,
@@ -557,7 +596,54 @@ int um_model_forward_rows(um_model_t *model, const int32_t *ids, int32_t n_seq,
     int rc = s_check_args(model, ids, n_seq, seq_len, rows, n_rows, logits, 0);
     if (rc != 0 || n_rows == 0)
         return rc;
-    return s_forward(model, NULL, ids, n_seq, seq_len, 0, seq_len, rows, n_rows, logits);
+    const s_layout_t lo = {n_seq, seq_len, 0, seq_len, NULL};
+    return s_forward(model, NULL, ids, &lo, rows, n_rows, logits);
+}
+
+int um_model_forward_ragged(um_model_t *model, const int32_t *ids,
+                            const int32_t *seq_offsets, int32_t n_seq, const int32_t *rows,
+                            int32_t n_rows, float *logits)
+{
+    if (!model || !ids || !seq_offsets || n_rows < 0 || (n_rows > 0 && (!rows || !logits)))
+        return UM_EINVAL;
+    const um_model_config_t *c = um_model_config(model);
+    if (n_seq < 1 || seq_offsets[0] != 0) {
+        um_warn("forward", "cannot run %d ragged sequences whose offsets start at %d: pass at "
+                "least one sequence and offsets from 0", n_seq, n_seq > 0 ? seq_offsets[0] : 0);
+        return UM_ERANGE;
+    }
+    int32_t longest = 0;
+    for (int32_t s = 0; s < n_seq; s++) {
+        int64_t len = (int64_t)seq_offsets[s + 1] - seq_offsets[s];
+        if (len < 1 || len > c->max_sequence_length) {
+            um_warn("forward", "ragged sequence %d has %lld tokens (offsets %d to %d): each "
+                    "must have 1 to %d (max_sequence_length)", s, (long long)len,
+                    seq_offsets[s], seq_offsets[s + 1], c->max_sequence_length);
+            return UM_ERANGE;
+        }
+        if (len > longest)
+            longest = (int32_t)len;
+    }
+    /* Every sequence is at least 1 token, so the ascending offsets fit in int32_t. */
+    int32_t T = seq_offsets[n_seq];
+    for (int32_t t = 0; t < T; t++) {
+        if (ids[t] < 0 || ids[t] >= c->embedding_size) {
+            um_warn("forward", "token id %d at row %d of the ragged batch is outside [0, %d) "
+                    "(embedding_size)", ids[t], t, c->embedding_size);
+            return UM_ERANGE;
+        }
+    }
+    for (int32_t i = 0; i < n_rows; i++) {
+        if (rows[i] < 0 || rows[i] >= T) {
+            um_warn("forward", "row %d (entry %d of rows) is outside the %d positions of %d "
+                    "ragged sequences", rows[i], i, T, n_seq);
+            return UM_ERANGE;
+        }
+    }
+    if (n_rows == 0)
+        return 0;
+    const s_layout_t lo = {n_seq, longest, 0, 0, seq_offsets};
+    return s_forward(model, NULL, ids, &lo, rows, n_rows, logits);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -635,13 +721,15 @@ int um_model_forward_cached(um_model_t *model, um_kv_cache_t *cache, const int32
         return UM_EINVAL;
     }
     for (int32_t i = 0; i < n_rows; i++) {
-        if (s_head_row(c, rows[i], seq_len, q_start, q_len) < 0) {
+        const s_layout_t lo = {n_seq, seq_len, q_start, q_len, NULL};
+        if (s_head_row(c, rows[i], &lo) < 0) {
             um_warn("forward", "row %d (entry %d of rows) reads a position outside the query "
                     "window [%d, %d)", rows[i], i, q_start, q_start + q_len);
             return UM_ERANGE;
         }
     }
-    rc = s_forward(model, cache, ids, n_seq, seq_len, q_start, q_len, rows, n_rows, logits);
+    const s_layout_t lo = {n_seq, seq_len, q_start, q_len, NULL};
+    rc = s_forward(model, cache, ids, &lo, rows, n_rows, logits);
     if (rc == 0 && whole)
         cache->filled = 1;
     return rc;

@@ -1,6 +1,10 @@
 /*
  * The masked-diffusion sampler (see generate.h and docs/sampling.md).
  *
+ * A generation is a stepper (um_gen_t) that keeps its place in the loop between steps,
+ * so that um_gen_step_batch can advance several in lockstep with one shared ragged
+ * forward pass. um_generate steps one alone until it is done.
+ *
  * Per step: find the candidates (masked positions left of the end of the active
  * block) and ask the schedule for a quota. Run one forward pass; with guidance, the
  * unconditional canvas is a second sequence of the same pass. Predict a token and its
@@ -354,17 +358,15 @@ static void s_cache_window(const s_run_t *r, int32_t block_start, int32_t block_
 }
 
 /*
- * Run the forward pass for the candidates and combine guidance. With cfg_scale > 0
- * the second sequence is the canvas with every prompt token masked (masks written in
- * the prompt keep their committed value, as LLaDA's prompt_index does), and the logits
- * become uncond + (scale + 1) * (cond - uncond). With a block cache the pass runs the
- * window [q_start, q_start + q_len) of both sequences, and the unconditional sequence
- * has its own rows in the cache.
+ * Write the forward pass's input for the candidates: the canvas, and with cfg_scale > 0
+ * a second sequence, the canvas with every prompt token masked (masks written in the
+ * prompt keep their committed value, as LLaDA's prompt_index does). The rows are the
+ * candidates of each sequence, n_seq * n_cand in all.
  */
-static int s_forward(const s_run_t *r, s_work_t *w, const int32_t *canvas, int32_t n_cand,
-                     int32_t q_start, int32_t q_len)
+static void s_forward_input(const s_run_t *r, s_work_t *w, const int32_t *canvas,
+                            int32_t n_cand)
 {
-    const int32_t T = r->T, E = r->E;
+    const int32_t T = r->T;
     memcpy(w->ids, canvas, (size_t)T * sizeof *w->ids);
     for (int32_t j = 0; j < n_cand; j++)
         w->rows[j] = w->cand[j];
@@ -375,6 +377,17 @@ static int s_forward(const s_run_t *r, s_work_t *w, const int32_t *canvas, int32
         for (int32_t j = 0; j < n_cand; j++)
             w->rows[n_cand + j] = T + w->cand[j];
     }
+}
+
+/*
+ * Run the generation's own forward pass over the input s_forward_input wrote. With a
+ * block cache the pass runs the window [q_start, q_start + q_len) of both sequences,
+ * and the unconditional sequence has its own rows in the cache.
+ */
+static int s_forward_alone(const s_run_t *r, s_work_t *w, int32_t n_cand, int32_t q_start,
+                           int32_t q_len)
+{
+    const int32_t T = r->T, E = r->E;
     int rc;
     if (w->cache) {
         rc = um_model_forward_cached(r->model, w->cache, w->ids, r->n_seq, T, q_start, q_len,
@@ -390,20 +403,31 @@ static int s_forward(const s_run_t *r, s_work_t *w, const int32_t *canvas, int32
         rc = um_model_forward_rows(r->model, w->ids, r->n_seq, T, w->rows, r->n_seq * n_cand,
                                    w->logits);
     }
-    if (rc != 0 || r->n_seq == 1)
-        return rc;
+    return rc;
+}
+
+/*
+ * Combine guidance in place: with two sequences, logits (2 * n_cand, E) become
+ * uncond + (scale + 1) * (cond - uncond) in their first n_cand rows.
+ */
+static void s_guidance(const s_run_t *r, float *logits, int32_t n_cand)
+{
+    if (r->n_seq == 1)
+        return;
+    const int32_t E = r->E;
     const float s1 = (float)(r->p->cfg_scale + 1.0);
     for (int32_t j = 0; j < n_cand; j++) {
-        float *c = w->logits + (size_t)j * E;
-        const float *u = w->logits + (size_t)(n_cand + j) * E;
+        float *c = logits + (size_t)j * E;
+        const float *u = logits + (size_t)(n_cand + j) * E;
         for (int32_t v = 0; v < E; v++)
             c[v] = u[v] + s1 * (c[v] - u[v]);
     }
-    return 0;
 }
 
-/* Predict every candidate's token and scores, in parallel over candidates. */
-static int s_sample(const s_run_t *r, s_work_t *w, int32_t n_cand, int32_t step)
+/* Predict every candidate's token and scores from logits (n_cand, E), in parallel over
+ * candidates. */
+static int s_sample(const s_run_t *r, s_work_t *w, const float *logits, int32_t n_cand,
+                    int32_t step)
 {
     const uint64_t key = um_rng_key(r->p->seed, UM_RNG_STREAM_GUMBEL(step));
     int failed = 0;
@@ -415,7 +439,7 @@ static int s_sample(const s_run_t *r, s_work_t *w, int32_t n_cand, int32_t step)
         um_sample_scratch_t *scratch = &w->scratch[0];
 #endif
         um_sample_result_t res;
-        int rc = um_sample_row(w->logits + (size_t)j * r->E, &r->sample, key,
+        int rc = um_sample_row(logits + (size_t)j * r->E, &r->sample, key,
                                (uint64_t)w->cand[j] * (uint64_t)r->E, scratch, &res);
         w->token[j] = res.token;
         w->prob[j] = res.prob;
@@ -584,85 +608,108 @@ static int s_cache_begin(const s_run_t *r, s_work_t *w, const int32_t *prompt, c
     return rc;
 }
 
-int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
-                const um_gen_params_t *p, um_step_fn on_step, void *user, int32_t *canvas,
-                um_gen_stats_t *stats, char *err, size_t errlen)
-{
-    const um_model_config_t *cfg = um_model_config(model);
-    const char *field;
-    int rc = um_gen_check(cfg, n_prompt, p, &field, err, errlen);
-    if (rc != 0)
-        return rc;
+/* ------------------------------------------------------------------------- */
+/* The stepper                                                                */
 
+/* A generation in progress: fixed settings, buffers, and its place in the loop. */
+struct um_gen {
     s_run_t r;
-    s_run_init(&r, model, p, n_prompt);
-    const int32_t L = r.L, mask_id = r.mask_id;
-    const int adaptive = (r.traits.flags & UM_REMASK_ADAPTIVE) != 0;
-    const int32_t block_length = p->block_length < p->gen_length ? p->block_length
-                                                                 : p->gen_length;
-    const int32_t n_blocks = (p->gen_length + block_length - 1) / block_length;
+    s_work_t w;
+    um_step_fn on_step;
+    void *user;
+    int32_t *canvas;   /* the caller's, (T) */
+    um_gen_stats_t st;
+    double t_start;
+    int adaptive;      /* the policy may commit more than the quota (UM_REMASK_ADAPTIVE) */
+    int32_t block_length, n_blocks;
 
-    um_gen_stats_t st = {.eos_position = -1};
-    for (int32_t b = 0; b < n_blocks; b++)
-        st.steps_planned += s_block_steps(p->steps, n_blocks, b);
-    double t_start = s_now_ms();
+    /* The place in the loop: block b, its step i, step over the whole generation. */
+    int32_t b, i, step;
+    int block_open;    /* block b's bounds and mask count are set */
+    int32_t block_start, block_end, n_steps, n_masked_block;
+    int refresh;       /* the block's next pass refreshes the block cache */
 
-    memcpy(canvas, prompt, (size_t)n_prompt * sizeof *canvas);
-    for (int32_t i = n_prompt; i < L; i++)
-        canvas[i] = mask_id;
-    if (p->n_suffix > 0)
-        memcpy(canvas + L, p->suffix, (size_t)p->n_suffix * sizeof *canvas);
+    /* The step s_seek found, which the next forward pass serves. */
+    int32_t n_cand, quota;
+    double t, s;       /* times of the timestep schedule */
+    int last;          /* last step of the block: every candidate is committed */
+    double t_step;     /* when the step's pass was prepared */
 
-    /* Candidates are masked positions, and no step adds masks, so the initial count bounds them. */
-    int32_t max_cand = 0;
-    for (int32_t i = 0; i < L; i++)
-        max_cand += canvas[i] == mask_id;
+    int done;          /* finished, failed or cancelled: no more steps */
+    int rc;            /* the result once done */
+    char err[512];
+};
 
-    s_work_t w = {0};
-    if (s_work_alloc(&w, r.n_seq, r.T, max_cand, r.E, r.sample.n_vocab) != 0) {
-        snprintf(err, errlen, "out of memory for a canvas of %d tokens", r.T);
-        rc = UM_ENOMEM;
-        goto done;
-    }
-    for (int32_t i = 0; i < n_prompt; i++)
-        w.prompt_token[i] = prompt[i] != mask_id;
-    if (p->cache != UM_CACHE_NONE && (rc = s_cache_begin(&r, &w, prompt, err, errlen)) != 0)
-        goto done;
-    st.cache_bytes = w.cache ? (int64_t)um_kv_cache_bytes(w.cache) : 0;
+/*
+ * Set the bounds of block g->b and count its masks. The quota covers every mask left of
+ * the block's end, not only the block's own: masks written in the prompt (infilling)
+ * compete for the same commits, and counting them too means no mask survives the last
+ * block.
+ */
+static void s_block_open(um_gen_t *g)
+{
+    g->block_start = g->r.n_prompt + g->b * g->block_length;
+    g->block_end = g->block_start + g->block_length < g->r.L ? g->block_start + g->block_length
+                                                             : g->r.L;
+    g->n_steps = s_block_steps(g->r.p->steps, g->n_blocks, g->b);
+    /* The block's first pass, whichever step runs it, refreshes the block cache. */
+    g->refresh = 1;
+    g->n_masked_block = 0;
+    for (int32_t i = 0; i < g->block_end; i++)
+        g->n_masked_block += g->canvas[i] == g->r.mask_id;
+    g->i = 0;
+    g->block_open = 1;
+}
 
-    int32_t step = 0;
-    for (int32_t b = 0; b < n_blocks; b++) {
-        const int32_t block_start = n_prompt + b * block_length;
-        const int32_t block_end = block_start + block_length < L ? block_start + block_length : L;
-        const int32_t n_steps = s_block_steps(p->steps, n_blocks, b);
-        /* The block's first pass, whichever step runs it, refreshes the block cache. */
-        int refresh = 1;
-        /*
-         * The quota covers every mask left of the block's end, not only the block's own:
-         * masks written in the prompt (infilling) compete for the same commits, and
-         * counting them too means no mask survives the last block.
-         */
-        int32_t n_masked_block = 0;
-        for (int32_t i = 0; i < block_end; i++)
-            n_masked_block += canvas[i] == mask_id;
+/* Mark the generation finished: find the first generated EOS and succeed. */
+static void s_finish(um_gen_t *g)
+{
+    const s_run_t *r = &g->r;
+    if (g->st.eos_position < 0 && r->eos_id >= 0)
+        for (int32_t pos = r->n_prompt; pos < r->L && g->st.eos_position < 0; pos++)
+            if (g->canvas[pos] == r->eos_id)
+                g->st.eos_position = pos;
+    g->done = 1;
+    g->rc = 0;
+}
 
-        for (int32_t i = 0; i < n_steps; i++, step++) {
+static void s_fail(um_gen_t *g, int rc)
+{
+    g->done = 1;
+    g->rc = rc;
+}
+
+/*
+ * Advance from the current step to the next one that runs a forward pass: collect its
+ * candidates and quota. Steps that commit nothing and blocks with no mask left are
+ * skipped with their step numbers, so the random streams stay as planned. Returns 1
+ * with a step ready, or 0 when the generation has finished.
+ */
+static int s_seek(um_gen_t *g)
+{
+    const um_gen_params_t *p = g->r.p;
+    const int32_t mask_id = g->r.mask_id;
+    while (g->b < g->n_blocks) {
+        if (!g->block_open)
+            s_block_open(g);
+        while (g->i < g->n_steps) {
             int32_t n_cand = 0;
-            for (int32_t pos = 0; pos < block_end; pos++)
-                if (canvas[pos] == mask_id)
-                    w.cand[n_cand++] = pos;
+            for (int32_t pos = 0; pos < g->block_end; pos++)
+                if (g->canvas[pos] == mask_id)
+                    g->w.cand[n_cand++] = pos;
             if (n_cand == 0) {
                 /* The block is done early (an adaptive policy): skip its other steps,
                    keeping the step numbers, and so the random streams, as planned. */
-                step += n_steps - i;
+                g->step += g->n_steps - g->i;
+                g->i = g->n_steps;
                 break;
             }
-            const int last = i == n_steps - 1;
+            const int last = g->i == g->n_steps - 1;
             const double eps = p->schedule == UM_SCHEDULE_TIMESTEP ? p->eps : 0.0;
-            const double t = s_time(i, n_steps, eps), s = s_time(i + 1, n_steps, eps);
+            const double t = s_time(g->i, g->n_steps, eps), s = s_time(g->i + 1, g->n_steps, eps);
             int32_t quota = p->schedule == UM_SCHEDULE_TIMESTEP
                                 ? s_timestep_quota(n_cand, t, s)
-                                : s_quota(n_masked_block, n_steps, i);
+                                : s_quota(g->n_masked_block, g->n_steps, g->i);
             if (last || quota > n_cand)
                 quota = n_cand;
             /*
@@ -670,128 +717,418 @@ int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
              * its forward pass, unmaskd skips it, and jumps straight to the next step that
              * commits, so even INT32_MAX steps cost only the passes that commit.
              */
-            if (quota == 0 && !adaptive) {
-                int32_t next = s_next_committing_step(p->schedule, n_cand, i, n_steps, eps);
-                step += next - 1 - i;
-                i = next - 1;
+            if (quota == 0 && !g->adaptive) {
+                int32_t next = s_next_committing_step(p->schedule, n_cand, g->i, g->n_steps, eps);
+                g->step += next - g->i;
+                g->i = next;
                 continue;
             }
-
-            double t_step = s_now_ms();
-            double t_fwd = s_now_ms();
-            int32_t q_start = 0, q_len = r.T;
-            if (w.cache && !refresh) {
-                s_cache_window(&r, block_start, block_end, &q_start, &q_len);
-                st.cached_passes++;
-            }
-            refresh = 0;
-            rc = s_forward(&r, &w, canvas, n_cand, q_start, q_len);
-            st.forward_ms += s_now_ms() - t_fwd;
-            st.forward_passes++;
-            st.steps_run++;
-            if (rc != 0) {
-                snprintf(err, errlen, "forward pass failed at step %d: %s", step,
-                         um_strerror(rc));
-                goto done;
-            }
-            double t_sample = s_now_ms();
-            rc = s_sample(&r, &w, n_cand, step);
-            st.sample_ms += s_now_ms() - t_sample;
-            if (rc != 0) {
-                snprintf(err, errlen, "the model produced non-finite logits at step %d: lower "
-                         "cfg_scale or check the weights for NaN or infinity", step);
-                goto done;
-            }
-
-            int32_t n_masked_all = 0;
-            for (int32_t pos = 0; pos < L; pos++)
-                n_masked_all += canvas[pos] == mask_id;
-            um_remask_step_t rs = {
-                .struct_size = sizeof rs,
-                .n_candidates = n_cand,
-                .position = w.cand,
-                .token = w.token,
-                .prob = w.prob,
-                .logits = w.logits,
-                .n_vocab = r.E,
-                .quota = quota,
-                .canvas_length = L,
-                .block_start = block_start,
-                .block_end = block_end,
-                .step_in_block = i,
-                .steps_in_block = n_steps,
-                .step = step,
-                .seed = p->seed,
-                .rng_stream = UM_RNG_STREAM_REMASK(step),
-                .temperature = p->temperature,
-                .sampled_prob = w.sampled_prob,
-                .margin = w.margin,
-                .entropy = w.entropy,
-                .demoted = w.demoted,
-                .n_masked = n_masked_all,
-                .top_k = p->top_k,
-                .top_p = r.sample.top_p,
-                .t = t,
-                .s = s,
-            };
-            int32_t n_commit = s_select(&r, &w, &rs, last, err, errlen);
-            if (n_commit < 0) {
-                rc = n_commit;
-                goto done;
-            }
-            for (int32_t k = 0; k < n_commit; k++) {
-                int32_t j = w.commit[k];
-                canvas[w.cand[j]] = w.token[j];
-                w.committed[k] = w.cand[j];
-            }
-
-            int32_t n_filled = -1;
-            if (p->early_stop)
-                n_filled = s_early_stop(&r, canvas, w.committed, n_commit, &st.eos_position);
-            int32_t n_committed = n_commit + (n_filled > 0 ? n_filled : 0);
-            qsort(w.committed, (size_t)n_committed, sizeof *w.committed, s_cmp_i32);
-            if (n_filled >= 0)
-                st.early_stop = 1;
-
-            if (on_step) {
-                int32_t left = 0;
-                for (int32_t pos = 0; pos < L; pos++)
-                    left += canvas[pos] == mask_id;
-                um_step_info_t info = {
-                    .step = step,
-                    .n_steps = st.steps_planned,
-                    .block = b,
-                    .n_blocks = n_blocks,
-                    .canvas = canvas,
-                    .canvas_length = L,
-                    .committed = w.committed,
-                    .n_committed = n_committed,
-                    .n_masked = left,
-                    .step_ms = s_now_ms() - t_step,
-                    .early_stop = st.early_stop,
-                };
-                if (on_step(user, &info) != 0) {
-                    rc = UM_ECANCELLED;
-                    snprintf(err, errlen, "cancelled at step %d", step);
-                    goto done;
-                }
-            }
-            if (st.early_stop)
-                goto finished;
+            g->n_cand = n_cand;
+            g->quota = quota;
+            g->t = t;
+            g->s = s;
+            g->last = last;
+            return 1;
         }
+        g->b++;
+        g->block_open = 0;
+    }
+    return 0;
+}
+
+/* Seek the next step, or finish. Returns nonzero while a step is ready. */
+static int s_next(um_gen_t *g)
+{
+    if (s_seek(g))
+        return 1;
+    s_finish(g);
+    return 0;
+}
+
+int um_gen_begin(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
+                 const um_gen_params_t *p, um_step_fn on_step, void *user, int32_t *canvas,
+                 um_gen_t **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    const um_model_config_t *cfg = um_model_config(model);
+    const char *field;
+    int rc = um_gen_check(cfg, n_prompt, p, &field, err, errlen);
+    if (rc != 0)
+        return rc;
+    um_gen_t *g = calloc(1, sizeof *g);
+    if (!g) {
+        snprintf(err, errlen, "out of memory for a generation");
+        return UM_ENOMEM;
+    }
+    g->t_start = s_now_ms();
+    s_run_init(&g->r, model, p, n_prompt);
+    const s_run_t *r = &g->r;
+    g->on_step = on_step;
+    g->user = user;
+    g->canvas = canvas;
+    g->adaptive = (r->traits.flags & UM_REMASK_ADAPTIVE) != 0;
+    g->block_length = p->block_length < p->gen_length ? p->block_length : p->gen_length;
+    g->n_blocks = (p->gen_length + g->block_length - 1) / g->block_length;
+    g->st = (um_gen_stats_t){.eos_position = -1, .batch_size = 1};
+    for (int32_t b = 0; b < g->n_blocks; b++)
+        g->st.steps_planned += s_block_steps(p->steps, g->n_blocks, b);
+
+    memcpy(canvas, prompt, (size_t)n_prompt * sizeof *canvas);
+    for (int32_t i = n_prompt; i < r->L; i++)
+        canvas[i] = r->mask_id;
+    if (p->n_suffix > 0)
+        memcpy(canvas + r->L, p->suffix, (size_t)p->n_suffix * sizeof *canvas);
+
+    /* Candidates are masked positions, and no step adds masks, so the initial count bounds them. */
+    int32_t max_cand = 0;
+    for (int32_t i = 0; i < r->L; i++)
+        max_cand += canvas[i] == r->mask_id;
+
+    if (s_work_alloc(&g->w, r->n_seq, r->T, max_cand, r->E, r->sample.n_vocab) != 0) {
+        snprintf(err, errlen, "out of memory for a canvas of %d tokens", r->T);
+        rc = UM_ENOMEM;
+        goto fail;
+    }
+    for (int32_t i = 0; i < n_prompt; i++)
+        g->w.prompt_token[i] = prompt[i] != r->mask_id;
+    if (p->cache != UM_CACHE_NONE && (rc = s_cache_begin(r, &g->w, prompt, err, errlen)) != 0)
+        goto fail;
+    g->st.cache_bytes = g->w.cache ? (int64_t)um_kv_cache_bytes(g->w.cache) : 0;
+    s_next(g);
+    *out = g;
+    return 0;
+
+fail:
+    s_work_free(&g->w);
+    free(g);
+    return rc;
+}
+
+int um_gen_done(const um_gen_t *g)
+{
+    return g->done;
+}
+
+int um_gen_batchable(const um_gen_t *g)
+{
+    return !g->w.cache && !g->r.p->full_lm_head;
+}
+
+/* Record the step's forward pass in the stats. */
+static void s_count_pass(um_gen_t *g, double forward_ms, int32_t batch_size)
+{
+    g->st.forward_ms += forward_ms;
+    g->st.forward_passes++;
+    g->st.steps_run++;
+    if (batch_size > g->st.batch_size)
+        g->st.batch_size = batch_size;
+}
+
+int um_gen_step_prepare(um_gen_t *g, um_gen_forward_t *fwd)
+{
+    if (g->done)
+        return UM_EINVAL;
+    g->t_step = s_now_ms();
+    s_forward_input(&g->r, &g->w, g->canvas, g->n_cand);
+    *fwd = (um_gen_forward_t){
+        .ids = g->w.ids,
+        .n_seq = g->r.n_seq,
+        .seq_len = g->r.T,
+        .rows = g->w.rows,
+        .n_rows = g->r.n_seq * g->n_cand,
+        .logits = g->w.logits,
+        .batch_size = 1,
+    };
+    return 0;
+}
+
+/*
+ * The rest of a step once its logits are in: guidance, sampling, the policy's choice,
+ * commits, early stop and the step callback. Returns 0 while the generation goes on or
+ * has finished, or the UM_E* code that ended it (g->err gives the reason).
+ */
+static int s_step_rest(um_gen_t *g, float *logits)
+{
+    const s_run_t *r = &g->r;
+    const um_gen_params_t *p = r->p;
+    s_work_t *w = &g->w;
+    const int32_t L = r->L, mask_id = r->mask_id, n_cand = g->n_cand, step = g->step;
+    int rc;
+
+    s_guidance(r, logits, n_cand);
+    double t_sample = s_now_ms();
+    rc = s_sample(r, w, logits, n_cand, step);
+    g->st.sample_ms += s_now_ms() - t_sample;
+    if (rc != 0) {
+        snprintf(g->err, sizeof g->err, "the model produced non-finite logits at step %d: "
+                 "lower cfg_scale or check the weights for NaN or infinity", step);
+        return rc;
     }
 
-finished:
-    if (st.eos_position < 0 && r.eos_id >= 0)
-        for (int32_t pos = n_prompt; pos < L && st.eos_position < 0; pos++)
-            if (canvas[pos] == r.eos_id)
-                st.eos_position = pos;
-    rc = 0;
+    int32_t n_masked_all = 0;
+    for (int32_t pos = 0; pos < L; pos++)
+        n_masked_all += g->canvas[pos] == mask_id;
+    um_remask_step_t rs = {
+        .struct_size = sizeof rs,
+        .n_candidates = n_cand,
+        .position = w->cand,
+        .token = w->token,
+        .prob = w->prob,
+        .logits = logits,
+        .n_vocab = r->E,
+        .quota = g->quota,
+        .canvas_length = L,
+        .block_start = g->block_start,
+        .block_end = g->block_end,
+        .step_in_block = g->i,
+        .steps_in_block = g->n_steps,
+        .step = step,
+        .seed = p->seed,
+        .rng_stream = UM_RNG_STREAM_REMASK(step),
+        .temperature = p->temperature,
+        .sampled_prob = w->sampled_prob,
+        .margin = w->margin,
+        .entropy = w->entropy,
+        .demoted = w->demoted,
+        .n_masked = n_masked_all,
+        .top_k = p->top_k,
+        .top_p = r->sample.top_p,
+        .t = g->t,
+        .s = g->s,
+    };
+    int32_t n_commit = s_select(r, w, &rs, g->last, g->err, sizeof g->err);
+    if (n_commit < 0)
+        return n_commit;
+    for (int32_t k = 0; k < n_commit; k++) {
+        int32_t j = w->commit[k];
+        g->canvas[w->cand[j]] = w->token[j];
+        w->committed[k] = w->cand[j];
+    }
 
-done:
-    st.total_ms = s_now_ms() - t_start;
+    int32_t n_filled = -1;
+    if (p->early_stop)
+        n_filled = s_early_stop(r, g->canvas, w->committed, n_commit, &g->st.eos_position);
+    int32_t n_committed = n_commit + (n_filled > 0 ? n_filled : 0);
+    qsort(w->committed, (size_t)n_committed, sizeof *w->committed, s_cmp_i32);
+    if (n_filled >= 0)
+        g->st.early_stop = 1;
+
+    if (g->on_step) {
+        int32_t left = 0;
+        for (int32_t pos = 0; pos < L; pos++)
+            left += g->canvas[pos] == mask_id;
+        um_step_info_t info = {
+            .step = step,
+            .n_steps = g->st.steps_planned,
+            .block = g->b,
+            .n_blocks = g->n_blocks,
+            .canvas = g->canvas,
+            .canvas_length = L,
+            .committed = w->committed,
+            .n_committed = n_committed,
+            .n_masked = left,
+            .step_ms = s_now_ms() - g->t_step,
+            .early_stop = g->st.early_stop,
+        };
+        if (g->on_step(g->user, &info) != 0) {
+            snprintf(g->err, sizeof g->err, "cancelled at step %d", step);
+            return UM_ECANCELLED;
+        }
+    }
+    return 0;
+}
+
+int um_gen_step_finish(um_gen_t *g, const um_gen_forward_t *fwd)
+{
+    if (g->done)
+        return UM_EINVAL;
+    s_count_pass(g, fwd->forward_ms, fwd->batch_size);
+    int rc = fwd->rc;
+    if (rc != 0)
+        snprintf(g->err, sizeof g->err, "forward pass failed at step %d: %s", g->step,
+                 um_strerror(rc));
+    else
+        rc = s_step_rest(g, fwd->logits);
+    if (rc != 0) {
+        s_fail(g, rc);
+        return rc;
+    }
+    if (g->st.early_stop) {
+        s_finish(g);
+        return 0;
+    }
+    g->i++;
+    g->step++;
+    s_next(g);
+    return 0;
+}
+
+int um_gen_step(um_gen_t *g)
+{
+    if (g->done)
+        return UM_EINVAL;
+    um_gen_forward_t fwd;
+    um_gen_step_prepare(g, &fwd);
+    int32_t q_start = 0, q_len = g->r.T;
+    if (g->w.cache && !g->refresh) {
+        s_cache_window(&g->r, g->block_start, g->block_end, &q_start, &q_len);
+        g->st.cached_passes++;
+    }
+    g->refresh = 0;
+    double t_fwd = s_now_ms();
+    fwd.rc = s_forward_alone(&g->r, &g->w, g->n_cand, q_start, q_len);
+    fwd.forward_ms = s_now_ms() - t_fwd;
+    return um_gen_step_finish(g, &fwd);
+}
+
+/* Buffers of one shared pass, freed after it. */
+typedef struct s_batch_pass {
+    int32_t *offsets; /* (n_seq + 1) */
+    int32_t *ids;     /* (offsets[n_seq]) */
+    int32_t *rows;    /* (n_rows) */
+    float *logits;    /* (n_rows, E) */
+} s_batch_pass_t;
+
+static void s_batch_pass_free(s_batch_pass_t *bp)
+{
+    free(bp->offsets);
+    free(bp->ids);
+    free(bp->rows);
+    free(bp->logits);
+}
+
+/*
+ * One shared forward pass for the prepared steps fwd[0..n): their sequences concatenated
+ * into a ragged pass, each step's rows shifted to where its sequences start, and each
+ * step's logits pointed at its rows of the shared output. Sets fwd[].rc and forward_ms.
+ */
+static void s_batch_forward(um_model_t *model, um_gen_forward_t *fwd, int32_t n,
+                            s_batch_pass_t *bp)
+{
+    const int32_t E = um_model_config(model)->embedding_size;
+    int32_t n_seq = 0, n_rows = 0;
+    int64_t n_ids = 0;
+    for (int32_t g = 0; g < n; g++) {
+        n_seq += fwd[g].n_seq;
+        n_rows += fwd[g].n_rows;
+        n_ids += (int64_t)fwd[g].n_seq * fwd[g].seq_len;
+    }
+    int rc = n_ids > INT32_MAX ? UM_ERANGE : 0;
+    if (rc == 0) {
+        bp->offsets = malloc((size_t)(n_seq + 1) * sizeof *bp->offsets);
+        bp->ids = malloc((size_t)n_ids * sizeof *bp->ids);
+        bp->rows = malloc((size_t)(n_rows > 0 ? n_rows : 1) * sizeof *bp->rows);
+        bp->logits = malloc((size_t)(n_rows > 0 ? n_rows : 1) * E * sizeof *bp->logits);
+        if (!bp->offsets || !bp->ids || !bp->rows || !bp->logits)
+            rc = UM_ENOMEM;
+    }
+    double t0 = s_now_ms();
+    if (rc == 0) {
+        int32_t seq = 0, base = 0, row = 0;
+        bp->offsets[0] = 0;
+        for (int32_t g = 0; g < n; g++) {
+            const um_gen_forward_t *f = &fwd[g];
+            memcpy(bp->ids + base, f->ids, (size_t)f->n_seq * f->seq_len * sizeof *bp->ids);
+            for (int32_t s = 0; s < f->n_seq; s++, seq++)
+                bp->offsets[seq + 1] = bp->offsets[seq] + f->seq_len;
+            for (int32_t j = 0; j < f->n_rows; j++)
+                bp->rows[row + j] = base + f->rows[j];
+            fwd[g].logits = bp->logits + (size_t)row * E;
+            base += f->n_seq * f->seq_len;
+            row += f->n_rows;
+        }
+        rc = um_model_forward_ragged(model, bp->ids, bp->offsets, n_seq, bp->rows, n_rows,
+                                     bp->logits);
+    }
+    double ms = s_now_ms() - t0;
+    for (int32_t g = 0; g < n; g++) {
+        fwd[g].rc = rc;
+        fwd[g].forward_ms = ms;
+        fwd[g].batch_size = n;
+    }
+}
+
+int um_gen_step_batch(um_gen_t *const *gens, int32_t n)
+{
+    if (n < 0 || (n > 0 && !gens))
+        return UM_EINVAL;
+    um_gen_t **shared = malloc((size_t)(n > 0 ? n : 1) * sizeof *shared);
+    um_gen_forward_t *fwd = malloc((size_t)(n > 0 ? n : 1) * sizeof *fwd);
+    if (!shared || !fwd) {
+        free(shared);
+        free(fwd);
+        return UM_ENOMEM;
+    }
+    um_model_t *model = NULL;
+    for (int32_t g = 0; g < n; g++) {
+        if (!gens[g] || gens[g]->done)
+            continue;
+        if (model && gens[g]->r.model != model) {
+            free(shared);
+            free(fwd);
+            return UM_EINVAL;
+        }
+        model = gens[g]->r.model;
+    }
+    int32_t n_shared = 0;
+    for (int32_t g = 0; g < n; g++) {
+        if (!gens[g] || gens[g]->done)
+            continue;
+        if (um_gen_batchable(gens[g]))
+            shared[n_shared++] = gens[g];
+        else
+            um_gen_step(gens[g]); /* a block cache runs its own pass; failures stay in it */
+    }
+    if (n_shared == 1) {
+        um_gen_step(shared[0]);
+    } else if (n_shared > 1) {
+        for (int32_t g = 0; g < n_shared; g++)
+            um_gen_step_prepare(shared[g], &fwd[g]);
+        s_batch_pass_t bp = {0};
+        s_batch_forward(model, fwd, n_shared, &bp);
+        for (int32_t g = 0; g < n_shared; g++)
+            um_gen_step_finish(shared[g], &fwd[g]);
+        s_batch_pass_free(&bp);
+    }
+    free(shared);
+    free(fwd);
+    return 0;
+}
+
+int um_gen_end(um_gen_t **gp, um_gen_stats_t *stats, char *err, size_t errlen)
+{
+    if (!gp || !*gp)
+        return UM_EINVAL;
+    um_gen_t *g = *gp;
+    int rc = g->rc;
+    if (!g->done) {
+        rc = UM_ECANCELLED;
+        snprintf(g->err, sizeof g->err, "stopped before step %d of %d", g->step,
+                 g->st.steps_planned);
+    }
+    if (rc != 0 && err && errlen > 0)
+        snprintf(err, errlen, "%s", g->err);
+    g->st.total_ms = s_now_ms() - g->t_start;
     if (stats)
-        *stats = st;
-    s_work_free(&w);
+        *stats = g->st;
+    s_work_free(&g->w);
+    free(g);
+    *gp = NULL;
     return rc;
+}
+
+int um_generate(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
+                const um_gen_params_t *p, um_step_fn on_step, void *user, int32_t *canvas,
+                um_gen_stats_t *stats, char *err, size_t errlen)
+{
+    um_gen_t *g;
+    int rc = um_gen_begin(model, prompt, n_prompt, p, on_step, user, canvas, &g, err, errlen);
+    if (rc != 0) {
+        if (stats)
+            *stats = (um_gen_stats_t){.eos_position = -1};
+        return rc;
+    }
+    while (!um_gen_done(g))
+        um_gen_step(g);
+    return um_gen_end(&g, stats, err, errlen);
 }

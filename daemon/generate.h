@@ -109,6 +109,8 @@ typedef struct um_gen_stats {
     int32_t eos_position;   /* canvas position of the first generated EOS, or -1 */
     int32_t cached_passes;  /* forward passes that reused the block cache */
     int64_t cache_bytes;    /* size of the block cache, 0 without one */
+    int32_t batch_size;     /* most generations, this one included, whose steps shared
+                               one forward pass (um_gen_step_batch); 1 when it ran alone */
     double total_ms;
     double forward_ms;
     double sample_ms;       /* token sampling and scores, in all steps */
@@ -121,6 +123,98 @@ typedef struct um_gen_stats {
  */
 int um_gen_check(const um_model_config_t *cfg, int32_t n_prompt, const um_gen_params_t *p,
                  const char **field, char *err, size_t errlen);
+
+/*
+ * A generation as a stepper, so that several can advance in lockstep and share each
+ * step's forward pass (um_gen_step_batch):
+ *
+ *     um_gen_begin -> while (!um_gen_done(g)) um_gen_step(g) -> um_gen_end
+ *
+ * which is what um_generate does, or per step um_gen_step_prepare, one forward pass the
+ * caller runs for the rows it lists, then um_gen_step_finish. Each generation keeps its
+ * own seed, policy state, schedule, steps, step callback and early stop, so its tokens
+ * do not depend on which others share its passes, up to f32 rounding of the shared pass
+ * (um_model_forward_ragged). A generation that finishes, fails or is cancelled leaves the
+ * batch; the others go on.
+ */
+typedef struct um_gen um_gen_t;
+
+/*
+ * One step's forward pass as um_gen_step_prepare describes it. The caller computes the
+ * LM head's rows of the sequences (each attending only to itself, positions from 0) into
+ * logits. It may instead point logits at its own buffer of n_rows * embedding_size
+ * floats, which must stay valid until um_gen_step_finish returns, because the finish
+ * step combines guidance there in place. Then the caller sets rc, forward_ms and
+ * batch_size.
+ */
+typedef struct um_gen_forward {
+    const int32_t *ids;   /* (n_seq, seq_len): the canvas, then with guidance the
+                             unconditional canvas */
+    int32_t n_seq, seq_len;
+    const int32_t *rows;  /* (n_rows) indices into the n_seq * seq_len positions */
+    int32_t n_rows;
+    float *logits;        /* (n_rows, embedding_size); the generation's own buffer */
+    int rc;               /* set by the caller: the pass's result */
+    double forward_ms;    /* set by the caller: the pass's wall time */
+    int32_t batch_size;   /* set by the caller: generations that shared the pass */
+} um_gen_forward_t;
+
+/*
+ * Check params (um_gen_check), set up the canvas as um_generate does and find the first
+ * step. p (with its remask_state and suffix), canvas, and user for on_step must stay
+ * valid until um_gen_end; prompt is copied into canvas here. Returns 0 and sets *out
+ * (free it with um_gen_end), or a UM_E* code with a message in err.
+ */
+int um_gen_begin(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
+                 const um_gen_params_t *p, um_step_fn on_step, void *user, int32_t *canvas,
+                 um_gen_t **out, char *err, size_t errlen);
+
+/* Nonzero once the generation has finished, failed or been cancelled. */
+int um_gen_done(const um_gen_t *g);
+
+/*
+ * Nonzero when the generation's steps can share a forward pass with others. A block
+ * cache (p->cache other than UM_CACHE_NONE) and full_lm_head need passes of their own,
+ * so um_gen_step_batch steps such a generation alone.
+ */
+int um_gen_batchable(const um_gen_t *g);
+
+/*
+ * Write the forward pass the next step needs into *fwd (views into the generation's
+ * buffers, valid until um_gen_step_finish). Only for batchable generations. Returns 0, or
+ * UM_EINVAL when the generation is done.
+ */
+int um_gen_step_prepare(um_gen_t *g, um_gen_forward_t *fwd);
+
+/*
+ * Finish the prepared step with the pass's logits: guidance, sampling, the policy's
+ * choice, commits, early stop and the step callback, then find the next step. Returns 0
+ * while the generation goes on or when it has just finished. Otherwise it returns the
+ * UM_E* code that ended it, UM_ECANCELLED when the callback asked to stop, and
+ * um_gen_end gives the message.
+ */
+int um_gen_step_finish(um_gen_t *g, const um_gen_forward_t *fwd);
+
+/* Run one step with a forward pass of its own. Returns as um_gen_step_finish. */
+int um_gen_step(um_gen_t *g);
+
+/*
+ * Advance every generation of gens[0..n) that is not done (NULL entries are skipped) by
+ * one step. The batchable ones share one ragged forward pass (um_model_forward_ragged);
+ * the others step alone. The generations must all use one model. A failed shared pass
+ * ends every generation that shared it, with its error. Returns 0, UM_EINVAL for
+ * generations of different models, or UM_ENOMEM (nothing stepped); each generation's own
+ * result is um_gen_done and um_gen_end's.
+ */
+int um_gen_step_batch(um_gen_t *const *gens, int32_t n);
+
+/*
+ * Free the generation, set *g to NULL and write its stats. Returns its result: 0 when it
+ * finished, UM_ECANCELLED when the callback stopped it or it was ended before it
+ * finished (canvas then contains the partial result), or the UM_E* code that ended it, with
+ * a message in err.
+ */
+int um_gen_end(um_gen_t **g, um_gen_stats_t *stats, char *err, size_t errlen);
 
 /*
  * Generate: canvas = prompt, then gen_length mask tokens, then the suffix; the masks are

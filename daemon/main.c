@@ -50,6 +50,7 @@ typedef struct s_options {
     um_wdtype_t weight_dtype; /* 0: auto */
     int log_level;
     size_t max_queue;
+    int32_t max_batch;
     size_t max_request_bytes;
     int bind_given;
     const char *connect;          /* --connect: a broker's back end (worker mode), or NULL */
@@ -95,7 +96,8 @@ static void s_usage(FILE *out)
             "                         (UNMASKD_ATTENTION sets the same)\n"
             "  --list-isas            show which instruction sets this CPU and build can run,\n"
             "                         and why not, then exit\n"
-            "  --weight-dtype TYPE    dtype of the stored weight matrices: f32, bf16, int8\n"
+            "  --weight-dtype TYPE, --weights TYPE\n"
+            "                         dtype of the stored weight matrices: f32, bf16, int8\n"
             "                         or auto; auto picks bf16 where the CPU computes in\n"
             "                         bf16 (AVX512-BF16 or AMX) or the checkpoint is all\n"
             "                         bf16 (then widened to f32 inside each product), else\n"
@@ -106,8 +108,10 @@ static void s_usage(FILE *out)
             "  --log-level LEVEL      debug, info, notice, warn or error; default info\n"
             "  --log-file PATH        append the log to PATH instead of stderr; SIGHUP\n"
             "                         reopens it (for logrotate)\n"
-            "  --max-queue N          generate requests that may wait behind the running one;\n"
+            "  --max-queue N          generate requests that may wait behind the running ones;\n"
             "                         more get a \"busy\" error; default %d\n"
+            "  --max-batch N          generate requests that run together, sharing each step's\n"
+            "                         forward pass; 1 runs one at a time; default %d\n"
             "  --max-request-size N   largest request in bytes; larger ones get an error;\n"
             "                         default %d\n"
             "  --max-prompt-tokens N  longest prompt in tokens; default: the model's positions\n"
@@ -140,6 +144,7 @@ static void s_usage(FILE *out)
             "The protocol is described in %s/protocol.md, the security model in\n"
             "%s/security.md.\n",
             UM_MODEL_DIR, UM_DEFAULT_ENDPOINT, UM_PLUGIN_DIR, UM_SERVER_DEFAULT_MAX_QUEUE,
+            UM_SERVER_DEFAULT_MAX_BATCH,
             UM_SERVER_DEFAULT_MAX_REQUEST, UM_DOC_DIR, UM_DOC_DIR);
 }
 
@@ -167,6 +172,7 @@ enum {
     S_OPT_THREADS,
     S_OPT_LOG_LEVEL,
     S_OPT_MAX_QUEUE,
+    S_OPT_MAX_BATCH,
     S_OPT_MAX_REQUEST,
     S_OPT_ISA,
     S_OPT_LIST_ISAS,
@@ -262,8 +268,10 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         {"list-isas", no_argument, NULL, S_OPT_LIST_ISAS},
         {"attention", required_argument, NULL, S_OPT_ATTENTION},
         {"weight-dtype", required_argument, NULL, S_OPT_WEIGHT_DTYPE},
+        {"weights", required_argument, NULL, S_OPT_WEIGHT_DTYPE},
         {"log-level", required_argument, NULL, S_OPT_LOG_LEVEL},
         {"max-queue", required_argument, NULL, S_OPT_MAX_QUEUE},
+        {"max-batch", required_argument, NULL, S_OPT_MAX_BATCH},
         {"max-request-size", required_argument, NULL, S_OPT_MAX_REQUEST},
         {"connect", required_argument, NULL, S_OPT_CONNECT},
         {"model-name", required_argument, NULL, S_OPT_MODEL_NAME},
@@ -285,6 +293,7 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
         .endpoint = UM_DEFAULT_ENDPOINT,
         .log_level = UM_LOG_INFO,
         .max_queue = UM_SERVER_DEFAULT_MAX_QUEUE,
+        .max_batch = UM_SERVER_DEFAULT_MAX_BATCH,
         .max_request_bytes = UM_SERVER_DEFAULT_MAX_REQUEST,
     };
     opt->plugin_dirs = calloc((size_t)argc + 1, sizeof *opt->plugin_dirs);
@@ -369,7 +378,8 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
             return 1;
         case S_OPT_WEIGHT_DTYPE:
             if (um_wdtype_parse(optarg, &opt->weight_dtype) != 0) {
-                fprintf(stderr, "unmaskd: --weight-dtype must be f32, bf16, int8 or auto, got "
+                fprintf(stderr, "unmaskd: --weight-dtype (--weights) must be f32, bf16, int8 "
+                        "or auto, got "
                         "\"%s\"\n", optarg);
                 return -1;
             }
@@ -386,6 +396,11 @@ static int s_parse_options(int argc, char **argv, s_options_t *opt)
             if (s_parse_count("--max-queue", optarg, 0, 1000000, &x) != 0)
                 return -1;
             opt->max_queue = (size_t)x;
+            break;
+        case S_OPT_MAX_BATCH:
+            if (s_parse_count("--max-batch", optarg, 1, UM_SERVER_MAX_BATCH, &x) != 0)
+                return -1;
+            opt->max_batch = (int32_t)x;
             break;
         case S_OPT_MAX_REQUEST:
             /* The upper bound keeps the ZeroMQ frame cap (16 times this) within int64. */
@@ -654,6 +669,7 @@ int main(int argc, char **argv)
     um_server_config_t cfg = {
         .endpoint = opt.endpoint,
         .max_queue = opt.max_queue,
+        .max_batch = opt.max_batch,
         .max_request_bytes = opt.max_request_bytes,
         .threads = opt.threads,
         .plugin_path = plugin_path,

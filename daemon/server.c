@@ -5,8 +5,10 @@
  * the main tokenizer. It replies to info, health, tokenize, detokenize and cancel at
  * once, and checks a generate request completely (fields, plugin, parameters,
  * ranges) before queueing it, so a queued request can only end in done, cancelled
- * or an internal error. The worker thread owns the model and the worker tokenizer
- * and runs one job at a time.
+ * or an internal error. The worker thread owns the model and the worker tokenizer.
+ * It runs up to max_batch generate jobs in lockstep, one shared forward pass per step
+ * (um_gen_step_batch), and takes a job sent while others run at its next step. A score
+ * job runs alone.
  *
  * The two threads talk over an inproc PAIR socket, and each message starts with a
  * one-byte kind frame. Main to worker: 'j' and the job pointer runs a job, and 'q'
@@ -14,9 +16,10 @@
  * start handshake, with no job), 's' a step reply, and one final reply per job,
  * 'd' done, 'c' cancelled or 'e' error. Payloads from the worker are finished JSON
  * replies, which the main thread forwards unchanged to the job's client. A job belongs to the main thread except
- * between 'j' and its final reply, when the worker reads it. During that time the
- * main thread touches only the job's client address, its id (read-only) and the
- * atomic cancel flag. The worker's step callback checks that flag after every step.
+ * between 'j' and its final reply, when the worker reads it and the job is in the
+ * main thread's running set. During that time the main thread touches only the job's
+ * client address, its id (read-only) and the atomic cancel flag. The worker's step
+ * callback checks that flag after every step.
  *
  * ROUTER sockets do not tell the application that a peer left (ZMQ_ROUTER_NOTIFY is a
  * draft option that Debian's libzmq 4.3.4 lacks), so the main thread also reads the
@@ -24,7 +27,7 @@
  * file descriptor. Each request frame carries the same descriptor (ZMQ_SRCFD, which
  * libzmq 4.3 still fills in although its manual calls it deprecated), and that maps the
  * descriptor to the routing id of the client. A disconnected client's jobs are
- * cancelled: a waiting one at once, the running one after its current step.
+ * cancelled: a waiting one at once, a running one after its current step.
  *
  * In worker mode (unmaskd --connect) a DEALER connected to a broker takes the ROUTER's
  * place (broker_link.h). Requests and replies keep their frames, with the broker's
@@ -210,7 +213,9 @@ struct um_server {
     s_job_t *queue_head; /* waiting jobs, oldest first */
     s_job_t *queue_tail;
     size_t queue_len;
-    s_job_t *running;    /* the worker's job, or NULL when idle */
+    s_job_t **running;   /* (max_batch) the worker's jobs, n_running of them, oldest first */
+    int32_t n_running;
+    int32_t max_batch;   /* cfg.max_batch with 0 resolved */
     int stopping;        /* S_SERVING, S_DRAINING or S_CANCELLING */
     double grace_end_ms; /* when S_DRAINING turns into S_CANCELLING */
     int32_t max_prompt_tokens; /* cfg's limits with 0 resolved; max_steps 0: none */
@@ -416,9 +421,10 @@ static s_job_t *s_find_job(um_server_t *srv, const s_client_t *client, const jso
                            s_job_t **prev_out)
 {
     *prev_out = NULL;
-    if (srv->running && s_same_client(&srv->running->client, client)
-        && json_equal(srv->running->req.id, (json_t *)id))
-        return srv->running;
+    for (int32_t i = 0; i < srv->n_running; i++)
+        if (s_same_client(&srv->running[i]->client, client)
+            && json_equal(srv->running[i]->req.id, (json_t *)id))
+            return srv->running[i];
     s_job_t *prev = NULL;
     for (s_job_t *j = srv->queue_head; j; prev = j, j = j->next) {
         if (s_same_client(&j->client, client) && json_equal(j->req.id, (json_t *)id)) {
@@ -429,27 +435,76 @@ static s_job_t *s_find_job(um_server_t *srv, const s_client_t *client, const jso
     return NULL;
 }
 
-/* Hand the oldest waiting job to the worker when it is idle. */
+/* Index of job in the running set, or -1. */
+static int32_t s_running_index(const um_server_t *srv, const s_job_t *job)
+{
+    for (int32_t i = 0; i < srv->n_running; i++)
+        if (srv->running[i] == job)
+            return i;
+    return -1;
+}
+
+/* Remove entry i of the running set, keeping the others in order. */
+static void s_running_remove(um_server_t *srv, int32_t i)
+{
+    memmove(srv->running + i, srv->running + i + 1,
+            (size_t)(srv->n_running - i - 1) * sizeof *srv->running);
+    srv->n_running--;
+}
+
+/* Flag every running job with reason (S_CANCEL, S_SHUTDOWN); each ends after its step. */
+static void s_running_cancel(um_server_t *srv, int reason)
+{
+    for (int32_t i = 0; i < srv->n_running; i++)
+        atomic_store(&srv->running[i]->cancel, reason);
+}
+
+/*
+ * Whether the worker can take the job at the head of the queue: a generate job while
+ * fewer than max_batch generate jobs run, a score job only when nothing runs, since it
+ * runs alone.
+ */
+static int s_worker_has_room(const um_server_t *srv, const s_job_t *head)
+{
+    if (srv->n_running == 0)
+        return 1;
+    if (head->score || srv->running[0]->score)
+        return 0;
+    return srv->n_running < srv->max_batch;
+}
+
+/* Whether a new job would wait in the queue rather than start at once. */
+static int s_must_wait(const um_server_t *srv, const s_job_t *job)
+{
+    return srv->queue_head != NULL || !s_worker_has_room(srv, job);
+}
+
+/*
+ * Hand the oldest waiting jobs to the worker while it has room. Jobs start in arrival
+ * order: a score job at the head waits until the running generate jobs end.
+ */
 static void s_dispatch(um_server_t *srv)
 {
-    if (srv->running || !srv->queue_head || srv->stopping == S_CANCELLING)
-        return;
-    s_job_t *job = srv->queue_head;
-    s_queue_unlink(srv, NULL, job);
-    srv->running = job;
-    char kind = S_MSG_JOB;
-    if (s_send(srv->pipe, &kind, 1, ZMQ_SNDMORE) < 0 || s_send(srv->pipe, &job, sizeof job, 0) < 0) {
-        /* The worker cannot be reached, so the job gets an internal error here. */
-        um_req_error_t err;
-        um_req_error_set(&err, UM_ERR_INTERNAL, NULL, "the worker thread cannot be reached: %s",
-                         zmq_strerror(errno));
-        s_send_error(srv, &job->client, job->req.id, &err);
-        srv->running = NULL;
-        s_job_free(job);
-        return;
+    while (srv->queue_head && srv->stopping != S_CANCELLING
+           && s_worker_has_room(srv, srv->queue_head)) {
+        s_job_t *job = srv->queue_head;
+        s_queue_unlink(srv, NULL, job);
+        char kind = S_MSG_JOB;
+        if (s_send(srv->pipe, &kind, 1, ZMQ_SNDMORE) < 0
+            || s_send(srv->pipe, &job, sizeof job, 0) < 0) {
+            /* The worker cannot be reached, so the job gets an internal error here. */
+            um_req_error_t err;
+            um_req_error_set(&err, UM_ERR_INTERNAL, NULL, "the worker thread cannot be "
+                             "reached: %s", zmq_strerror(errno));
+            s_send_error(srv, &job->client, job->req.id, &err);
+            s_job_free(job);
+            return;
+        }
+        srv->running[srv->n_running++] = job;
+        um_debug("server", "request %s: %s running after %.1f ms in the queue, %d running",
+                 job->id_text, job->score ? "score" : "generate",
+                 s_now_ms() - job->t_accept_ms, srv->n_running);
     }
-    um_debug("server", "request %s: generate running after %.1f ms in the queue",
-             job->id_text, s_now_ms() - job->t_accept_ms);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -673,11 +728,11 @@ static json_t *s_done_reply(um_server_t *srv, const s_job_t *job, const int32_t 
     json_object_set_new(st, "cache", json_string(um_cache_mode_name(job->params.cache)));
     json_object_set_new(st, "cached_passes", json_integer(stats->cached_passes));
     json_object_set_new(st, "cache_bytes", json_integer((json_int_t)stats->cache_bytes));
+    json_object_set_new(st, "batch_size", json_integer(stats->batch_size));
     json_object_set_new(r, "stats", st);
     return r;
 }
 
-/* Run one job on the worker thread and send its final reply. */
 /* um_score's batch callback: stops a cancelled job. */
 static int s_score_should_stop(void *user)
 {
@@ -730,46 +785,137 @@ static void s_worker_score(um_server_t *srv, void *pipe, s_job_t *job)
     s_pipe_send_json(pipe, S_MSG_DONE, job, reply);
 }
 
-static void s_worker_run(um_server_t *srv, void *pipe, s_job_t *job)
+/* A generate job on the worker: its generation, canvas and step callback context. */
+typedef struct s_active {
+    s_job_t *job;
+    um_gen_t *gen;
+    int32_t *canvas; /* (n_prompt + gen_length + n_suffix) */
+    s_step_ctx_t ctx;
+} s_active_t;
+
+/* Send the internal error reply of a generate job that failed with rc. */
+static void s_worker_fail(void *pipe, s_job_t *job, int rc, const char *err)
 {
-    if (job->score) {
-        s_worker_score(srv, pipe, job);
-        return;
-    }
-    const size_t n_canvas = (size_t)job->n_prompt + (size_t)job->params.gen_length
-                            + (size_t)job->params.n_suffix;
-    int32_t *canvas = malloc(n_canvas * sizeof *canvas);
-    char err[512] = "";
-    um_gen_stats_t stats = {0};
-    s_step_ctx_t ctx = {.srv = srv, .pipe = pipe, .job = job, .steps_run = 0};
-
-    int rc = UM_ENOMEM;
-    if (canvas)
-        rc = um_generate(srv->model, job->prompt, job->n_prompt, &job->params, s_on_step, &ctx,
-                         canvas, &stats, err, sizeof err);
-    else
-        snprintf(err, sizeof err, "out of memory for a canvas of %zu tokens", n_canvas);
-
-    if (rc == UM_ECANCELLED) {
-        s_pipe_send_json(pipe, S_MSG_CANCELLED, job,
-                         s_cancelled_reply(job->req.id, atomic_load(&job->cancel)));
-        free(canvas);
-        return;
-    }
-    json_t *reply = NULL;
-    if (rc == 0)
-        reply = s_done_reply(srv, job, canvas, &stats, ctx.steps_run, err, sizeof err);
-    free(canvas);
-    if (reply) {
-        s_pipe_send_json(pipe, S_MSG_DONE, job, reply);
-        return;
-    }
-
     um_req_error_t e;
     um_req_error_set(&e, UM_ERR_INTERNAL, NULL, "generation failed (%s): %s",
                      um_error_name(rc), err[0] ? err : um_strerror(rc));
     um_warn("worker", "request %s: %s", job->id_text, e.message);
     s_pipe_send_json(pipe, S_MSG_ERROR, job, um_reply_error(job->req.id, &e));
+}
+
+/*
+ * Start a generate job. Returns its state, or NULL after sending its error reply. The
+ * state does not move while the generation runs, because its step callback keeps a
+ * pointer to ctx.
+ */
+static s_active_t *s_worker_begin(um_server_t *srv, void *pipe, s_job_t *job)
+{
+    const size_t n_canvas = (size_t)job->n_prompt + (size_t)job->params.gen_length
+                            + (size_t)job->params.n_suffix;
+    char err[512] = "";
+    s_active_t *a = calloc(1, sizeof *a);
+    int32_t *canvas = malloc(n_canvas * sizeof *canvas);
+    if (!a || !canvas) {
+        free(a);
+        free(canvas);
+        snprintf(err, sizeof err, "out of memory for a canvas of %zu tokens", n_canvas);
+        s_worker_fail(pipe, job, UM_ENOMEM, err);
+        return NULL;
+    }
+    *a = (s_active_t){.job = job, .canvas = canvas,
+                      .ctx = {.srv = srv, .pipe = pipe, .job = job, .steps_run = 0}};
+    int rc = um_gen_begin(srv->model, job->prompt, job->n_prompt, &job->params, s_on_step,
+                          &a->ctx, canvas, &a->gen, err, sizeof err);
+    if (rc != 0) {
+        free(canvas);
+        free(a);
+        s_worker_fail(pipe, job, rc, err);
+        return NULL;
+    }
+    return a;
+}
+
+/* End a generate job whose generation is done: send its final reply and free a. */
+static void s_worker_end(um_server_t *srv, void *pipe, s_active_t *a)
+{
+    s_job_t *job = a->job;
+    char err[512] = "";
+    um_gen_stats_t stats = {0};
+    int rc = um_gen_end(&a->gen, &stats, err, sizeof err);
+    if (rc == UM_ECANCELLED) {
+        s_pipe_send_json(pipe, S_MSG_CANCELLED, job,
+                         s_cancelled_reply(job->req.id, atomic_load(&job->cancel)));
+    } else {
+        json_t *reply = NULL;
+        if (rc == 0)
+            reply = s_done_reply(srv, job, a->canvas, &stats, a->ctx.steps_run, err,
+                                 sizeof err);
+        if (reply)
+            s_pipe_send_json(pipe, S_MSG_DONE, job, reply);
+        else
+            s_worker_fail(pipe, job, rc != 0 ? rc : UM_ENOMEM, err);
+    }
+    free(a->canvas);
+    free(a);
+}
+
+/*
+ * Receive one message from the main thread: its kind and job pointer (NULL for quit).
+ * flags 0 waits; ZMQ_DONTWAIT returns 0 when none is waiting. Returns 1 with a message,
+ * 0 without one, or -1 when the pipe failed.
+ */
+static int s_worker_recv(void *pipe, int flags, char *kind, s_job_t **job)
+{
+    zmq_msg_t msg;
+    zmq_msg_init(&msg);
+    if (s_msg_recv(&msg, pipe, flags) < 0) {
+        zmq_msg_close(&msg);
+        if (errno == EAGAIN)
+            return 0;
+        um_error("worker", "receiving from the main thread failed: %s", zmq_strerror(errno));
+        return -1;
+    }
+    *kind = zmq_msg_size(&msg) == 1 ? *(char *)zmq_msg_data(&msg) : 0;
+    zmq_msg_close(&msg);
+    *job = NULL;
+    if (s_more(pipe)) {
+        zmq_msg_init(&msg);
+        if (s_msg_recv(&msg, pipe, 0) >= 0 && zmq_msg_size(&msg) == sizeof *job)
+            memcpy(job, zmq_msg_data(&msg), sizeof *job);
+        zmq_msg_close(&msg);
+        s_drain(pipe);
+    }
+    return 1;
+}
+
+/*
+ * Take the jobs the main thread sent: wait for one while nothing runs, else take only
+ * those already waiting, so that they join at the next step. A score job runs here to
+ * its end; the main thread sends one only while no generate job runs. Returns 1 when
+ * the main thread sent quit or the pipe failed.
+ */
+static int s_worker_take(um_server_t *srv, void *pipe, s_active_t **active, int32_t *n_active)
+{
+    for (;;) {
+        char kind = 0;
+        s_job_t *job = NULL;
+        int got = s_worker_recv(pipe, *n_active == 0 ? 0 : ZMQ_DONTWAIT, &kind, &job);
+        if (got < 0)
+            return 1;
+        if (got == 0)
+            return 0;
+        if (kind == S_MSG_QUIT)
+            return 1;
+        UM_ASSERT(kind == S_MSG_JOB && job != NULL);
+        if (job->score) {
+            s_worker_score(srv, pipe, job);
+            continue;
+        }
+        UM_ASSERT(*n_active < srv->max_batch);
+        s_active_t *a = s_worker_begin(srv, pipe, job);
+        if (a)
+            active[(*n_active)++] = a;
+    }
 }
 
 static void *s_worker_main(void *arg)
@@ -782,40 +928,47 @@ static void *s_worker_main(void *arg)
         omp_set_num_threads(srv->cfg.threads);
 #endif
     void *pipe = zmq_socket(srv->zctx, ZMQ_PAIR);
-    char kind = S_MSG_READY;
-    if (!pipe || zmq_connect(pipe, srv->pipe_name) != 0) {
-        um_error("worker", "connecting to %s failed: %s", srv->pipe_name, zmq_strerror(errno));
+    s_active_t **active = calloc((size_t)srv->max_batch, sizeof *active);
+    um_gen_t **gens = calloc((size_t)srv->max_batch, sizeof *gens);
+    if (!pipe || !active || !gens || zmq_connect(pipe, srv->pipe_name) != 0) {
+        um_error("worker", "connecting to %s failed: %s", srv->pipe_name,
+                 !active || !gens ? "out of memory" : zmq_strerror(errno));
         if (pipe)
             zmq_close(pipe);
+        free(active);
+        free(gens);
         return NULL;
     }
     void *none = NULL;
-    s_pipe_send(pipe, kind, none, "", 0);
+    s_pipe_send(pipe, S_MSG_READY, none, "", 0);
 
-    for (;;) {
-        zmq_msg_t msg;
-        zmq_msg_init(&msg);
-        if (s_msg_recv(&msg, pipe, 0) < 0) {
-            zmq_msg_close(&msg);
-            um_error("worker", "receiving from the main thread failed: %s", zmq_strerror(errno));
-            break;
+    int32_t n_active = 0;
+    while (!s_worker_take(srv, pipe, active, &n_active)) {
+        if (n_active == 0)
+            continue;
+        for (int32_t i = 0; i < n_active; i++)
+            gens[i] = active[i]->gen;
+        if (um_gen_step_batch(gens, n_active) != 0) {
+            /* No memory for the shared pass's bookkeeping: step each job alone. */
+            for (int32_t i = 0; i < n_active; i++)
+                if (!um_gen_done(gens[i]))
+                    um_gen_step(gens[i]);
         }
-        kind = zmq_msg_size(&msg) == 1 ? *(char *)zmq_msg_data(&msg) : 0;
-        zmq_msg_close(&msg);
-
-        s_job_t *job = NULL;
-        if (s_more(pipe)) {
-            zmq_msg_init(&msg);
-            if (s_msg_recv(&msg, pipe, 0) >= 0 && zmq_msg_size(&msg) == sizeof job)
-                memcpy(&job, zmq_msg_data(&msg), sizeof job);
-            zmq_msg_close(&msg);
-            s_drain(pipe);
+        int32_t kept = 0;
+        for (int32_t i = 0; i < n_active; i++) {
+            if (um_gen_done(active[i]->gen))
+                s_worker_end(srv, pipe, active[i]);
+            else
+                active[kept++] = active[i];
         }
-        if (kind == S_MSG_QUIT)
-            break;
-        UM_ASSERT(kind == S_MSG_JOB && job != NULL);
-        s_worker_run(srv, pipe, job);
+        n_active = kept;
     }
+    /* The main thread quits only once every job has its final reply, so none is left
+       here unless the pipe failed; those end as cancelled. */
+    for (int32_t i = 0; i < n_active; i++)
+        s_worker_end(srv, pipe, active[i]);
+    free(active);
+    free(gens);
     zmq_close(pipe);
     return NULL;
 }
@@ -856,15 +1009,15 @@ static int s_worker_start(um_server_t *srv, char *err, size_t errlen)
 }
 
 /*
- * Stop the worker: cancel its job, wait for that job's final reply (dropped here,
- * since um_server_run has returned), then send quit and join the thread.
+ * Stop the worker: cancel its jobs, wait for their final replies (dropped here, since
+ * um_server_run has returned), then send quit and join the thread.
  */
 static void s_worker_stop(um_server_t *srv)
 {
     if (!srv->worker_started)
         return;
-    while (srv->running) {
-        atomic_store(&srv->running->cancel, S_SHUTDOWN);
+    s_running_cancel(srv, S_SHUTDOWN);
+    while (srv->n_running > 0) {
         zmq_msg_t msg;
         zmq_msg_init(&msg);
         if (s_msg_recv(&msg, srv->pipe, 0) < 0) {
@@ -873,11 +1026,24 @@ static void s_worker_stop(um_server_t *srv)
         }
         char kind = zmq_msg_size(&msg) == 1 ? *(char *)zmq_msg_data(&msg) : 0;
         zmq_msg_close(&msg);
-        s_drain(srv->pipe);
-        if (kind == S_MSG_DONE || kind == S_MSG_CANCELLED || kind == S_MSG_ERROR) {
-            s_job_free(srv->running);
-            srv->running = NULL;
+        s_job_t *job = NULL;
+        if (s_more(srv->pipe)) {
+            zmq_msg_init(&msg);
+            if (s_msg_recv(&msg, srv->pipe, 0) >= 0 && zmq_msg_size(&msg) == sizeof job)
+                memcpy(&job, zmq_msg_data(&msg), sizeof job);
+            zmq_msg_close(&msg);
         }
+        s_drain(srv->pipe);
+        int32_t i = s_running_index(srv, job);
+        if (i >= 0 && (kind == S_MSG_DONE || kind == S_MSG_CANCELLED || kind == S_MSG_ERROR)) {
+            s_running_remove(srv, i);
+            s_job_free(job);
+        }
+    }
+    /* Jobs without a final reply from the worker (its pipe failed) are freed without one. */
+    while (srv->n_running > 0) {
+        s_job_free(srv->running[srv->n_running - 1]);
+        srv->n_running--;
     }
     /* Without DONTWAIT this would block forever on a worker that exited early. */
     char kind = S_MSG_QUIT;
@@ -904,7 +1070,8 @@ static void s_handle_worker(um_server_t *srv)
         s_msg_recv(&payload, srv->pipe, 0);
     s_drain(srv->pipe);
 
-    UM_ASSERT(job != NULL && job == srv->running);
+    int32_t index = s_running_index(srv, job);
+    UM_ASSERT(job != NULL && index >= 0);
     s_send_to_client(srv, &job->client, zmq_msg_data(&payload), zmq_msg_size(&payload));
     zmq_msg_close(&head);
     zmq_msg_close(&ptr);
@@ -919,7 +1086,7 @@ static void s_handle_worker(um_server_t *srv)
     um_debug("server", "request %s: generate finished with %s after %d step%s, %.1f ms after "
              "it was accepted", job->id_text, outcome, steps, steps == 1 ? "" : "s",
              s_now_ms() - job->t_accept_ms);
-    srv->running = NULL;
+    s_running_remove(srv, index);
     s_job_free(job);
     s_dispatch(srv);
 }
@@ -979,6 +1146,7 @@ static json_t *s_limits_json(const um_server_t *srv)
     json_object_set_new(l, "max_request_bytes",
                         json_integer((json_int_t)srv->cfg.max_request_bytes));
     json_object_set_new(l, "max_queue", json_integer((json_int_t)srv->cfg.max_queue));
+    json_object_set_new(l, "max_batch", json_integer(srv->max_batch));
     json_object_set_new(l, "max_prompt_tokens", json_integer(srv->max_prompt_tokens));
     json_object_set_new(l, "max_gen_length", json_integer(srv->max_gen_length));
     json_object_set_new(l, "max_steps", srv->max_steps > 0 ? json_integer(srv->max_steps)
@@ -1097,7 +1265,7 @@ static json_t *s_health_reply(um_server_t *srv, const json_t *id)
         return NULL;
     json_object_set_new(r, "status", json_string(srv->stopping ? "stopping" : "ok"));
     json_object_set_new(r, "queue", json_integer((json_int_t)srv->queue_len));
-    json_object_set_new(r, "busy", json_boolean(srv->running != NULL));
+    json_object_set_new(r, "busy", json_boolean(srv->n_running > 0));
     json_object_set_new(r, "uptime_s", json_real((s_now_ms() - srv->t_start_ms) / 1e3));
     return r;
 }
@@ -1199,7 +1367,7 @@ static json_t *s_cancel_reply(um_server_t *srv, const s_client_t *client,
                          um_request_id_text(req->target, idbuf, sizeof idbuf));
         return NULL;
     }
-    if (job == srv->running) {
+    if (s_running_index(srv, job) >= 0) {
         atomic_store(&job->cancel, S_CANCEL);
         int steps = atomic_load(&job->steps_done);
         um_debug("server", "request %s: cancel requested while it runs, after %d step%s",
@@ -1544,10 +1712,10 @@ static int s_accept_generate(um_server_t *srv, const s_client_t *client, um_requ
     if (s_check_remask_params(plugin->desc, req->remasking_params, &job->remask_params, err) != 0)
         goto fail;
 
-    if (srv->running && srv->queue_len >= srv->cfg.max_queue) {
+    if (s_must_wait(srv, job) && srv->queue_len >= srv->cfg.max_queue) {
         um_req_error_set(err, UM_ERR_BUSY, NULL, "the queue is full (%zu generate requests "
-                         "waiting behind the running one): retry later, or start unmaskd with a "
-                         "larger --max-queue", srv->queue_len);
+                         "waiting behind the %d running): retry later, or start unmaskd with a "
+                         "larger --max-queue or --max-batch", srv->queue_len, srv->n_running);
         goto fail;
     }
 
@@ -1675,10 +1843,10 @@ static int s_accept_score(um_server_t *srv, const s_client_t *client, um_request
         um_req_error_set(err, UM_ERR_OUT_OF_RANGE, field, "%s", msg);
         goto fail;
     }
-    if (srv->running && srv->queue_len >= srv->cfg.max_queue) {
+    if (s_must_wait(srv, job) && srv->queue_len >= srv->cfg.max_queue) {
         um_req_error_set(err, UM_ERR_BUSY, NULL, "the queue is full (%zu requests waiting "
-                         "behind the running one): retry later, or start unmaskd with a larger "
-                         "--max-queue", srv->queue_len);
+                         "behind the %d running): retry later, or start unmaskd with a larger "
+                         "--max-queue", srv->queue_len, srv->n_running);
         goto fail;
     }
 
@@ -1720,11 +1888,10 @@ static void s_link_reset(um_server_t *srv)
     /* NOTE: the cancelled job keeps the worker thread busy until its current step ends,
        while the broker already counts the full capacity as free. A request that fills
        the last place in that window gets "busy" from this daemon. */
-    if (srv->running)
-        atomic_store(&srv->running->cancel, S_CANCEL);
-    if (dropped > 0 || srv->running)
+    s_running_cancel(srv, S_CANCEL);
+    if (dropped > 0 || srv->n_running > 0)
         um_notice("server", "dropped %zu waiting and %d running generate requests that the "
-                  "broker no longer tracks", dropped, srv->running != NULL);
+                  "broker no longer tracks", dropped, srv->n_running);
 
     char err[512];
     int rc = um_link_open(srv->link, s_info_reply(srv, NULL), err, sizeof err);
@@ -1757,7 +1924,7 @@ static int s_link_start(um_server_t *srv, char *err, size_t errlen)
     um_link_config_t lc = {
         .endpoint = srv->cfg.connect,
         .model_name = name,
-        .capacity = srv->cfg.max_queue + 1,
+        .capacity = srv->cfg.max_queue + (size_t)srv->max_batch,
         .max_frame = (long long)srv->cfg.max_request_bytes * UM_SERVER_HARD_LIMIT_FACTOR,
         .curve_server_key = srv->cfg.curve_server_key,
         .curve_public_key = srv->cfg.curve_public_key,
@@ -1820,8 +1987,10 @@ static void s_client_gone(um_server_t *srv, const s_client_t *client)
         }
         job = next;
     }
-    s_job_t *job = srv->running;
-    if (job && s_same_client(&job->client, client) && atomic_load(&job->cancel) == S_RUN) {
+    for (int32_t i = 0; i < srv->n_running; i++) {
+        s_job_t *job = srv->running[i];
+        if (!s_same_client(&job->client, client) || atomic_load(&job->cancel) != S_RUN)
+            continue;
         atomic_store(&job->cancel, S_DISCONNECT);
         int steps = atomic_load(&job->steps_done);
         um_info("server", "request %s: the client disconnected after %d step%s, so its "
@@ -2049,15 +2218,14 @@ static void s_begin_shutdown(um_server_t *srv)
     int was_draining = srv->stopping == S_DRAINING;
     srv->stopping = S_CANCELLING;
     um_notice("server", "shutting down: %zu waiting and %d running generate requests get a "
-              "final reply", srv->queue_len, srv->running != NULL);
+              "final reply", srv->queue_len, srv->n_running);
     while (srv->queue_head) {
         s_job_t *job = srv->queue_head;
         s_queue_unlink(srv, NULL, job);
         s_send_json(srv, &job->client, s_cancelled_reply(job->req.id, S_SHUTDOWN));
         s_job_free(job);
     }
-    if (srv->running)
-        atomic_store(&srv->running->cancel, S_SHUTDOWN);
+    s_running_cancel(srv, S_SHUTDOWN);
     if (srv->link && !was_draining)
         um_link_stopping(srv->link);
 }
@@ -2069,12 +2237,12 @@ static void s_begin_shutdown(um_server_t *srv)
 static void s_stop_requested(um_server_t *srv)
 {
     if (srv->stopping == S_SERVING && srv->cfg.shutdown_grace_ms > 0
-        && (srv->running || srv->queue_head)) {
+        && (srv->n_running > 0 || srv->queue_head)) {
         srv->stopping = S_DRAINING;
         srv->grace_end_ms = s_now_ms() + srv->cfg.shutdown_grace_ms;
         um_notice("server", "shutting down: %zu waiting and %d running generate requests may "
                   "finish within %.1f s, new ones get \"busy\"; a second stop signal cancels "
-                  "them at once", srv->queue_len, srv->running != NULL,
+                  "them at once", srv->queue_len, srv->n_running,
                   srv->cfg.shutdown_grace_ms / 1e3);
         if (srv->link)
             um_link_stopping(srv->link);
@@ -2151,7 +2319,7 @@ int um_server_run(um_server_t *srv)
             s_read_monitor(srv);
         if (items[0].revents & ZMQ_POLLIN)
             s_handle_worker(srv);
-        if (srv->stopping && !srv->running && !srv->queue_head)
+        if (srv->stopping && srv->n_running == 0 && !srv->queue_head)
             break;
         if (srv->stopping != S_CANCELLING && (items[1].revents & ZMQ_POLLIN))
             s_handle_client(srv);
@@ -2256,6 +2424,15 @@ int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *
     }
     srv->cfg = *cfg;
     srv->cfg.endpoint = srv->endpoint; /* set by s_bind; the caller's string is not kept */
+    srv->max_batch = cfg->max_batch > 0 ? cfg->max_batch : UM_SERVER_DEFAULT_MAX_BATCH;
+    if (srv->max_batch > UM_SERVER_MAX_BATCH)
+        srv->max_batch = UM_SERVER_MAX_BATCH;
+    srv->running = calloc((size_t)srv->max_batch, sizeof *srv->running);
+    if (!srv->running) {
+        snprintf(err, errlen, "out of memory for the server");
+        free(srv);
+        return UM_ENOMEM;
+    }
     srv->model = model;
     srv->model_cfg = um_model_config(model);
     srv->plugins = plugins;
@@ -2285,6 +2462,7 @@ int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *
                   srv->max_gen_length);
     int rc = um_chat_load(um_model_dir(model), &srv->chat, err, errlen);
     if (rc != 0) {
+        free(srv->running);
         free(srv);
         return rc;
     }
@@ -2294,6 +2472,7 @@ int um_server_new(um_server_t **out, const um_server_config_t *cfg, um_model_t *
     if (cfg->plugin_path && !(srv->plugin_path = strdup(cfg->plugin_path))) {
         snprintf(err, errlen, "out of memory for the server");
         um_chat_free(&srv->chat);
+        free(srv->running);
         free(srv);
         return UM_ENOMEM;
     }
@@ -2353,6 +2532,7 @@ void um_server_destroy(um_server_t **srvp)
         zmq_close(srv->monitor);
     }
     free(srv->peers);
+    free(srv->running);
     if (srv->link) {
         um_link_destroy(&srv->link); /* closes the socket that router points to */
         srv->router = NULL;

@@ -21,12 +21,17 @@
 
 /* Default bound on generate requests waiting behind the running one. */
 #define UM_SERVER_DEFAULT_MAX_QUEUE 64
+/* Default and largest number of generate requests that run together in lockstep. */
+#define UM_SERVER_DEFAULT_MAX_BATCH 8
+#define UM_SERVER_MAX_BATCH 256
 /* Default size limit of one request frame, in bytes. */
 #define UM_SERVER_DEFAULT_MAX_REQUEST (1024 * 1024)
 
 typedef struct um_server_config {
     const char *endpoint;     /* ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5557 */
     size_t max_queue;         /* waiting generate requests; past it the reply is "busy" */
+    int32_t max_batch;        /* generate requests whose steps share one forward pass, in
+                                 [1, UM_SERVER_MAX_BATCH]; 0: UM_SERVER_DEFAULT_MAX_BATCH */
     size_t max_request_bytes; /* larger request frames get an error reply */
     int threads;              /* OpenMP threads for the worker's forward passes; 0: default */
     const char *plugin_path;  /* colon-separated plugin folders rescanned when a request

@@ -445,15 +445,17 @@ static void s_cluster_start2(void)
     s_cluster_start(2, NULL);
 }
 
+/* Three workers that each run one generate request at a time, the others queued. */
 static void s_cluster_start3(void)
 {
-    s_cluster_start(3, NULL);
+    const char *const extra[] = {"--max-batch", "1", NULL};
+    s_cluster_start(3, extra);
 }
 
 /* Two workers that each take one generate request at a time. */
 static void s_cluster_start2_queue0(void)
 {
-    const char *const extra[] = {"--max-queue", "0", NULL};
+    const char *const extra[] = {"--max-queue", "0", "--max-batch", "1", NULL};
     s_cluster_start(2, extra);
 }
 
@@ -552,7 +554,7 @@ START_TEST(test_broker_info_health)
         ck_assert_str_eq(json_string_value(json_array_get(json_object_get(w, "models"), 0)),
                          "tinystories");
         ck_assert_int_eq(json_integer_value(json_object_get(w, "capacity")),
-                         1 + 64); /* 1 running + the daemon's default --max-queue */
+                         1 + 64); /* --max-batch 1 running + the default --max-queue */
         ck_assert_str_eq(json_string_value(json_object_get(w, "state")), "ready");
         ck_assert(json_number_value(json_object_get(w, "last_seen_ms")) < S_EXPIRY_MS);
     }

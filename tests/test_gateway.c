@@ -1336,7 +1336,7 @@ static size_t s_on_first_bytes(char *data, size_t size, size_t n, void *arg)
 START_TEST(test_daemon_busy)
 {
     s_stack_t st = {.daemon = {.pid = -1}, .gateway = {.pid = -1}};
-    const char *no_queue[] = {"--max-queue", "0", NULL};
+    const char *no_queue[] = {"--max-queue", "0", "--max-batch", "1", NULL};
     s_start_daemon(&st, no_queue);
     s_start_gateway(&st, st.endpoint, NULL);
     s_wait_healthy(&st);

@@ -117,27 +117,37 @@ static void *s_begin(const um_remask_ops_t *ops, json_t *params, const char *nam
     return state;
 }
 
-/*
- * Every fixture case, token for token, with its forward passes and early stop. With
- * full_lm_head the engine computes the LM head for every position, as the reference
- * does, rather than for the candidates only.
- */
-static void s_check_case(int index, int full_lm_head)
+/* One fixture case: its request, with a policy state of its own, and the reference's
+ * result. */
+typedef struct s_case {
+    json_t *json;
+    const char *name, *policy;
+    int32_t *prompt, *expected;
+    size_t n_prompt, n_expected;
+    um_gen_params_t p;
+} s_case_t;
+
+static void s_case_load(int index, s_case_t *k)
 {
     json_t *c = json_array_get(s_cases, (size_t)index);
     ck_assert_ptr_nonnull(c);
-    const char *name = json_string_value(json_object_get(c, "name"));
-    size_t n_prompt, n_expected;
-    int32_t *prompt = s_ids(json_object_get(c, "prompt_ids"), &n_prompt);
-    int32_t *expected = s_ids(json_object_get(c, "canvas"), &n_expected);
-    const char *policy = json_string_value(json_object_get(c, "remasking"));
-    um_gen_params_t p = s_params(policy,
-                                 (int32_t)json_integer_value(json_object_get(c, "gen_length")),
-                                 (int32_t)json_integer_value(json_object_get(c, "block_length")),
-                                 (int32_t)json_integer_value(json_object_get(c, "steps")),
-                                 json_number_value(json_object_get(c, "temperature")),
-                                 json_number_value(json_object_get(c, "cfg_scale")),
-                                 (uint64_t)json_integer_value(json_object_get(c, "seed")));
+    k->json = c;
+    k->name = json_string_value(json_object_get(c, "name"));
+    k->prompt = s_ids(json_object_get(c, "prompt_ids"), &k->n_prompt);
+    k->expected = s_ids(json_object_get(c, "canvas"), &k->n_expected);
+    k->policy = json_string_value(json_object_get(c, "remasking"));
+    const um_remask_ops_t *ops = s_policy(k->policy);
+    um_gen_params_t p = {
+        .gen_length = (int32_t)json_integer_value(json_object_get(c, "gen_length")),
+        .block_length = (int32_t)json_integer_value(json_object_get(c, "block_length")),
+        .steps = (int32_t)json_integer_value(json_object_get(c, "steps")),
+        .temperature = json_number_value(json_object_get(c, "temperature")),
+        .cfg_scale = json_number_value(json_object_get(c, "cfg_scale")),
+        .seed = (uint64_t)json_integer_value(json_object_get(c, "seed")),
+        .remask = ops,
+        .schedule = um_remask_traits(ops).schedule,
+        .eot_id = -1,
+    };
     p.top_k = (int32_t)json_integer_value(json_object_get(c, "top_k"));
     p.top_p = json_number_value(json_object_get(c, "top_p"));
     const char *schedule = json_string_value(json_object_get(c, "schedule"));
@@ -148,31 +158,58 @@ static void s_check_case(int index, int full_lm_head)
     p.ban_eos = json_is_true(json_object_get(c, "ban_eos"));
     p.suppress_eos = json_is_true(json_object_get(c, "suppress_eos_confidence"));
     p.early_stop = json_is_true(json_object_get(c, "early_stop"));
-    p.full_lm_head = full_lm_head;
-    s_end_open();
-    p.remask_state = s_begin(p.remask, json_object_get(c, "remasking_params"), name);
-    ck_assert_uint_eq(n_expected, n_prompt + (size_t)p.gen_length);
+    p.remask_state = s_begin(ops, json_object_get(c, "remasking_params"), k->name);
+    k->p = p;
+    ck_assert_uint_eq(k->n_expected, k->n_prompt + (size_t)p.gen_length);
+}
 
-    int32_t *canvas = malloc(n_expected * sizeof *canvas);
+static void s_case_free(s_case_t *k)
+{
+    k->p.remask->request_end(k->p.remask_state);
+    free(k->expected);
+    free(k->prompt);
+}
+
+/* The reference's canvas token for token, its forward passes and its early stop. how
+ * names the way the case ran. */
+static void s_case_assert(const s_case_t *k, const int32_t *canvas, const um_gen_stats_t *st,
+                          const char *how)
+{
+    for (size_t i = 0; i < k->n_expected; i++)
+        ck_assert_msg(canvas[i] == k->expected[i], "%s (%s, seed %d, %s): position %zu is %d, "
+                      "the reference has %d", k->name, k->policy, (int)k->p.seed, how, i,
+                      canvas[i], k->expected[i]);
+    json_t *c = k->json;
+    ck_assert_msg(st->forward_passes == json_integer_value(json_object_get(c, "forward_passes")),
+                  "%s (%s): %d forward passes, the reference ran %lld", k->name, how,
+                  st->forward_passes,
+                  (long long)json_integer_value(json_object_get(c, "forward_passes")));
+    ck_assert_msg(st->early_stop == json_is_true(json_object_get(c, "early_stopped")),
+                  "%s (%s): early stop %d, the reference %d", k->name, how, st->early_stop,
+                  json_is_true(json_object_get(c, "early_stopped")));
+    ck_assert_int_eq(st->eos_position, json_integer_value(json_object_get(c, "eos_position")));
+}
+
+/*
+ * Every fixture case, token for token, with its forward passes and early stop. With
+ * full_lm_head the engine computes the LM head for every position, as the reference
+ * does, rather than for the candidates only.
+ */
+static void s_check_case(int index, int full_lm_head)
+{
+    s_case_t k;
+    s_case_load(index, &k);
+    k.p.full_lm_head = full_lm_head;
+    int32_t *canvas = malloc(k.n_expected * sizeof *canvas);
     char err[512] = "";
     um_gen_stats_t st;
-    int rc = um_generate(s_model, prompt, (int32_t)n_prompt, &p, NULL, NULL, canvas, &st, err,
-                         sizeof err);
-    p.remask->request_end(p.remask_state);
-    ck_assert_msg(rc == 0, "%s: %s", name, err);
-    for (size_t i = 0; i < n_expected; i++)
-        ck_assert_msg(canvas[i] == expected[i], "%s (%s, seed %d): position %zu is %d, the "
-                      "reference has %d", name, policy, (int)p.seed, i, canvas[i], expected[i]);
-    ck_assert_msg(st.forward_passes == json_integer_value(json_object_get(c, "forward_passes")),
-                  "%s: %d forward passes, the reference ran %lld", name, st.forward_passes,
-                  (long long)json_integer_value(json_object_get(c, "forward_passes")));
-    ck_assert_msg(st.early_stop == json_is_true(json_object_get(c, "early_stopped")),
-                  "%s: early stop %d, the reference %d", name, st.early_stop,
-                  json_is_true(json_object_get(c, "early_stopped")));
-    ck_assert_int_eq(st.eos_position, json_integer_value(json_object_get(c, "eos_position")));
+    int rc = um_generate(s_model, k.prompt, (int32_t)k.n_prompt, &k.p, NULL, NULL, canvas, &st,
+                         err, sizeof err);
+    ck_assert_msg(rc == 0, "%s: %s", k.name, err);
+    s_case_assert(&k, canvas, &st, "alone");
+    ck_assert_int_eq(st.batch_size, 1);
     free(canvas);
-    free(expected);
-    free(prompt);
+    s_case_free(&k);
 }
 
 START_TEST(matches_reference_canvas)
@@ -203,6 +240,152 @@ START_TEST(matches_reference_scalar)
     for (size_t i = 0; i < json_array_size(s_cases); i += 3)
         s_check_case((int)i, 0);
     ck_assert_int_eq(um_kernels_select(NULL, err, sizeof err), 0);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------- */
+/* Batches                                                                    */
+
+/* Cases per batch in batch_matches_alone. Group g contains cases g, g + G, g + 2G, ... */
+#define S_BATCH 4
+
+static int s_count_groups(int n_cases)
+{
+    return (n_cases + S_BATCH - 1) / S_BATCH;
+}
+
+/*
+ * Every fixture case run in one batch with S_BATCH - 1 others, cases far apart in the
+ * grid (other prompts and lengths, policies, temperatures, guidance on and off), gives
+ * the reference's tokens, forward passes and early stop. matches_reference_canvas
+ * checks the same for every case run alone, so batched equals alone, without running
+ * each case a second time here. The shared pass differs from the lone one by f32
+ * rounding only (about 1e-5 relative, the model suite's ragged test). Every fixture
+ * case keeps each decision several times farther from a tie than the reference's logits
+ * differ from ours (tools/make_fixtures.py), a larger difference than that rounding, so
+ * no token may change.
+ */
+START_TEST(batch_matches_alone)
+{
+    const int n_cases = (int)json_array_size(s_cases);
+    const int G = s_count_groups(n_cases);
+    s_case_t k[S_BATCH];
+    int32_t *batched[S_BATCH];
+    um_gen_stats_t st[S_BATCH];
+    um_gen_t *gens[S_BATCH];
+    char err[512];
+    int n = 0;
+    for (int idx = _i; idx < n_cases && n < S_BATCH; idx += G, n++) {
+        s_case_load(idx, &k[n]);
+        batched[n] = malloc(k[n].n_expected * sizeof *batched[n]);
+        int rc = um_gen_begin(s_model, k[n].prompt, (int32_t)k[n].n_prompt, &k[n].p, NULL,
+                              NULL, batched[n], &gens[n], err, sizeof err);
+        ck_assert_msg(rc == 0, "%s: %s", k[n].name, err);
+        ck_assert(um_gen_batchable(gens[n]));
+    }
+    for (int guard = 0;; guard++) {
+        int running = 0;
+        for (int j = 0; j < n; j++)
+            running += !um_gen_done(gens[j]);
+        if (!running)
+            break;
+        ck_assert_int_lt(guard, 100000);
+        ck_assert_int_eq(um_gen_step_batch(gens, n), 0);
+    }
+    for (int j = 0; j < n; j++) {
+        ck_assert_msg(um_gen_end(&gens[j], &st[j], err, sizeof err) == 0, "%s: %s", k[j].name,
+                      err);
+        ck_assert_ptr_null(gens[j]);
+        s_case_assert(&k[j], batched[j], &st[j], "batched");
+        ck_assert_int_eq(st[j].steps_run, st[j].forward_passes);
+        /* Every member runs a first step, and all first steps share one pass. */
+        ck_assert_int_eq(st[j].batch_size, n);
+        free(batched[j]);
+        s_case_free(&k[j]);
+    }
+}
+END_TEST
+
+/* Counts the steps in *user (an int32_t) and cancels at the second. */
+static int s_cancel_second(void *user, const um_step_info_t *info)
+{
+    (void)info;
+    return ++*(int32_t *)user >= 2;
+}
+
+/*
+ * In one batch: a generation that cancels at its second pass, one with a block cache
+ * (stepped alone) and two plain ones. The cancelled one stops there with a partial
+ * canvas; every other one equals its lone run.
+ */
+START_TEST(batch_cancel_and_cache)
+{
+    enum { N = 4 };
+    s_case_t k[N];
+    int32_t *alone[N], *batched[N];
+    um_gen_t *gens[N];
+    um_gen_stats_t st[N], st_alone[N];
+    char err[512];
+    int32_t n_cancel_steps = 0;
+    for (int j = 0; j < N; j++) {
+        s_case_load(j, &k[j]);
+        k[j].p.cache = j == 1 ? UM_CACHE_PREFIX : UM_CACHE_NONE;
+        alone[j] = malloc(k[j].n_expected * sizeof *alone[j]);
+        batched[j] = malloc(k[j].n_expected * sizeof *batched[j]);
+        ck_assert_int_eq(um_generate(s_model, k[j].prompt, (int32_t)k[j].n_prompt, &k[j].p,
+                                     NULL, NULL, alone[j], &st_alone[j], err, sizeof err), 0);
+        k[j].p.remask->request_end(k[j].p.remask_state);
+        k[j].p.remask_state = s_begin(k[j].p.remask,
+                                      json_object_get(k[j].json, "remasking_params"), k[j].name);
+        ck_assert_int_eq(um_gen_begin(s_model, k[j].prompt, (int32_t)k[j].n_prompt, &k[j].p,
+                                      j == 0 ? s_cancel_second : NULL, &n_cancel_steps,
+                                      batched[j],
+                                      &gens[j], err, sizeof err), 0);
+    }
+    ck_assert(!um_gen_batchable(gens[1]));
+    while (!um_gen_done(gens[0]) || !um_gen_done(gens[1]) || !um_gen_done(gens[2])
+           || !um_gen_done(gens[3]))
+        ck_assert_int_eq(um_gen_step_batch(gens, N), 0);
+    for (int j = 0; j < N; j++) {
+        int rc = um_gen_end(&gens[j], &st[j], err, sizeof err);
+        if (j == 0) {
+            ck_assert_int_eq(rc, UM_ECANCELLED);
+            ck_assert_msg(strstr(err, "cancelled") != NULL, "%s", err);
+            ck_assert_int_eq(st[j].forward_passes, 2);
+        } else {
+            ck_assert_msg(rc == 0, "%s: %s", k[j].name, err);
+            for (size_t i = 0; i < k[j].n_expected; i++)
+                ck_assert_int_eq(batched[j][i], alone[j][i]);
+            ck_assert_int_eq(st[j].forward_passes, st_alone[j].forward_passes);
+            /* The cached one ran alone; the plain ones shared at least their first pass. */
+            ck_assert_int_eq(st[j].batch_size, j == 1 ? 1 : 3);
+        }
+        free(alone[j]);
+        free(batched[j]);
+        s_case_free(&k[j]);
+    }
+}
+END_TEST
+
+/* A generation ended before it finished reports a stop; a NULL entry is skipped. */
+START_TEST(batch_end_early)
+{
+    s_case_t k;
+    s_case_load(0, &k);
+    int32_t *canvas = malloc(k.n_expected * sizeof *canvas);
+    um_gen_t *gens[2] = {NULL, NULL};
+    char err[512] = "";
+    ck_assert_int_eq(um_gen_begin(s_model, k.prompt, (int32_t)k.n_prompt, &k.p, NULL, NULL,
+                                  canvas, &gens[1], err, sizeof err), 0);
+    ck_assert_int_eq(um_gen_step_batch(gens, 2), 0);
+    ck_assert(!um_gen_done(gens[1]));
+    um_gen_stats_t st;
+    ck_assert_int_eq(um_gen_end(&gens[1], &st, err, sizeof err), UM_ECANCELLED);
+    ck_assert_msg(strstr(err, "stopped before step") != NULL, "%s", err);
+    ck_assert_int_eq(st.forward_passes, 1);
+    ck_assert_int_eq(st.batch_size, 1);
+    free(canvas);
+    s_case_free(&k);
 }
 END_TEST
 
@@ -730,6 +913,13 @@ Suite *um_generate_suite(void)
     tcase_add_loop_test(tc, full_lm_head_same_tokens, 0, s_count_cases());
     tcase_add_test(tc, matches_reference_scalar);
     tcase_add_test(tc, fixture_covers_every_policy);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("batch");
+    tcase_add_unchecked_fixture(tc, s_setup, s_teardown);
+    tcase_set_timeout(tc, 300);
+    tcase_add_loop_test(tc, batch_matches_alone, 0, s_count_groups(s_count_cases()));
+    tcase_add_test(tc, batch_cancel_and_cache);
+    tcase_add_test(tc, batch_end_early);
     suite_add_tcase(s, tc);
     tc = tcase_create("schedule");
     tcase_add_unchecked_fixture(tc, s_setup, s_teardown);

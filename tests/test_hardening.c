@@ -234,7 +234,9 @@ static void s_stop_clean(um_test_daemon_t *d)
 
 static void s_setup_shared(void)
 {
-    s_start(&s_shared, "hard", NULL);
+    /* One generation at a time, so that a second one waits in the queue. */
+    const char *const extra[] = {"--max-batch", "1", NULL};
+    s_start(&s_shared, "hard", extra);
 }
 
 static void s_teardown_shared(void)
@@ -394,13 +396,22 @@ START_TEST(test_shutdown_grace_finishes)
                      "shutting down") != NULL);
     json_decref(r);
 
-    r = s_wait_final(sock, "g1");
-    ck_assert_str_eq(s_type(r), UM_REPLY_DONE);
-    ck_assert_int_eq(json_array_size(json_object_get(r, "tokens")), 48);
-    json_decref(r);
-    r = s_wait_final(sock, "g2");
-    ck_assert_str_eq(s_type(r), UM_REPLY_DONE);
-    json_decref(r);
+    /* g1 and g2 run in one batch, so g2, the shorter, may end first. */
+    int g1_done = 0, g2_done = 0;
+    while (!g1_done || !g2_done) {
+        r = s_recv_must(sock);
+        if (strcmp(s_type(r), UM_REPLY_STEP) != 0) {
+            ck_assert_str_eq(s_type(r), UM_REPLY_DONE);
+            if (strcmp(s_id(r), "g1") == 0) {
+                ck_assert_int_eq(json_array_size(json_object_get(r, "tokens")), 48);
+                g1_done = 1;
+            } else {
+                ck_assert_str_eq(s_id(r), "g2");
+                g2_done = 1;
+            }
+        }
+        json_decref(r);
+    }
     int status = um_test_daemon_wait_exit(&d, s_scaled(30000));
     ck_assert_msg(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
                   "wait status %d: see %s", status, d.log);
@@ -963,7 +974,7 @@ START_TEST(test_limits)
 {
     um_test_daemon_t d = {.pid = -1};
     const char *const extra[] = {"--max-prompt-tokens", "8", "--max-gen-length", "16",
-                                 "--max-steps", "8", "--max-queue", "1",
+                                 "--max-steps", "8", "--max-queue", "1", "--max-batch", "1",
                                  "--max-request-size", "2048", NULL};
     s_start(&d, "limits", extra);
     void *ctx = zmq_ctx_new();
@@ -975,6 +986,7 @@ START_TEST(test_limits)
     ck_assert_int_eq(json_integer_value(json_object_get(limits, "max_gen_length")), 16);
     ck_assert_int_eq(json_integer_value(json_object_get(limits, "max_steps")), 8);
     ck_assert_int_eq(json_integer_value(json_object_get(limits, "max_queue")), 1);
+    ck_assert_int_eq(json_integer_value(json_object_get(limits, "max_batch")), 1);
     ck_assert_int_eq(json_integer_value(json_object_get(limits, "max_request_bytes")), 2048);
     ck_assert_int_eq(json_integer_value(json_object_get(limits, "max_messages")), 1024);
     ck_assert(json_is_false(json_object_get(info, "curve")));

@@ -311,6 +311,45 @@ START_TEST(forward_sequences_independent)
 }
 END_TEST
 
+START_TEST(forward_ragged_matches_separate)
+{
+    int32_t n_seq, seq_len;
+    int32_t *ids = s_batch_ids(&n_seq, &seq_len);
+    /* The same tolerance as two passes of different M: a ragged pass differs from the
+     * separate ones only in the row count of each weight product. */
+    um_test_check_ragged(s_model, ids, n_seq, seq_len, S_SELF_TOL, "llada");
+    free(ids);
+}
+END_TEST
+
+START_TEST(forward_ragged_rejects_bad_input)
+{
+    const um_model_config_t *c = um_model_config(s_model);
+    int32_t ids[4] = {1, 2, 3, c->embedding_size};
+    int32_t row = 0;
+    float *logits = malloc(2 * (size_t)c->embedding_size * sizeof *logits);
+    const int32_t good[3] = {0, 1, 3}, empty[3] = {0, 0, 3}, shifted[3] = {1, 2, 3};
+    ck_assert_int_eq(um_model_forward_ragged(s_model, ids, good, 2, &row, 1, logits), 0);
+    ck_assert_int_eq(um_model_forward_ragged(s_model, ids, empty, 2, &row, 1, logits),
+                     UM_ERANGE);
+    ck_assert_int_eq(um_model_forward_ragged(s_model, ids, shifted, 2, &row, 1, logits),
+                     UM_ERANGE);
+    ck_assert_int_eq(um_model_forward_ragged(s_model, ids, good, 0, &row, 1, logits),
+                     UM_ERANGE);
+    const int32_t bad_id[2] = {0, 4};
+    ck_assert_int_eq(um_model_forward_ragged(s_model, ids, bad_id, 1, &row, 1, logits),
+                     UM_ERANGE);
+    row = 3;
+    ck_assert_int_eq(um_model_forward_ragged(s_model, ids, good, 2, &row, 1, logits),
+                     UM_ERANGE);
+    ck_assert_int_eq(um_model_forward_ragged(s_model, ids, good, 2, NULL, 1, logits),
+                     UM_EINVAL);
+    ck_assert_int_eq(um_model_forward_ragged(s_model, ids, NULL, 2, &row, 1, logits),
+                     UM_EINVAL);
+    free(logits);
+}
+END_TEST
+
 START_TEST(forward_rejects_bad_input)
 {
     const um_model_config_t *c = um_model_config(s_model);
@@ -757,6 +796,8 @@ Suite *um_model_suite(void)
     tcase_add_test(tc, forward_matches_reference);
     tcase_add_test(tc, forward_rows_match_full);
     tcase_add_test(tc, forward_sequences_independent);
+    tcase_add_test(tc, forward_ragged_matches_separate);
+    tcase_add_test(tc, forward_ragged_rejects_bad_input);
     tcase_add_test(tc, forward_rejects_bad_input);
     suite_add_tcase(s, tc);
 

@@ -277,9 +277,22 @@ static void s_setup_daemon_bad_plugins(void)
     s_daemon_start_with(extra);
 }
 
+/* One generate request at a time, the others wait in the queue. */
 static void s_setup_daemon_queue1(void)
 {
-    const char *const extra[] = {"--max-queue", "1", NULL};
+    const char *const extra[] = {"--max-queue", "1", "--max-batch", "1", NULL};
+    s_daemon_start_with(extra);
+}
+
+static void s_setup_daemon_serial(void)
+{
+    const char *const extra[] = {"--max-batch", "1", NULL};
+    s_daemon_start_with(extra);
+}
+
+static void s_setup_daemon_batch4(void)
+{
+    const char *const extra[] = {"--max-batch", "4", NULL};
     s_daemon_start_with(extra);
 }
 
@@ -842,10 +855,11 @@ START_TEST(test_score)
 }
 END_TEST
 
-/* A daemon on the bundled model with int8 weights. */
+/* A daemon on the bundled model with int8 weights, asked for with --weight-dtype's
+   shorter spelling. */
 static void s_setup_daemon_int8(void)
 {
-    const char *const extra[] = {"--weight-dtype", "int8", NULL};
+    const char *const extra[] = {"--weights", "int8", NULL};
     s_daemon_start_with(extra);
 }
 
@@ -1773,6 +1787,174 @@ START_TEST(test_error_frames_more)
 END_TEST
 
 /* ------------------------------------------------------------------------- */
+/* Batching                                                                  */
+
+static json_t *s_long_generate(const char *id, int stream);
+
+/* Requests of different prompts, lengths, policies, temperatures and guidance. */
+#define S_N_BATCH 6
+
+static json_t *s_batch_request(int i, const char *id)
+{
+    static const char *const prompts[] = {"once upon a time", "the cat sat on the",
+                                          "lily and tom went to the park",
+                                          "one day a little bird", "the sun was", "mom said"};
+    static const char *const policies[] = {"low_confidence", "random", "topk_margin",
+                                           "entropy", "low_confidence", "maskgit_plus"};
+    json_t *req = s_generate(id, prompts[i], 8 + 4 * i);
+    json_object_set_new(req, "steps", json_integer(4 + 2 * i));
+    json_object_set_new(req, "block_length", json_integer(i % 2 ? 4 + 2 * i : 8 + 4 * i));
+    json_object_set_new(req, "remasking", json_string(policies[i]));
+    json_object_set_new(req, "temperature", json_real(i % 3 == 1 ? 0.7 : 0.0));
+    json_object_set_new(req, "cfg_scale", json_real(i % 3 == 2 ? 1.5 : 0.0));
+    json_object_set_new(req, "seed", json_integer(100 + i));
+    json_object_set_new(req, "stream", json_boolean(i % 2));
+    return req;
+}
+
+/* The stats' batch_size of a done reply. */
+static json_int_t s_batch_size(const json_t *done)
+{
+    return json_integer_value(json_object_get(json_object_get(done, "stats"), "batch_size"));
+}
+
+/* Assert that two done replies carry the same generation. */
+static void s_assert_same_generation(const json_t *a, const json_t *b, const char *what)
+{
+    ck_assert_msg(json_equal(json_object_get(a, "tokens"), json_object_get(b, "tokens")),
+                  "%s: the tokens differ from the request's reply alone", what);
+    ck_assert_str_eq(json_string_value(json_object_get(a, "text")),
+                     json_string_value(json_object_get(b, "text")));
+    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(a, "stats"),
+                                                        "forward_passes")),
+                     json_integer_value(json_object_get(json_object_get(b, "stats"),
+                                                        "forward_passes")));
+}
+
+/* The done reply of each batch request sent alone, one after another. */
+static void s_batch_alone(json_t *alone[S_N_BATCH])
+{
+    for (int i = 0; i < S_N_BATCH; i++) {
+        char id[16];
+        snprintf(id, sizeof id, "alone%d", i);
+        s_send_json(s_sock, s_batch_request(i, id));
+        alone[i] = s_done(s_wait_final(s_sock, id, NULL));
+        ck_assert_int_eq(s_batch_size(alone[i]), 1);
+    }
+}
+
+/*
+ * Send every batch request at once, each from its own client, and check every reply
+ * against the request's reply alone: the same tokens and text, its own step stream and
+ * exactly one final reply. Returns the largest batch_size reported.
+ */
+static json_int_t s_batch_concurrent(json_t *alone[S_N_BATCH])
+{
+    void *socks[S_N_BATCH];
+    for (int i = 0; i < S_N_BATCH; i++)
+        socks[i] = s_dealer(s_ctx, s_daemon.endpoint);
+    for (int i = 0; i < S_N_BATCH; i++)
+        s_send_json(socks[i], s_batch_request(i, "together"));
+    json_int_t largest = 0;
+    for (int i = 0; i < S_N_BATCH; i++) {
+        json_t *steps = json_array();
+        json_t *r = s_done(s_wait_final(socks[i], "together", steps));
+        char what[32];
+        snprintf(what, sizeof what, "request %d", i);
+        s_assert_same_generation(r, alone[i], what);
+        json_int_t passes = json_integer_value(json_object_get(json_object_get(r, "stats"),
+                                                                "forward_passes"));
+        /* A streamed request gets one step reply per forward pass; the others none. */
+        ck_assert_int_eq((json_int_t)json_array_size(steps), i % 2 ? passes : 0);
+        if (s_batch_size(r) > largest)
+            largest = s_batch_size(r);
+        json_decref(steps);
+        json_decref(r);
+    }
+    for (int i = 0; i < S_N_BATCH; i++) {
+        s_assert_quiet(socks[i]);
+        zmq_close(socks[i]);
+    }
+    return largest;
+}
+
+/*
+ * Six clients send at once to a daemon with --max-batch 4: every reply equals the same
+ * request's reply alone (fixed seeds), and the stats show requests that shared passes.
+ */
+START_TEST(test_batch_matches_alone)
+{
+    json_t *info = s_done(s_call(s_sock, json_pack("{s:s, s:s}", "op", "info", "id", "i")));
+    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(info, "limits"),
+                                                        "max_batch")), 4);
+    json_decref(info);
+    json_t *alone[S_N_BATCH];
+    s_batch_alone(alone);
+    json_int_t largest = s_batch_concurrent(alone);
+    ck_assert_int_gt(largest, 1);
+    ck_assert_int_le(largest, 4);
+    for (int i = 0; i < S_N_BATCH; i++)
+        json_decref(alone[i]);
+}
+END_TEST
+
+/* With --max-batch 1 concurrent requests run one at a time and give the same replies. */
+START_TEST(test_batch_serial)
+{
+    json_t *alone[S_N_BATCH];
+    s_batch_alone(alone);
+    ck_assert_int_eq(s_batch_concurrent(alone), 1);
+    for (int i = 0; i < S_N_BATCH; i++)
+        json_decref(alone[i]);
+}
+END_TEST
+
+/*
+ * A long request is cancelled after its first step while two others run in its batch:
+ * it gets one cancelled reply, and the others equal their replies alone.
+ */
+START_TEST(test_batch_cancel_one)
+{
+    json_t *alone[S_N_BATCH];
+    s_batch_alone(alone);
+    void *victim = s_dealer(s_ctx, s_daemon.endpoint);
+    void *socks[2] = {s_dealer(s_ctx, s_daemon.endpoint), s_dealer(s_ctx, s_daemon.endpoint)};
+    s_send_json(victim, s_long_generate("long", 1));
+    for (int i = 0; i < 2; i++)
+        s_send_json(socks[i], s_batch_request(2 + i, "other"));
+    json_t *r = s_recv_must(victim);
+    ck_assert_str_eq(s_type(r), UM_REPLY_STEP);
+    json_decref(r);
+    s_send_json(victim, json_pack("{s:s, s:s, s:s}", "op", "cancel", "id", "x", "target",
+                                  "long"));
+    int cancelled = 0, cancel_done = 0;
+    while (!cancelled || !cancel_done) {
+        r = s_recv_must(victim);
+        if (strcmp(s_id(r), "x") == 0) {
+            ck_assert_str_eq(s_type(r), UM_REPLY_DONE);
+            cancel_done = 1;
+        } else if (strcmp(s_type(r), UM_REPLY_STEP) != 0) {
+            ck_assert_str_eq(s_type(r), UM_REPLY_CANCELLED);
+            cancelled = 1;
+        }
+        json_decref(r);
+    }
+    for (int i = 0; i < 2; i++) {
+        r = s_done(s_wait_final(socks[i], "other", NULL));
+        s_assert_same_generation(r, alone[2 + i], "a request batched with a cancelled one");
+        ck_assert_int_gt(s_batch_size(r), 1);
+        json_decref(r);
+        s_assert_quiet(socks[i]);
+        zmq_close(socks[i]);
+    }
+    s_assert_quiet(victim);
+    zmq_close(victim);
+    for (int i = 0; i < S_N_BATCH; i++)
+        json_decref(alone[i]);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------- */
 /* Cancel, duplicates, queue                                                 */
 
 /*
@@ -2309,10 +2491,19 @@ Suite *um_server_suite(void)
     tcase_add_test(tc, test_error_frames_more);
     suite_add_tcase(s, tc);
 
-    tc = s_tcase("cancel", s_setup_daemon, 120);
+    tc = s_tcase("cancel", s_setup_daemon_serial, 120);
     tcase_add_test(tc, test_cancel_running);
     tcase_add_test(tc, test_cancel_queued);
     tcase_add_test(tc, test_duplicate_id);
+    suite_add_tcase(s, tc);
+
+    tc = s_tcase("batch", s_setup_daemon_batch4, 120);
+    tcase_add_test(tc, test_batch_matches_alone);
+    tcase_add_test(tc, test_batch_cancel_one);
+    suite_add_tcase(s, tc);
+
+    tc = s_tcase("batch_serial", s_setup_daemon_serial, 120);
+    tcase_add_test(tc, test_batch_serial);
     suite_add_tcase(s, tc);
 
     tc = s_tcase("queue", s_setup_daemon_queue1, 120);

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
@@ -13,6 +14,8 @@
 #include <time.h>
 #include <unistd.h>
 #include <zmq.h>
+
+#include "model.h"
 
 extern char **environ;
 
@@ -224,4 +227,52 @@ json_t *um_test_recv(void *sock, int timeout_ms)
     ck_assert_msg(json_is_string(json_object_get(reply, "type")), "reply has no type");
     ck_assert_msg(json_object_get(reply, "id") != NULL, "reply has no id field");
     return reply;
+}
+
+void um_test_check_ragged(struct um_model *model, const int32_t *ids, int32_t n_seq,
+                          int32_t seq_len, double tol, const char *name)
+{
+    ck_assert_int_ge(seq_len, 4);
+    const int32_t V = um_model_config(model)->embedding_size;
+    const int32_t *last = ids + (size_t)(n_seq - 1) * seq_len;
+    const int32_t *starts[3] = {ids, last, ids};
+    const int32_t lens[3] = {seq_len - 2, seq_len, 3};
+    int32_t offsets[4] = {0};
+    for (int s = 0; s < 3; s++)
+        offsets[s + 1] = offsets[s] + lens[s];
+    const int32_t T = offsets[3];
+
+    int32_t *cat = malloc((size_t)T * sizeof *cat), *rows = malloc((size_t)T * sizeof *rows);
+    float *ragged = malloc((size_t)T * V * sizeof *ragged);
+    float *alone = malloc((size_t)seq_len * V * sizeof *alone);
+    ck_assert(cat && rows && ragged && alone);
+    for (int s = 0; s < 3; s++)
+        memcpy(cat + offsets[s], starts[s], (size_t)lens[s] * sizeof *cat);
+    /* Every position, last to first, so that the row order differs from the row index. */
+    for (int32_t i = 0; i < T; i++)
+        rows[i] = T - 1 - i;
+    int rc = um_model_forward_ragged(model, cat, offsets, 3, rows, T, ragged);
+    ck_assert_msg(rc == 0, "%s: ragged forward returned %d", name, rc);
+
+    double max_diff = 0;
+    for (int s = 0; s < 3; s++) {
+        ck_assert_int_eq(um_model_forward(model, starts[s], 1, lens[s], alone), 0);
+        for (int32_t p = 0; p < lens[s]; p++) {
+            const float *got = ragged + (size_t)(T - 1 - (offsets[s] + p)) * V;
+            const float *want = alone + (size_t)p * V;
+            for (int32_t v = 0; v < V; v++) {
+                double diff = fabs((double)got[v] - want[v]);
+                max_diff = diff > max_diff ? diff : max_diff;
+                ck_assert_msg(diff <= tol * (1.0 + fabs(want[v])),
+                              "%s: sequence %d of %d tokens, position %d, token %d: ragged "
+                              "%.9g, alone %.9g", name, s, lens[s], p, v, got[v], want[v]);
+            }
+        }
+    }
+    printf("%s: ragged pass of %d, %d and %d tokens, max |ragged - alone| = %.2e\n", name,
+           lens[0], lens[1], lens[2], max_diff);
+    free(alone);
+    free(ragged);
+    free(rows);
+    free(cat);
 }

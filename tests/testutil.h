@@ -28,6 +28,18 @@ double um_test_now_ms(void);
 
 void um_test_sleep_ms(int ms);
 
+/*
+ * Check um_model_forward_ragged on model against separate passes: from ids (n_seq,
+ * seq_len, n_seq >= 1, seq_len >= 4) it builds three sequences of different lengths
+ * (sequence 0 shortened by two tokens, the last sequence whole, the first three tokens
+ * of sequence 0), runs them in one ragged pass with every position a row, and compares
+ * each logit with um_model_forward of that sequence alone, within tol relative to 1 +
+ * |logit|. name labels failures.
+ */
+struct um_model;
+void um_test_check_ragged(struct um_model *model, const int32_t *ids, int32_t n_seq,
+                          int32_t seq_len, double tol, const char *name);
+
 /* ------------------------------------------------------------------------- */
 /* The real daemon as a child process                                        */
 
