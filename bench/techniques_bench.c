@@ -10,19 +10,24 @@
  *   prefix       Fast-dLLM's prefix cache (with the rows-only head, as every cached pass)
  *   dual         Fast-dLLM's dual cache (the same)
  *   int8         int8 weights (a second copy of the model, quantised at load)
- *   all          rows, early_stop, dual and int8 together
+ *   batch        --batch generations in lockstep, sharing each step's forward pass
+ *   all          rows, early_stop, dual and int8 together: one request's latency
+ *   all_batch    rows, early_stop, int8 and batch: throughput (a generation with a block
+ *                cache steps alone in a batch, so dual is left out)
  *
- * The variants run in rounds, one generation of each per round, so that a busy machine
- * slows them alike. For each it reports the median milliseconds per step (a step is one
- * forward pass and its sampling), the median generated tokens per second (gen_length
- * over the whole generation's time, since an early stop also fills the canvas), the
- * forward passes, and how many generated tokens equal the plain path's.
+ * The variants run in rounds, one generation (or batch) of each per round, so that a busy
+ * machine slows them alike. For each it reports the median milliseconds per step (a step
+ * is one forward pass and its sampling; in a batch, the batch's time over its
+ * generations' steps), the median generated tokens per second (every generation's
+ * gen_length over the wall time, since an early stop also fills the canvas), the forward
+ * passes of one generation, and how many of its generated tokens equal the plain path's.
  */
 #include <getopt.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <unmaskd/error.h>
@@ -36,10 +41,13 @@
 
 #define S_DEFAULT_PROMPT "once upon a time, there was a little girl named lily. she"
 
-enum { S_PLAIN, S_ROWS, S_EARLY_STOP, S_PREFIX, S_DUAL, S_INT8, S_ALL, S_N_VARIANTS };
+enum {
+    S_PLAIN, S_ROWS, S_EARLY_STOP, S_PREFIX, S_DUAL, S_INT8, S_BATCH, S_ALL, S_ALL_BATCH,
+    S_N_VARIANTS
+};
 
 static const char *const s_variant_names[S_N_VARIANTS] = {
-    "plain", "rows", "early_stop", "prefix", "dual", "int8", "all"};
+    "plain", "rows", "early_stop", "prefix", "dual", "int8", "batch", "all", "all_batch"};
 
 typedef struct s_variant {
     double *step_ms;    /* (repeat) milliseconds per forward pass */
@@ -76,6 +84,8 @@ static void s_usage(FILE *out)
             "  --steps N           denoising steps (default: gen length)\n"
             "  --block-length N    block length (default 32)\n"
             "  --repeat N          rounds (default 3)\n"
+            "  --batch N           generations run together by batch and all_batch\n"
+            "                      (default 8)\n"
             "  --threads N         OpenMP threads (default: OpenMP's choice)\n"
             "  --weight-dtype TYPE weights of every variant but int8: f32, bf16 or auto\n"
             "                      (default auto)\n"
@@ -83,9 +93,12 @@ static void s_usage(FILE *out)
             "\n"
             "variants: plain (the LM head over every position, as the reference samplers),\n"
             "rows (the LM head over the candidates only), early_stop, prefix and dual\n"
-            "(block caches), int8 (int8 weights), all (rows, early_stop, dual, int8).\n"
-            "\"same tokens\" counts generated tokens equal to the plain path's: rows must\n"
-            "match it, and the others show what they change.\n");
+            "(block caches), int8 (int8 weights), batch (--batch generations sharing\n"
+            "each forward pass), all (rows, early_stop, dual, int8), all_batch (rows,\n"
+            "early_stop, int8, batch). In a batch, ms/step is the batch's time over its\n"
+            "generations' steps, and tokens/s counts every generation's tokens.\n"
+            "\"same tokens\" counts generated tokens equal to the plain path's: rows and\n"
+            "batch must match it, and the others show what they change.\n");
 }
 
 /* The generation parameters of variant v, its policy state not yet begun. */
@@ -95,12 +108,81 @@ static um_gen_params_t s_params(int v, const um_remask_ops_t *remask, int32_t ge
     um_gen_params_t p = {.gen_length = gen_length, .block_length = block_length,
                          .steps = steps, .temperature = 0, .seed = 1, .remask = remask,
                          .eot_id = -1};
-    p.full_lm_head = v == S_PLAIN || v == S_EARLY_STOP || v == S_INT8;
-    p.early_stop = v == S_EARLY_STOP || v == S_ALL;
+    p.full_lm_head = v == S_PLAIN || v == S_EARLY_STOP || v == S_INT8 || v == S_BATCH;
+    p.early_stop = v == S_EARLY_STOP || v == S_ALL || v == S_ALL_BATCH;
     p.cache = v == S_PREFIX ? UM_CACHE_PREFIX
               : v == S_DUAL || v == S_ALL ? UM_CACHE_DUAL
                                           : UM_CACHE_NONE;
     return p;
+}
+
+static double s_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/*
+ * Run variant v once: n generations of the prompt in lockstep, each with its own policy
+ * state, as the daemon's worker runs a batch (n is 1 for the unbatched variants).
+ * canvases holds n canvases of L ids. Writes the first generation's stats and the wall
+ * time. Returns 0, or 1 after printing the error.
+ */
+static int s_run(int v, int32_t n, um_model_t *model, const um_remask_ops_t *remask,
+                 const int32_t *prompt, int32_t n_prompt, int32_t gen_length, int32_t steps,
+                 int32_t block_length, int32_t *canvases, um_gen_stats_t *first,
+                 double *wall_ms)
+{
+    const int32_t L = n_prompt + gen_length;
+    um_gen_params_t *p = calloc((size_t)n, sizeof *p);
+    um_gen_t **gens = calloc((size_t)n, sizeof *gens);
+    char err[1024] = "";
+    int failed = !p || !gens;
+    if (failed)
+        snprintf(err, sizeof err, "out of memory for %d generations", n);
+    double t0 = s_now_ms();
+    for (int32_t j = 0; j < n && !failed; j++) {
+        p[j] = s_params(v, remask, gen_length, steps, block_length);
+        um_param_t checked[16];
+        if (remask->n_params > 16
+            || um_params_check(remask->params, remask->n_params, NULL, 0, checked, err,
+                               sizeof err) != 0
+            || remask->request_begin(um_plugin_host(), checked, remask->n_params,
+                                     &p[j].remask_state, err, sizeof err) != 0
+            || um_gen_begin(model, prompt, n_prompt, &p[j], NULL, NULL,
+                            canvases + (size_t)j * L, &gens[j], err, sizeof err) != 0)
+            failed = 1;
+    }
+    for (int running = !failed; running;) {
+        if (um_gen_step_batch(gens, n) != 0) {
+            snprintf(err, sizeof err, "out of memory for a batch of %d", n);
+            failed = 1;
+            break;
+        }
+        running = 0;
+        for (int32_t j = 0; j < n; j++)
+            running |= !um_gen_done(gens[j]);
+    }
+    for (int32_t j = 0; j < n; j++) {
+        um_gen_stats_t st;
+        char gen_err[512] = "";
+        if (gens && gens[j] && um_gen_end(&gens[j], &st, gen_err, sizeof gen_err) != 0
+            && !failed) {
+            snprintf(err, sizeof err, "%s", gen_err);
+            failed = 1;
+        }
+        if (j == 0 && !failed)
+            *first = st;
+        if (p && p[j].remask_state)
+            remask->request_end(p[j].remask_state);
+    }
+    *wall_ms = s_now_ms() - t0;
+    free(p);
+    free(gens);
+    if (failed)
+        fprintf(stderr, "techniques-bench: %s: %s\n", s_variant_names[v], err);
+    return failed;
 }
 
 int main(int argc, char **argv)
@@ -108,6 +190,7 @@ int main(int argc, char **argv)
     const char *model_dir = "models/tinystories", *plugin_dir = "build-plugins";
     const char *prompt_text = S_DEFAULT_PROMPT;
     int gen_length = 96, steps = 0, block_length = 32, repeat = 3, threads = 0, json = 0;
+    int batch = 8;
     int opt_model = 0, opt_plugins = 0;
     um_model_options_t base_opts = {0};
     static const struct option opts[] = {
@@ -116,7 +199,8 @@ int main(int argc, char **argv)
         {"steps", required_argument, 0, 's'},        {"block-length", required_argument, 0, 'b'},
         {"repeat", required_argument, 0, 'r'},       {"threads", required_argument, 0, 't'},
         {"weight-dtype", required_argument, 0, 'w'}, {"json", no_argument, 0, 'j'},
-        {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
+        {"batch", required_argument, 0, 'B'},        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
@@ -128,6 +212,7 @@ int main(int argc, char **argv)
         case 'b': block_length = atoi(optarg); break;
         case 'r': repeat = atoi(optarg); break;
         case 't': threads = atoi(optarg); break;
+        case 'B': batch = atoi(optarg); break;
         case 'w':
             if (um_wdtype_parse(optarg, &base_opts.weight_dtype) != 0
                 || base_opts.weight_dtype == UM_WDTYPE_INT8) {
@@ -147,7 +232,7 @@ int main(int argc, char **argv)
         const char *name;
         int value;
     } counts[] = {{"--gen-length", gen_length}, {"--steps", steps},
-                  {"--block-length", block_length}, {"--repeat", repeat}};
+                  {"--block-length", block_length}, {"--repeat", repeat}, {"--batch", batch}};
     for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++) {
         if (counts[i].value < 1) {
             fprintf(stderr, "techniques-bench: %s must be at least 1, got %d\n", counts[i].name,
@@ -205,7 +290,7 @@ int main(int argc, char **argv)
     }
 
     s_variant_t var[S_N_VARIANTS] = {{0}};
-    int32_t *canvas = malloc((size_t)L * sizeof *canvas);
+    int32_t *canvas = malloc((size_t)batch * L * sizeof *canvas);
     int32_t *plain = malloc((size_t)L * sizeof *plain);
     for (int v = 0; v < S_N_VARIANTS; v++) {
         var[v].step_ms = calloc((size_t)repeat, sizeof *var[v].step_ms);
@@ -214,33 +299,19 @@ int main(int argc, char **argv)
     /* Round -1 warms up: primitives, page faults, caches. */
     for (int r = -1; r < repeat; r++) {
         for (int v = 0; v < S_N_VARIANTS; v++) {
-            um_gen_params_t p = s_params(v, policy->desc->remask, gen_length, steps,
-                                         block_length);
-            void *state = NULL;
-            um_param_t checked[16];
-            const um_remask_ops_t *ops = p.remask;
-            if (ops->n_params > 16
-                || um_params_check(ops->params, ops->n_params, NULL, 0, checked, err,
-                                   sizeof err) != 0
-                || ops->request_begin(um_plugin_host(), checked, ops->n_params, &state, err,
-                                      sizeof err) != 0) {
-                fprintf(stderr, "techniques-bench: %s\n", err);
+            const int32_t n = v == S_BATCH || v == S_ALL_BATCH ? batch : 1;
+            um_model_t *m = v == S_INT8 || v == S_ALL || v == S_ALL_BATCH ? model_int8 : model;
+            um_gen_stats_t st = {0};
+            double wall_ms = 0;
+            if (s_run(v, n, m, policy->desc->remask, prompt, (int32_t)n_prompt, gen_length,
+                      steps, block_length, canvas, &st, &wall_ms) != 0)
                 return 1;
-            }
-            p.remask_state = state;
-            um_gen_stats_t st;
-            um_model_t *m = v == S_INT8 || v == S_ALL ? model_int8 : model;
-            int rc = um_generate(m, prompt, (int32_t)n_prompt, &p, NULL, NULL, canvas, &st, err,
-                                 sizeof err);
-            p.remask->request_end(state);
-            if (rc != 0) {
-                fprintf(stderr, "techniques-bench: %s: %s\n", s_variant_names[v], err);
-                return 1;
-            }
             if (r < 0)
                 continue;
-            var[v].step_ms[r] = st.total_ms / (st.forward_passes > 0 ? st.forward_passes : 1);
-            var[v].tps[r] = gen_length / (st.total_ms / 1e3);
+            /* In lockstep every generation runs the same steps as the first. */
+            var[v].step_ms[r] = wall_ms / ((double)n * (st.forward_passes > 0
+                                                        ? st.forward_passes : 1));
+            var[v].tps[r] = (double)n * gen_length / (wall_ms / 1e3);
             var[v].passes = st.forward_passes;
             var[v].early_stopped = st.early_stop;
             if (v == S_PLAIN)
@@ -260,10 +331,10 @@ int main(int argc, char **argv)
         printf("{\"model\":\"%s\",\"d_model\":%d,\"n_layers\":%d,\"vocab\":%d,"
                "\"weight_dtype\":\"%s\",\"isa\":\"%s\",\"threads\":%d,\"prompt_tokens\":%zu,"
                "\"gen_length\":%d,\"steps\":%d,\"block_length\":%d,\"repeat\":%d,"
-               "\"variants\":[",
+               "\"batch\":%d,\"variants\":[",
                model_dir, cfg->d_model, cfg->n_layers, cfg->embedding_size,
                um_wdtype_name(um_model_weight_dtype(model)), um_isa_name(um_kernels_isa()),
-               omp_get_max_threads(), n_prompt, gen_length, steps, block_length, repeat);
+               omp_get_max_threads(), n_prompt, gen_length, steps, block_length, repeat, batch);
         for (int v = 0; v < S_N_VARIANTS; v++)
             printf("%s{\"name\":\"%s\",\"ms_per_step_median\":%.3f,"
                    "\"tokens_per_second_median\":%.3f,\"forward_passes\":%d,"
@@ -274,12 +345,13 @@ int main(int argc, char **argv)
                    step_ms[S_PLAIN] / step_ms[v], tps[v] / tps[S_PLAIN]);
         printf("]}\n");
     } else {
-        printf("model %s: d_model %d, %d layers, vocab %d, weights %s (int8 for int8 and all)\n",
+        printf("model %s: d_model %d, %d layers, vocab %d, weights %s (int8 for int8, all and "
+               "all_batch)\n",
                model_dir, cfg->d_model, cfg->n_layers, cfg->embedding_size,
                um_wdtype_name(um_model_weight_dtype(model)));
         printf("kernels %s, threads: %d; prompt %zu tokens, gen %d, steps %d, block %d, "
-               "rounds: %d (medians)\n", um_isa_name(um_kernels_isa()), omp_get_max_threads(),
-               n_prompt, gen_length, steps, block_length, repeat);
+               "batch %d, rounds: %d (medians)\n", um_isa_name(um_kernels_isa()),
+               omp_get_max_threads(), n_prompt, gen_length, steps, block_length, batch, repeat);
         printf("%-11s %10s %8s %10s %8s %7s %12s\n", "variant", "ms/step", "speedup",
                "tokens/s", "speedup", "passes", "same tokens");
         for (int v = 0; v < S_N_VARIANTS; v++)

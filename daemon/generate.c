@@ -246,12 +246,14 @@ typedef struct s_work {
     int n_threads;
     um_kv_cache_t *cache;  /* block cache, NULL with UM_CACHE_NONE */
     float *full;           /* (n_seq * T, E) every position's logits, with full_lm_head */
+    int32_t *all_rows;     /* (n_seq * T) 0, 1, 2, ...: full_lm_head's rows in a shared pass */
 } s_work_t;
 
 static void s_work_free(s_work_t *w)
 {
     um_kv_cache_destroy(&w->cache);
     free(w->full);
+    free(w->all_rows);
     free(w->ids);
     free(w->rows);
     free(w->logits);
@@ -393,8 +395,6 @@ static int s_forward_alone(const s_run_t *r, s_work_t *w, int32_t n_cand, int32_
         rc = um_model_forward_cached(r->model, w->cache, w->ids, r->n_seq, T, q_start, q_len,
                                      w->rows, r->n_seq * n_cand, w->logits);
     } else if (r->p->full_lm_head) {
-        if (!w->full && !(w->full = malloc((size_t)r->n_seq * T * E * sizeof *w->full)))
-            return UM_ENOMEM;
         rc = um_model_forward(r->model, w->ids, r->n_seq, T, w->full);
         for (int32_t j = 0; rc == 0 && j < r->n_seq * n_cand; j++)
             memcpy(w->logits + (size_t)j * E, w->full + (size_t)w->rows[j] * E,
@@ -634,6 +634,7 @@ struct um_gen {
     double t, s;       /* times of the timestep schedule */
     int last;          /* last step of the block: every candidate is committed */
     double t_step;     /* when the step's pass was prepared */
+    int full_pass;     /* the prepared pass lists every position (full_lm_head) */
 
     int done;          /* finished, failed or cancelled: no more steps */
     int rc;            /* the result once done */
@@ -791,6 +792,19 @@ int um_gen_begin(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
     }
     for (int32_t i = 0; i < n_prompt; i++)
         g->w.prompt_token[i] = prompt[i] != r->mask_id;
+    if (p->full_lm_head) {
+        /* Every position's logits, and the rows that ask for them in a shared pass. */
+        const int32_t n_all = r->n_seq * r->T;
+        g->w.full = malloc((size_t)n_all * r->E * sizeof *g->w.full);
+        g->w.all_rows = malloc((size_t)n_all * sizeof *g->w.all_rows);
+        if (!g->w.full || !g->w.all_rows) {
+            snprintf(err, errlen, "out of memory for the logits of %d positions", n_all);
+            rc = UM_ENOMEM;
+            goto fail;
+        }
+        for (int32_t j = 0; j < n_all; j++)
+            g->w.all_rows[j] = j;
+    }
     if (p->cache != UM_CACHE_NONE && (rc = s_cache_begin(r, &g->w, prompt, err, errlen)) != 0)
         goto fail;
     g->st.cache_bytes = g->w.cache ? (int64_t)um_kv_cache_bytes(g->w.cache) : 0;
@@ -811,7 +825,7 @@ int um_gen_done(const um_gen_t *g)
 
 int um_gen_batchable(const um_gen_t *g)
 {
-    return !g->w.cache && !g->r.p->full_lm_head;
+    return !g->w.cache;
 }
 
 /* Record the step's forward pass in the stats. */
@@ -839,6 +853,15 @@ int um_gen_step_prepare(um_gen_t *g, um_gen_forward_t *fwd)
         .logits = g->w.logits,
         .batch_size = 1,
     };
+    g->full_pass = 0;
+    if (g->r.p->full_lm_head) {
+        /* The LM head over every position, as the reference samplers compute it.
+           um_gen_step_finish picks the candidates' rows out of it. */
+        fwd->rows = g->w.all_rows;
+        fwd->n_rows = g->r.n_seq * g->r.T;
+        fwd->logits = g->w.full;
+        g->full_pass = 1;
+    }
     return 0;
 }
 
@@ -944,11 +967,19 @@ int um_gen_step_finish(um_gen_t *g, const um_gen_forward_t *fwd)
         return UM_EINVAL;
     s_count_pass(g, fwd->forward_ms, fwd->batch_size);
     int rc = fwd->rc;
+    float *logits = fwd->logits;
+    if (rc == 0 && g->full_pass) {
+        /* Every position's logits came back: keep the candidates' rows. */
+        const size_t E = (size_t)g->r.E;
+        for (int32_t j = 0; j < g->r.n_seq * g->n_cand; j++)
+            memcpy(g->w.logits + j * E, logits + (size_t)g->w.rows[j] * E, E * sizeof *logits);
+        logits = g->w.logits;
+    }
     if (rc != 0)
         snprintf(g->err, sizeof g->err, "forward pass failed at step %d: %s", g->step,
                  um_strerror(rc));
     else
-        rc = s_step_rest(g, fwd->logits);
+        rc = s_step_rest(g, logits);
     if (rc != 0) {
         s_fail(g, rc);
         return rc;
@@ -969,6 +1000,9 @@ int um_gen_step(um_gen_t *g)
         return UM_EINVAL;
     um_gen_forward_t fwd;
     um_gen_step_prepare(g, &fwd);
+    /* The lone pass writes the candidates' rows into the generation's logits itself. */
+    g->full_pass = 0;
+    fwd.logits = g->w.logits;
     int32_t q_start = 0, q_len = g->r.T;
     if (g->w.cache && !g->refresh) {
         s_cache_window(&g->r, g->block_start, g->block_end, &q_start, &q_len);

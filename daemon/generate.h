@@ -174,8 +174,8 @@ int um_gen_done(const um_gen_t *g);
 
 /*
  * Nonzero when the generation's steps can share a forward pass with others. A block
- * cache (p->cache other than UM_CACHE_NONE) and full_lm_head need passes of their own,
- * so um_gen_step_batch steps such a generation alone.
+ * cache (p->cache other than UM_CACHE_NONE) needs passes of its own, so
+ * um_gen_step_batch steps such a generation alone.
  */
 int um_gen_batchable(const um_gen_t *g);
 

@@ -257,7 +257,8 @@ static int s_count_groups(int n_cases)
 /*
  * Every fixture case run in one batch with S_BATCH - 1 others, cases far apart in the
  * grid (other prompts and lengths, policies, temperatures, guidance on and off), gives
- * the reference's tokens, forward passes and early stop. matches_reference_canvas
+ * the reference's tokens, forward passes and early stop, whether the member's pass
+ * computes the LM head over its candidates or over every position. matches_reference_canvas
  * checks the same for every case run alone, so batched equals alone, without running
  * each case a second time here. The shared pass differs from the lone one by f32
  * rounding only (about 1e-5 relative, the model suite's ragged test). Every fixture
@@ -277,6 +278,8 @@ START_TEST(batch_matches_alone)
     int n = 0;
     for (int idx = _i; idx < n_cases && n < S_BATCH; idx += G, n++) {
         s_case_load(idx, &k[n]);
+        /* Every second member asks for every position's logits, as plain-path benchmarks do. */
+        k[n].p.full_lm_head = n % 2;
         batched[n] = malloc(k[n].n_expected * sizeof *batched[n]);
         int rc = um_gen_begin(s_model, k[n].prompt, (int32_t)k[n].n_prompt, &k[n].p, NULL,
                               NULL, batched[n], &gens[n], err, sizeof err);
