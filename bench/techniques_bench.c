@@ -11,9 +11,8 @@
  *   dual         Fast-dLLM's dual cache (the same)
  *   int8         int8 weights (a second copy of the model, quantised at load)
  *   batch        --batch generations in lockstep, sharing each step's forward pass
- *   all          rows, early_stop, dual and int8 together: one request's latency
- *   all_batch    rows, early_stop, int8 and batch: throughput (a generation with a block
- *                cache steps alone in a batch, so dual is left out)
+ *   all_alone    rows, early_stop, dual and int8 together, one request at a time
+ *   all          rows, early_stop, dual, int8 and batch together
  *
  * The variants run in rounds, one generation (or batch) of each per round, so that a busy
  * machine slows them alike. For each it reports the median milliseconds per step (a step
@@ -42,12 +41,12 @@
 #define S_DEFAULT_PROMPT "once upon a time, there was a little girl named lily. she"
 
 enum {
-    S_PLAIN, S_ROWS, S_EARLY_STOP, S_PREFIX, S_DUAL, S_INT8, S_BATCH, S_ALL, S_ALL_BATCH,
+    S_PLAIN, S_ROWS, S_EARLY_STOP, S_PREFIX, S_DUAL, S_INT8, S_BATCH, S_ALL_ALONE, S_ALL,
     S_N_VARIANTS
 };
 
 static const char *const s_variant_names[S_N_VARIANTS] = {
-    "plain", "rows", "early_stop", "prefix", "dual", "int8", "batch", "all", "all_batch"};
+    "plain", "rows", "early_stop", "prefix", "dual", "int8", "batch", "all_alone", "all"};
 
 typedef struct s_variant {
     double *step_ms;    /* (repeat) milliseconds per forward pass */
@@ -84,7 +83,7 @@ static void s_usage(FILE *out)
             "  --steps N           denoising steps (default: gen length)\n"
             "  --block-length N    block length (default 32)\n"
             "  --repeat N          rounds (default 3)\n"
-            "  --batch N           generations run together by batch and all_batch\n"
+            "  --batch N           generations run together by batch and all\n"
             "                      (default 8)\n"
             "  --threads N         OpenMP threads (default: OpenMP's choice)\n"
             "  --weight-dtype TYPE weights of every variant but int8: f32, bf16 or auto\n"
@@ -94,9 +93,9 @@ static void s_usage(FILE *out)
             "variants: plain (the LM head over every position, as the reference samplers),\n"
             "rows (the LM head over the candidates only), early_stop, prefix and dual\n"
             "(block caches), int8 (int8 weights), batch (--batch generations sharing\n"
-            "each forward pass), all (rows, early_stop, dual, int8), all_batch (rows,\n"
-            "early_stop, int8, batch). In a batch, ms/step is the batch's time over its\n"
-            "generations' steps, and tokens/s counts every generation's tokens.\n"
+            "each forward pass), all_alone (rows, early_stop, dual, int8), all (those\n"
+            "and batch). In a batch, ms/step is the batch's time over its generations'\n"
+            "steps, and tokens/s counts every generation's tokens.\n"
             "\"same tokens\" counts generated tokens equal to the plain path's: rows and\n"
             "batch must match it, and the others show what they change.\n");
 }
@@ -109,10 +108,10 @@ static um_gen_params_t s_params(int v, const um_remask_ops_t *remask, int32_t ge
                          .steps = steps, .temperature = 0, .seed = 1, .remask = remask,
                          .eot_id = -1};
     p.full_lm_head = v == S_PLAIN || v == S_EARLY_STOP || v == S_INT8 || v == S_BATCH;
-    p.early_stop = v == S_EARLY_STOP || v == S_ALL || v == S_ALL_BATCH;
-    p.cache = v == S_PREFIX ? UM_CACHE_PREFIX
-              : v == S_DUAL || v == S_ALL ? UM_CACHE_DUAL
-                                          : UM_CACHE_NONE;
+    p.early_stop = v == S_EARLY_STOP || v == S_ALL_ALONE || v == S_ALL;
+    p.cache = v == S_PREFIX                                ? UM_CACHE_PREFIX
+              : v == S_DUAL || v == S_ALL_ALONE || v == S_ALL ? UM_CACHE_DUAL
+                                                             : UM_CACHE_NONE;
     return p;
 }
 
@@ -126,7 +125,7 @@ static double s_now_ms(void)
 /*
  * Run variant v once: n generations of the prompt in lockstep, each with its own policy
  * state, as the daemon's worker runs a batch (n is 1 for the unbatched variants).
- * canvases holds n canvases of L ids. Writes the first generation's stats and the wall
+ * canvases has room for n canvases of L ids. Writes the first generation's stats and the wall
  * time. Returns 0, or 1 after printing the error.
  */
 static int s_run(int v, int32_t n, um_model_t *model, const um_remask_ops_t *remask,
@@ -299,8 +298,8 @@ int main(int argc, char **argv)
     /* Round -1 warms up: primitives, page faults, caches. */
     for (int r = -1; r < repeat; r++) {
         for (int v = 0; v < S_N_VARIANTS; v++) {
-            const int32_t n = v == S_BATCH || v == S_ALL_BATCH ? batch : 1;
-            um_model_t *m = v == S_INT8 || v == S_ALL || v == S_ALL_BATCH ? model_int8 : model;
+            const int32_t n = v == S_BATCH || v == S_ALL ? batch : 1;
+            um_model_t *m = v == S_INT8 || v == S_ALL_ALONE || v == S_ALL ? model_int8 : model;
             um_gen_stats_t st = {0};
             double wall_ms = 0;
             if (s_run(v, n, m, policy->desc->remask, prompt, (int32_t)n_prompt, gen_length,
@@ -345,8 +344,8 @@ int main(int argc, char **argv)
                    step_ms[S_PLAIN] / step_ms[v], tps[v] / tps[S_PLAIN]);
         printf("]}\n");
     } else {
-        printf("model %s: d_model %d, %d layers, vocab %d, weights %s (int8 for int8, all and "
-               "all_batch)\n",
+        printf("model %s: d_model %d, %d layers, vocab %d, weights %s (int8 for int8, all_alone "
+               "and all)\n",
                model_dir, cfg->d_model, cfg->n_layers, cfg->embedding_size,
                um_wdtype_name(um_model_weight_dtype(model)));
         printf("kernels %s, threads: %d; prompt %zu tokens, gen %d, steps %d, block %d, "

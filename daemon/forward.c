@@ -79,27 +79,29 @@ typedef struct s_buffers {
 
 /*
  * Where the T rows of a pass come from. Uniform: the window [q_start, q_start + q_len)
- * of each of n_seq sequences of seq_len ids, q_len rows per sequence. Ragged (offsets
- * set): n_seq sequences of different lengths concatenated, sequence s being rows and
- * ids [offsets[s], offsets[s + 1]), every position a query row.
+ * of each of n_seq sequences of seq_len ids, q_len rows per sequence. Parts (parts set):
+ * each part a uniform layout of its own, part p being rows [part_rows[p], part_rows[p +
+ * 1]), and seq_len the longest part's, which sizes the attention scratch.
  */
 typedef struct s_layout {
     int32_t n_seq, seq_len, q_start, q_len;
-    const int32_t *offsets; /* (n_seq + 1) ascending, from 0; NULL when uniform */
+    const um_forward_part_t *parts; /* (n_parts) NULL unless the pass runs parts */
+    const int32_t *part_rows;       /* (n_parts + 1) ascending, from 0 */
+    int32_t n_parts;
 } s_layout_t;
 
 static int32_t s_layout_rows(const s_layout_t *lo)
 {
-    return lo->offsets ? lo->offsets[lo->n_seq] : lo->n_seq * lo->q_len;
+    return lo->parts ? lo->part_rows[lo->n_parts] : lo->n_seq * lo->q_len;
 }
 
-/* The ragged sequence that row t belongs to: the last s with offsets[s] <= t. */
-static int32_t s_seq_of_row(const s_layout_t *lo, int32_t t)
+/* The last index s in [0, n) with offsets[s] <= t, for ascending offsets from 0. */
+static int32_t s_find_offset(const int32_t *offsets, int32_t n, int32_t t)
 {
-    int32_t lo_s = 0, hi_s = lo->n_seq - 1;
+    int32_t lo_s = 0, hi_s = n - 1;
     while (lo_s < hi_s) {
         int32_t mid = lo_s + (hi_s - lo_s + 1) / 2;
-        if (lo->offsets[mid] <= t)
+        if (offsets[mid] <= t)
             lo_s = mid;
         else
             hi_s = mid - 1;
@@ -107,15 +109,25 @@ static int32_t s_seq_of_row(const s_layout_t *lo, int32_t t)
     return lo_s;
 }
 
-/* Position of row t within its sequence; sets *id to the index of its token in ids. */
-static size_t s_row_position(const s_layout_t *lo, size_t t, size_t *id)
+/*
+ * Position of row t within its sequence. Sets *token to its token, read from ids (or
+ * from its part's ids), unless token is NULL.
+ */
+static size_t s_row_position(const s_layout_t *lo, const int32_t *ids, size_t t,
+                             int32_t *token)
 {
-    if (lo->offsets) {
-        *id = t;
-        return t - (size_t)lo->offsets[s_seq_of_row(lo, (int32_t)t)];
+    if (lo->parts) {
+        int32_t p = s_find_offset(lo->part_rows, lo->n_parts, (int32_t)t);
+        const um_forward_part_t *part = &lo->parts[p];
+        size_t local = t - (size_t)lo->part_rows[p], q_len = (size_t)part->q_len;
+        size_t pos = (size_t)part->q_start + local % q_len;
+        if (token)
+            *token = part->ids[(local / q_len) * (size_t)part->seq_len + pos];
+        return pos;
     }
     size_t pos = (size_t)lo->q_start + t % (size_t)lo->q_len;
-    *id = (t / (size_t)lo->q_len) * (size_t)lo->seq_len + pos;
+    if (token)
+        *token = ids[(t / (size_t)lo->q_len) * (size_t)lo->seq_len + pos];
     return pos;
 }
 
@@ -184,9 +196,9 @@ static void s_embed(const um_kernel_table_t *k, const um_model_config_t *c,
 #pragma omp parallel for schedule(static) if (T > 1)
     for (size_t t = 0; t < T; t++) {
         float *row = x + t * d, *scratch = tmp + (size_t)s_thread_index() * d;
-        size_t id;
-        size_t pos = s_row_position(lo, t, &id);
-        s_embed_row(k, &w->wte, (size_t)ids[id], d, row, scratch, 0);
+        int32_t token;
+        size_t pos = s_row_position(lo, ids, t, &token);
+        s_embed_row(k, &w->wte, (size_t)token, d, row, scratch, 0);
         if (c->rope)
             continue;
         s_embed_row(k, &w->wpe, pos, d, row, scratch, 1);
@@ -238,8 +250,7 @@ static void s_rope_rows(const um_kernel_table_t *k, const um_model_config_t *c,
     for (size_t t = 0; t < T; t++) {
         float *q_row = q + t * q_dim, *k_row = kk + t * kv_dim;
         if (c->rope) {
-            size_t id;
-            const float *cos_sin = rope + s_row_position(lo, t, &id) * hd;
+            const float *cos_sin = rope + s_row_position(lo, NULL, t, NULL) * hd;
             for (int32_t h = 0; h < c->n_heads; h++)
                 k->rope(q_row + (size_t)h * hd, cos_sin, hd);
             for (int32_t h = 0; h < c->n_kv_heads; h++)
@@ -318,6 +329,40 @@ static void s_cache_store(const um_model_config_t *c, const um_attention_shape_t
 }
 
 /*
+ * Attention of a parts pass at layer `layer`: each part's window queries attend over its
+ * own sequences only. A part with a cache first writes its window's keys and values over
+ * their rows of the cache and then attends over every cached row.
+ */
+static int s_attention_parts(const um_kernel_table_t *k, const um_model_config_t *c,
+                             const s_buffers_t *b, const s_layout_t *lo,
+                             const um_attention_shape_t *att, int32_t layer)
+{
+    size_t q_dim = (size_t)c->n_heads * c->head_dim;
+    size_t kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    for (int32_t p = 0; p < lo->n_parts; p++) {
+        const um_forward_part_t *part = &lo->parts[p];
+        um_attention_shape_t shape = *att;
+        shape.n_seq = part->n_seq;
+        shape.seq_len = part->seq_len;
+        shape.q_len = part->q_len;
+        size_t first = (size_t)lo->part_rows[p];
+        const float *keys = b->k + first * kv_dim, *values = b->v + first * kv_dim;
+        if (part->cache) {
+            const um_kv_cache_t *cache = part->cache;
+            size_t offset = (size_t)layer * cache->n_seq * cache->seq_len * cache->kv_dim;
+            const s_layer_cache_t lc = {cache->k + offset, cache->v + offset, part->q_start};
+            s_cache_store(c, &shape, &lc, keys, values);
+            keys = lc.k;
+            values = lc.v;
+        }
+        int rc = um_attention(k, &shape, b->q + first * q_dim, keys, values, b->scores);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/*
  * Attention sub-layer on input rows `in`: q, k, v (with biases where the family has
  * them), RoPE and scale, the fused attention, and the output projection added into x
  * (plus its bias). With a cache the window's keys and values first replace theirs in
@@ -327,7 +372,7 @@ static int s_attention_sublayer(const um_kernel_table_t *k, const um_model_confi
                                 const um_block_weights_t *w, const float *rope,
                                 const s_buffers_t *b, const float *in, const s_layout_t *lo,
                                 const um_attention_shape_t *att, const s_layer_cache_t *lc,
-                                um_forward_profile_t *prof)
+                                int32_t layer, um_forward_profile_t *prof)
 {
     int32_t T = s_layout_rows(lo), d = c->d_model;
     int32_t q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
@@ -345,7 +390,9 @@ static int s_attention_sublayer(const um_kernel_table_t *k, const um_model_confi
     });
     S_TIMED(prof, rope_ms, s_rope_rows(k, c, rope, b->q, b->k, T, lo));
     const float *keys = b->k, *values = b->v;
-    if (lc) {
+    if (lo->parts) {
+        S_TIMED(prof, attention_ms, rc = s_attention_parts(k, c, b, lo, att, layer));
+    } else if (lc) {
         /*
          * The cache stores keys after RoPE. Fast-dLLM caches them before RoPE and rotates
          * the whole key set again on every call, with the absolute positions 0..L-1.
@@ -357,7 +404,8 @@ static int s_attention_sublayer(const um_kernel_table_t *k, const um_model_confi
         keys = lc->k;
         values = lc->v;
     }
-    S_TIMED(prof, attention_ms, rc = um_attention(k, att, b->q, keys, values, b->scores));
+    if (!lo->parts)
+        S_TIMED(prof, attention_ms, rc = um_attention(k, att, b->q, keys, values, b->scores));
     if (rc)
         return rc;
     S_TIMED(prof, gemm_ms, rc = um_gemm_weight_apply(w->attn_out, T, b->q, q_dim, b->x, d, 1));
@@ -392,7 +440,7 @@ static int s_mlp_sublayer(const um_kernel_table_t *k, const um_model_config_t *c
 static int s_block(const um_kernel_table_t *k, const um_model_config_t *c,
                    const um_block_weights_t *w, const float *rope, const s_buffers_t *b,
                    const s_layout_t *lo, const um_attention_shape_t *att,
-                   const s_layer_cache_t *lc, um_forward_profile_t *prof)
+                   const s_layer_cache_t *lc, int32_t layer, um_forward_profile_t *prof)
 {
     int32_t T = s_layout_rows(lo), d = c->d_model;
     size_t bytes = (size_t)T * d * sizeof(float);
@@ -400,7 +448,7 @@ static int s_block(const um_kernel_table_t *k, const um_model_config_t *c,
 
     if (!c->post_norm) {
         S_TIMED(prof, norm_ms, s_norm_rows(k, c, b->h, b->x, w->attn_norm, NULL, T));
-        if ((rc = s_attention_sublayer(k, c, w, rope, b, b->h, lo, att, lc, prof)))
+        if ((rc = s_attention_sublayer(k, c, w, rope, b, b->h, lo, att, lc, layer, prof)))
             return rc;
         S_TIMED(prof, norm_ms, s_norm_rows(k, c, b->h, b->x, w->ff_norm, NULL, T));
         return s_mlp_sublayer(k, c, w, b, b->h, T, prof);
@@ -408,7 +456,7 @@ static int s_block(const um_kernel_table_t *k, const um_model_config_t *c,
 
     /* The sub-layers add into x, so they read a copy of x from h. */
     memcpy(b->h, b->x, bytes);
-    if ((rc = s_attention_sublayer(k, c, w, rope, b, b->h, lo, att, lc, prof)))
+    if ((rc = s_attention_sublayer(k, c, w, rope, b, b->h, lo, att, lc, layer, prof)))
         return rc;
     S_TIMED(prof, norm_ms, s_norm_rows(k, c, b->h, b->x, w->attn_norm, w->attn_norm_bias, T));
     memcpy(b->x, b->h, bytes);
@@ -460,18 +508,14 @@ static int s_check_args(const um_model_t *m, const int32_t *ids, int32_t n_seq,
 }
 
 /*
- * Map position r (an index into the n_seq * seq_len positions, or into the concatenated
- * ragged sequences) to the row whose hidden state gives its logits. That is r itself, or
- * the position before it within its sequence for families that shift their logits
- * (Dream). Returns the index into the pass's rows (q_len per sequence when uniform), or
- * -1 when the position is outside the window.
+ * Map position r (an index into the n_seq * seq_len positions of a uniform layout) to the
+ * window row whose hidden state gives its logits. That is r itself, or the position
+ * before it within its sequence for families that shift their logits (Dream). Returns
+ * the index into the window's rows (q_len per sequence), or -1 when the position is
+ * outside the window.
  */
 static int32_t s_head_row(const um_model_config_t *c, int32_t r, const s_layout_t *lo)
 {
-    if (lo->offsets) {
-        int first = r == lo->offsets[s_seq_of_row(lo, r)];
-        return c->logits_shift && !first ? r - 1 : r;
-    }
     int32_t seq_len = lo->seq_len, q_start = lo->q_start, q_len = lo->q_len;
     int32_t s = r / seq_len, p = r % seq_len;
     if (c->logits_shift && p != 0)
@@ -498,7 +542,8 @@ static int s_head(const um_kernel_table_t *k, const um_model_config_t *c,
     double t0 = prof ? s_now_ms() : 0.0;
 #pragma omp parallel for schedule(static) if (n_out > 1)
     for (int32_t i = 0; i < n_out; i++) {
-        int32_t r = s_head_row(c, rows ? rows[i] : i, lo);
+        /* A parts pass lists pass rows, which um_model_forward_parts mapped already. */
+        int32_t r = lo->parts ? rows[i] : s_head_row(c, rows ? rows[i] : i, lo);
         const float *x = b->x + (size_t)r * d;
         if (c->mlm_head)
             memcpy(scratch + (size_t)i * d, x, (size_t)d * sizeof *x);
@@ -528,7 +573,8 @@ static int s_head(const um_kernel_table_t *k, const um_model_config_t *c,
 /*
  * The forward pass over the rows of the layout; rows == NULL computes logits for every
  * position (whole sequences only). cache is NULL, or (uniform layouts only) receives the
- * window's keys and values and supplies the others.
+ * window's keys and values and supplies the others. A parts layout reads its ids from its
+ * parts, and its rows are pass rows.
  */
 static int s_forward(um_model_t *m, um_kv_cache_t *cache, const int32_t *ids,
                      const s_layout_t *lo, const int32_t *rows, int32_t n_rows, float *logits)
@@ -542,10 +588,9 @@ static int s_forward(um_model_t *m, um_kv_cache_t *cache, const int32_t *ids,
     int n_threads = s_max_threads();
     double start = prof ? s_now_ms() : 0.0;
     const um_attention_shape_t att = {
-        .n_seq = lo->n_seq, .seq_len = lo->seq_len, .q_len = lo->offsets ? 0 : lo->q_len,
+        .n_seq = lo->n_seq, .seq_len = lo->seq_len, .q_len = lo->q_len,
         .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
         .q_stride = c->n_heads * c->head_dim, .kv_stride = c->n_kv_heads * c->head_dim,
-        .seq_offsets = lo->offsets,
     };
 
     s_buffers_t b;
@@ -562,7 +607,7 @@ static int s_forward(um_model_t *m, um_kv_cache_t *cache, const int32_t *ids,
             lc = (s_layer_cache_t){cache->k + layer, cache->v + layer, lo->q_start};
         }
         rc = s_block(k, c, &w->blocks[l], um_model_rope_table(m), &b, lo, &att,
-                     cache ? &lc : NULL, prof);
+                     cache ? &lc : NULL, l, prof);
         if (rc != 0) {
             um_error("forward", "block %d of %d failed: %s", l, c->n_layers, um_strerror(rc));
             return rc;
@@ -585,7 +630,7 @@ int um_model_forward(um_model_t *model, const int32_t *ids, int32_t n_seq, int32
     int rc = s_check_args(model, ids, n_seq, seq_len, NULL, 0, logits, 1);
     if (rc != 0)
         return rc;
-    const s_layout_t lo = {n_seq, seq_len, 0, seq_len, NULL};
+    const s_layout_t lo = {.n_seq = n_seq, .seq_len = seq_len, .q_len = seq_len};
     return s_forward(model, NULL, ids, &lo, NULL, 0, logits);
 }
 
@@ -596,7 +641,7 @@ int um_model_forward_rows(um_model_t *model, const int32_t *ids, int32_t n_seq,
     int rc = s_check_args(model, ids, n_seq, seq_len, rows, n_rows, logits, 0);
     if (rc != 0 || n_rows == 0)
         return rc;
-    const s_layout_t lo = {n_seq, seq_len, 0, seq_len, NULL};
+    const s_layout_t lo = {.n_seq = n_seq, .seq_len = seq_len, .q_len = seq_len};
     return s_forward(model, NULL, ids, &lo, rows, n_rows, logits);
 }
 
@@ -612,7 +657,6 @@ int um_model_forward_ragged(um_model_t *model, const int32_t *ids,
                 "least one sequence and offsets from 0", n_seq, n_seq > 0 ? seq_offsets[0] : 0);
         return UM_ERANGE;
     }
-    int32_t longest = 0;
     for (int32_t s = 0; s < n_seq; s++) {
         int64_t len = (int64_t)seq_offsets[s + 1] - seq_offsets[s];
         if (len < 1 || len > c->max_sequence_length) {
@@ -621,18 +665,9 @@ int um_model_forward_ragged(um_model_t *model, const int32_t *ids,
                     seq_offsets[s], seq_offsets[s + 1], c->max_sequence_length);
             return UM_ERANGE;
         }
-        if (len > longest)
-            longest = (int32_t)len;
     }
     /* Every sequence is at least 1 token, so the ascending offsets fit in int32_t. */
     int32_t T = seq_offsets[n_seq];
-    for (int32_t t = 0; t < T; t++) {
-        if (ids[t] < 0 || ids[t] >= c->embedding_size) {
-            um_warn("forward", "token id %d at row %d of the ragged batch is outside [0, %d) "
-                    "(embedding_size)", ids[t], t, c->embedding_size);
-            return UM_ERANGE;
-        }
-    }
     for (int32_t i = 0; i < n_rows; i++) {
         if (rows[i] < 0 || rows[i] >= T) {
             um_warn("forward", "row %d (entry %d of rows) is outside the %d positions of %d "
@@ -642,8 +677,59 @@ int um_model_forward_ragged(um_model_t *model, const int32_t *ids,
     }
     if (n_rows == 0)
         return 0;
-    const s_layout_t lo = {n_seq, longest, 0, 0, seq_offsets};
-    return s_forward(model, NULL, ids, &lo, rows, n_rows, logits);
+
+    /*
+     * Each sequence becomes an uncached part. The parts pass writes its logits grouped
+     * by part, so rows are sorted by sequence (a counting sort that keeps their order
+     * within a sequence) and the logits moved back to the caller's order.
+     */
+    const size_t E = (size_t)c->embedding_size;
+    um_forward_part_t *parts = calloc((size_t)n_seq, sizeof *parts);
+    int32_t *first = calloc((size_t)n_seq + 1, sizeof *first);
+    int32_t *local = malloc((size_t)n_rows * sizeof *local);
+    int32_t *order = malloc((size_t)n_rows * sizeof *order);
+    float *grouped = malloc((size_t)n_rows * E * sizeof *grouped);
+    int rc = parts && first && local && order && grouped ? 0 : UM_ENOMEM;
+    if (rc == 0) {
+        int32_t *seq = order; /* each row's sequence, until order is written */
+        for (int32_t i = 0; i < n_rows; i++) {
+            seq[i] = s_find_offset(seq_offsets, n_seq, rows[i]);
+            first[seq[i] + 1]++;
+        }
+        for (int32_t sq = 0; sq < n_seq; sq++)
+            first[sq + 1] += first[sq];
+        int32_t *next = malloc((size_t)n_seq * sizeof *next);
+        int32_t *slot = malloc((size_t)n_rows * sizeof *slot);
+        if (!next || !slot) {
+            rc = UM_ENOMEM;
+        } else {
+            memcpy(next, first, (size_t)n_seq * sizeof *next);
+            for (int32_t i = 0; i < n_rows; i++) {
+                slot[i] = next[seq[i]]++;
+                local[slot[i]] = rows[i] - seq_offsets[seq[i]];
+            }
+            for (int32_t i = 0; i < n_rows; i++)
+                order[slot[i]] = i;
+            for (int32_t sq = 0; sq < n_seq; sq++) {
+                int32_t len = seq_offsets[sq + 1] - seq_offsets[sq];
+                parts[sq] = (um_forward_part_t){
+                    .ids = ids + seq_offsets[sq], .n_seq = 1, .seq_len = len, .q_len = len,
+                    .rows = local + first[sq], .n_rows = first[sq + 1] - first[sq]};
+            }
+            rc = um_model_forward_parts(model, parts, n_seq, grouped);
+            for (int32_t j = 0; rc == 0 && j < n_rows; j++)
+                memcpy(logits + (size_t)order[j] * E, grouped + (size_t)j * E,
+                       E * sizeof *logits);
+        }
+        free(next);
+        free(slot);
+    }
+    free(parts);
+    free(first);
+    free(local);
+    free(order);
+    free(grouped);
+    return rc;
 }
 
 /* ------------------------------------------------------------------------- */
@@ -721,16 +807,133 @@ int um_model_forward_cached(um_model_t *model, um_kv_cache_t *cache, const int32
         return UM_EINVAL;
     }
     for (int32_t i = 0; i < n_rows; i++) {
-        const s_layout_t lo = {n_seq, seq_len, q_start, q_len, NULL};
+        const s_layout_t lo = {.n_seq = n_seq, .seq_len = seq_len, .q_start = q_start,
+                               .q_len = q_len};
         if (s_head_row(c, rows[i], &lo) < 0) {
             um_warn("forward", "row %d (entry %d of rows) reads a position outside the query "
                     "window [%d, %d)", rows[i], i, q_start, q_start + q_len);
             return UM_ERANGE;
         }
     }
-    const s_layout_t lo = {n_seq, seq_len, q_start, q_len, NULL};
+    const s_layout_t lo = {.n_seq = n_seq, .seq_len = seq_len, .q_start = q_start,
+                           .q_len = q_len};
     rc = s_forward(model, cache, ids, &lo, rows, n_rows, logits);
     if (rc == 0 && whole)
         cache->filled = 1;
+    return rc;
+}
+
+/*
+ * Check part p of a parts pass as its own call would (s_check_args and the window and
+ * cache checks of um_model_forward_cached), logging what is wrong. Returns 0 or the
+ * UM_E* code.
+ */
+static int s_check_part(const um_model_t *m, const um_forward_part_t *parts, int32_t p,
+                        const float *logits)
+{
+    const um_forward_part_t *part = &parts[p];
+    const um_model_config_t *c = um_model_config(m);
+    int rc = s_check_args(m, part->ids, part->n_seq, part->seq_len, part->rows, part->n_rows,
+                          logits, 0);
+    if (rc != 0)
+        return rc;
+    if (part->q_start < 0 || part->q_len < 1 || part->q_len > part->seq_len - part->q_start) {
+        um_warn("forward", "part %d: query window [%d, %d) is outside the %d positions", p,
+                part->q_start, part->q_start + part->q_len, part->seq_len);
+        return UM_ERANGE;
+    }
+    int whole = part->q_start == 0 && part->q_len == part->seq_len;
+    const um_kv_cache_t *cache = part->cache;
+    if (!cache && !whole) {
+        um_warn("forward", "part %d: query window [%d, %d) needs a block cache: pass the "
+                "whole sequence or a cache", p, part->q_start, part->q_start + part->q_len);
+        return UM_EINVAL;
+    }
+    if (cache && (cache->n_seq != part->n_seq || cache->seq_len != part->seq_len
+                  || cache->n_layers != c->n_layers
+                  || cache->kv_dim != c->n_kv_heads * c->head_dim)) {
+        um_warn("forward", "part %d: block cache for %d sequences of %d positions cannot "
+                "serve %d sequences of %d: create the cache for the canvas it serves", p,
+                cache->n_seq, cache->seq_len, part->n_seq, part->seq_len);
+        return UM_EINVAL;
+    }
+    if (cache && !whole && !cache->filled) {
+        um_warn("forward", "part %d: query window [%d, %d) needs a filled block cache: run "
+                "the whole sequence first", p, part->q_start, part->q_start + part->q_len);
+        return UM_EINVAL;
+    }
+    for (int32_t q = 0; cache && q < p; q++) {
+        if (parts[q].cache == cache) {
+            um_warn("forward", "parts %d and %d share one block cache: give each part its "
+                    "own", q, p);
+            return UM_EINVAL;
+        }
+    }
+    return 0;
+}
+
+int um_model_forward_parts(um_model_t *model, const um_forward_part_t *parts,
+                           int32_t n_parts, float *logits)
+{
+    if (!model || !parts || n_parts < 1)
+        return UM_EINVAL;
+    const um_model_config_t *c = um_model_config(model);
+    int64_t n_pass_rows = 0, n_out = 0;
+    int32_t longest = 0, n_seq = 0;
+    for (int32_t p = 0; p < n_parts; p++) {
+        int rc = s_check_part(model, parts, p, logits);
+        if (rc != 0)
+            return rc;
+        n_pass_rows += (int64_t)parts[p].n_seq * parts[p].q_len;
+        n_out += parts[p].n_rows;
+        n_seq += parts[p].n_seq;
+        if (parts[p].seq_len > longest)
+            longest = parts[p].seq_len;
+    }
+    if (n_pass_rows > INT32_MAX || n_out > INT32_MAX) {
+        um_warn("forward", "%d parts pass 2^31 rows: split the batch", n_parts);
+        return UM_ERANGE;
+    }
+    if (n_out == 0)
+        return 0;
+
+    int32_t *part_rows = malloc((size_t)(n_parts + 1) * sizeof *part_rows);
+    int32_t *rows = malloc((size_t)n_out * sizeof *rows);
+    if (!part_rows || !rows) {
+        free(part_rows);
+        free(rows);
+        return UM_ENOMEM;
+    }
+    /* Each part's positions become rows of the pass, as its own window maps them. */
+    int rc = 0;
+    int32_t out = 0;
+    part_rows[0] = 0;
+    for (int32_t p = 0; p < n_parts && rc == 0; p++) {
+        const um_forward_part_t *part = &parts[p];
+        part_rows[p + 1] = part_rows[p] + part->n_seq * part->q_len;
+        const s_layout_t plo = {.n_seq = part->n_seq, .seq_len = part->seq_len,
+                                .q_start = part->q_start, .q_len = part->q_len};
+        for (int32_t i = 0; i < part->n_rows; i++) {
+            int32_t r = s_head_row(c, part->rows[i], &plo);
+            if (r < 0) {
+                um_warn("forward", "part %d: row %d (entry %d of rows) reads a position "
+                        "outside the query window [%d, %d)", p, part->rows[i], i,
+                        part->q_start, part->q_start + part->q_len);
+                rc = UM_ERANGE;
+                break;
+            }
+            rows[out++] = part_rows[p] + r;
+        }
+    }
+    if (rc == 0) {
+        const s_layout_t lo = {.n_seq = n_seq, .seq_len = longest, .parts = parts,
+                               .part_rows = part_rows, .n_parts = n_parts};
+        rc = s_forward(model, NULL, NULL, &lo, rows, (int32_t)n_out, logits);
+    }
+    for (int32_t p = 0; rc == 0 && p < n_parts; p++)
+        if (parts[p].cache && parts[p].q_start == 0 && parts[p].q_len == parts[p].seq_len)
+            parts[p].cache->filled = 1;
+    free(part_rows);
+    free(rows);
     return rc;
 }

@@ -2,8 +2,8 @@
  * The masked-diffusion sampler (see generate.h and docs/sampling.md).
  *
  * A generation is a stepper (um_gen_t) that keeps its place in the loop between steps,
- * so that um_gen_step_batch can advance several in lockstep with one shared ragged
- * forward pass. um_generate steps one alone until it is done.
+ * so that um_gen_step_batch can advance several in lockstep with one shared forward
+ * pass (um_model_forward_parts). um_generate steps one alone until it is done.
  *
  * Per step: find the candidates (masked positions left of the end of the active
  * block) and ask the schedule for a quota. Run one forward pass; with guidance, the
@@ -823,11 +823,6 @@ int um_gen_done(const um_gen_t *g)
     return g->done;
 }
 
-int um_gen_batchable(const um_gen_t *g)
-{
-    return !g->w.cache;
-}
-
 /* Record the step's forward pass in the stats. */
 static void s_count_pass(um_gen_t *g, double forward_ms, int32_t batch_size)
 {
@@ -852,9 +847,19 @@ int um_gen_step_prepare(um_gen_t *g, um_gen_forward_t *fwd)
         .n_rows = g->r.n_seq * g->n_cand,
         .logits = g->w.logits,
         .batch_size = 1,
+        .cache = g->w.cache,
+        .q_start = 0,
+        .q_len = g->r.T,
     };
+    /* With a block cache, a block's first pass refreshes it and the others run the
+       window alone. */
+    if (g->w.cache && !g->refresh) {
+        s_cache_window(&g->r, g->block_start, g->block_end, &fwd->q_start, &fwd->q_len);
+        g->st.cached_passes++;
+    }
+    g->refresh = 0;
     g->full_pass = 0;
-    if (g->r.p->full_lm_head) {
+    if (g->r.p->full_lm_head && !g->w.cache) {
         /* The LM head over every position, as the reference samplers compute it.
            um_gen_step_finish picks the candidates' rows out of it. */
         fwd->rows = g->w.all_rows;
@@ -1003,76 +1008,42 @@ int um_gen_step(um_gen_t *g)
     /* The lone pass writes the candidates' rows into the generation's logits itself. */
     g->full_pass = 0;
     fwd.logits = g->w.logits;
-    int32_t q_start = 0, q_len = g->r.T;
-    if (g->w.cache && !g->refresh) {
-        s_cache_window(&g->r, g->block_start, g->block_end, &q_start, &q_len);
-        g->st.cached_passes++;
-    }
-    g->refresh = 0;
     double t_fwd = s_now_ms();
-    fwd.rc = s_forward_alone(&g->r, &g->w, g->n_cand, q_start, q_len);
+    fwd.rc = s_forward_alone(&g->r, &g->w, g->n_cand, fwd.q_start, fwd.q_len);
     fwd.forward_ms = s_now_ms() - t_fwd;
     return um_gen_step_finish(g, &fwd);
 }
 
-/* Buffers of one shared pass, freed after it. */
-typedef struct s_batch_pass {
-    int32_t *offsets; /* (n_seq + 1) */
-    int32_t *ids;     /* (offsets[n_seq]) */
-    int32_t *rows;    /* (n_rows) */
-    float *logits;    /* (n_rows, E) */
-} s_batch_pass_t;
-
-static void s_batch_pass_free(s_batch_pass_t *bp)
-{
-    free(bp->offsets);
-    free(bp->ids);
-    free(bp->rows);
-    free(bp->logits);
-}
-
 /*
- * One shared forward pass for the prepared steps fwd[0..n): their sequences concatenated
- * into a ragged pass, each step's rows shifted to where its sequences start, and each
- * step's logits pointed at its rows of the shared output. Sets fwd[].rc and forward_ms.
+ * Run one shared forward pass for the prepared steps fwd[0..n). Each step is a part of
+ * um_model_forward_parts, with its own window and block cache. Each step's logits point
+ * at its rows of the shared output *logits_out, which the caller frees once the steps
+ * finish. Sets fwd[].rc, forward_ms and batch_size.
  */
 static void s_batch_forward(um_model_t *model, um_gen_forward_t *fwd, int32_t n,
-                            s_batch_pass_t *bp)
+                            float **logits_out)
 {
     const int32_t E = um_model_config(model)->embedding_size;
-    int32_t n_seq = 0, n_rows = 0;
-    int64_t n_ids = 0;
-    for (int32_t g = 0; g < n; g++) {
-        n_seq += fwd[g].n_seq;
+    int64_t n_rows = 0;
+    for (int32_t g = 0; g < n; g++)
         n_rows += fwd[g].n_rows;
-        n_ids += (int64_t)fwd[g].n_seq * fwd[g].seq_len;
-    }
-    int rc = n_ids > INT32_MAX ? UM_ERANGE : 0;
-    if (rc == 0) {
-        bp->offsets = malloc((size_t)(n_seq + 1) * sizeof *bp->offsets);
-        bp->ids = malloc((size_t)n_ids * sizeof *bp->ids);
-        bp->rows = malloc((size_t)(n_rows > 0 ? n_rows : 1) * sizeof *bp->rows);
-        bp->logits = malloc((size_t)(n_rows > 0 ? n_rows : 1) * E * sizeof *bp->logits);
-        if (!bp->offsets || !bp->ids || !bp->rows || !bp->logits)
-            rc = UM_ENOMEM;
-    }
+    um_forward_part_t *parts = malloc((size_t)n * sizeof *parts);
+    float *logits = malloc((size_t)(n_rows > 0 ? n_rows : 1) * E * sizeof *logits);
+    int rc = parts && logits ? 0 : UM_ENOMEM;
     double t0 = s_now_ms();
     if (rc == 0) {
-        int32_t seq = 0, base = 0, row = 0;
-        bp->offsets[0] = 0;
+        size_t row = 0;
         for (int32_t g = 0; g < n; g++) {
             const um_gen_forward_t *f = &fwd[g];
-            memcpy(bp->ids + base, f->ids, (size_t)f->n_seq * f->seq_len * sizeof *bp->ids);
-            for (int32_t s = 0; s < f->n_seq; s++, seq++)
-                bp->offsets[seq + 1] = bp->offsets[seq] + f->seq_len;
-            for (int32_t j = 0; j < f->n_rows; j++)
-                bp->rows[row + j] = base + f->rows[j];
-            fwd[g].logits = bp->logits + (size_t)row * E;
-            base += f->n_seq * f->seq_len;
-            row += f->n_rows;
+            parts[g] = (um_forward_part_t){
+                .ids = f->ids, .n_seq = f->n_seq, .seq_len = f->seq_len, .cache = f->cache,
+                .q_start = f->q_start, .q_len = f->q_len, .rows = f->rows,
+                .n_rows = f->n_rows,
+            };
+            fwd[g].logits = logits + row * E;
+            row += (size_t)f->n_rows;
         }
-        rc = um_model_forward_ragged(model, bp->ids, bp->offsets, n_seq, bp->rows, n_rows,
-                                     bp->logits);
+        rc = um_model_forward_parts(model, parts, n, logits);
     }
     double ms = s_now_ms() - t0;
     for (int32_t g = 0; g < n; g++) {
@@ -1080,6 +1051,8 @@ static void s_batch_forward(um_model_t *model, um_gen_forward_t *fwd, int32_t n,
         fwd[g].forward_ms = ms;
         fwd[g].batch_size = n;
     }
+    free(parts);
+    *logits_out = logits;
 }
 
 int um_gen_step_batch(um_gen_t *const *gens, int32_t n)
@@ -1108,21 +1081,18 @@ int um_gen_step_batch(um_gen_t *const *gens, int32_t n)
     for (int32_t g = 0; g < n; g++) {
         if (!gens[g] || gens[g]->done)
             continue;
-        if (um_gen_batchable(gens[g]))
-            shared[n_shared++] = gens[g];
-        else
-            um_gen_step(gens[g]); /* a block cache runs its own pass; failures stay in it */
+        shared[n_shared++] = gens[g];
     }
     if (n_shared == 1) {
         um_gen_step(shared[0]);
     } else if (n_shared > 1) {
         for (int32_t g = 0; g < n_shared; g++)
             um_gen_step_prepare(shared[g], &fwd[g]);
-        s_batch_pass_t bp = {0};
-        s_batch_forward(model, fwd, n_shared, &bp);
+        float *logits = NULL;
+        s_batch_forward(model, fwd, n_shared, &logits);
         for (int32_t g = 0; g < n_shared; g++)
             um_gen_step_finish(shared[g], &fwd[g]);
-        s_batch_pass_free(&bp);
+        free(logits);
     }
     free(shared);
     free(fwd);

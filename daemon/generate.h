@@ -134,25 +134,28 @@ int um_gen_check(const um_model_config_t *cfg, int32_t n_prompt, const um_gen_pa
  * caller runs for the rows it lists, then um_gen_step_finish. Each generation keeps its
  * own seed, policy state, schedule, steps, step callback and early stop, so its tokens
  * do not depend on which others share its passes, up to f32 rounding of the shared pass
- * (um_model_forward_ragged). A generation that finishes, fails or is cancelled leaves the
+ * (um_model_forward_parts). A generation that finishes, fails or is cancelled leaves the
  * batch; the others go on.
  */
 typedef struct um_gen um_gen_t;
 
 /*
- * One step's forward pass as um_gen_step_prepare describes it. The caller computes the
- * LM head's rows of the sequences (each attending only to itself, positions from 0) into
- * logits. It may instead point logits at its own buffer of n_rows * embedding_size
- * floats, which must stay valid until um_gen_step_finish returns, because the finish
- * step combines guidance there in place. Then the caller sets rc, forward_ms and
- * batch_size.
+ * One step's forward pass as um_gen_step_prepare describes it: the arguments of one
+ * um_forward_part_t. The caller computes the LM head's rows into logits. It may instead
+ * point logits at its own buffer of n_rows * embedding_size floats, which must stay
+ * valid until um_gen_step_finish returns, because the finish step combines guidance
+ * there in place. Then the caller sets rc, forward_ms and batch_size.
  */
 typedef struct um_gen_forward {
     const int32_t *ids;   /* (n_seq, seq_len): the canvas, then with guidance the
                              unconditional canvas */
     int32_t n_seq, seq_len;
-    const int32_t *rows;  /* (n_rows) indices into the n_seq * seq_len positions */
+    const int32_t *rows;  /* (n_rows) indices into the n_seq * seq_len positions: the
+                             candidates, or every position with full_lm_head */
     int32_t n_rows;
+    um_kv_cache_t *cache; /* the generation's block cache, or NULL */
+    int32_t q_start, q_len; /* the query window: the whole canvas, or with a cache the
+                               block's window between refreshes */
     float *logits;        /* (n_rows, embedding_size); the generation's own buffer */
     int rc;               /* set by the caller: the pass's result */
     double forward_ms;    /* set by the caller: the pass's wall time */
@@ -173,16 +176,9 @@ int um_gen_begin(um_model_t *model, const int32_t *prompt, int32_t n_prompt,
 int um_gen_done(const um_gen_t *g);
 
 /*
- * Nonzero when the generation's steps can share a forward pass with others. A block
- * cache (p->cache other than UM_CACHE_NONE) needs passes of its own, so
- * um_gen_step_batch steps such a generation alone.
- */
-int um_gen_batchable(const um_gen_t *g);
-
-/*
  * Write the forward pass the next step needs into *fwd (views into the generation's
- * buffers, valid until um_gen_step_finish). Only for batchable generations. Returns 0, or
- * UM_EINVAL when the generation is done.
+ * buffers, valid until um_gen_step_finish). Returns 0, or UM_EINVAL when the generation
+ * is done.
  */
 int um_gen_step_prepare(um_gen_t *g, um_gen_forward_t *fwd);
 
@@ -200,8 +196,9 @@ int um_gen_step(um_gen_t *g);
 
 /*
  * Advance every generation of gens[0..n) that is not done (NULL entries are skipped) by
- * one step. The batchable ones share one ragged forward pass (um_model_forward_ragged);
- * the others step alone. The generations must all use one model. A failed shared pass
+ * one step. They share one forward pass (um_model_forward_parts), each generation with
+ * a block cache running its own window against its own cache in it. The generations
+ * must all use one model. A failed shared pass
  * ends every generation that shared it, with its error. Returns 0, UM_EINVAL for
  * generations of different models, or UM_ENOMEM (nothing stepped); each generation's own
  * result is um_gen_done and um_gen_end's.

@@ -221,6 +221,32 @@ int um_model_forward_cached(um_model_t *model, um_kv_cache_t *cache, const int32
                             const int32_t *rows, int32_t n_rows, float *logits);
 
 /*
+ * One part of a batched pass (um_model_forward_parts): the arguments of one
+ * um_model_forward_cached call, or of one um_model_forward_rows call when cache is NULL
+ * (then the window must be the whole sequence).
+ */
+typedef struct um_forward_part {
+    const int32_t *ids;     /* (n_seq, seq_len) the whole canvas */
+    int32_t n_seq, seq_len;
+    um_kv_cache_t *cache;   /* the part's own block cache, or NULL */
+    int32_t q_start, q_len; /* the query window of each sequence */
+    const int32_t *rows;    /* (n_rows) positions, indices into the n_seq * seq_len */
+    int32_t n_rows;
+} um_forward_part_t;
+
+/*
+ * The passes of n_parts parts in one call, for batching generations with or without
+ * block caches. The weight products run once over every part's window rows, and each
+ * part's attention reads only its own sequences (and its own cache). So its logits are
+ * those of its own call up to f32 rounding, because a product's summation order may
+ * depend on its row count. Writes logits (sum of n_rows, embedding_size), part p's rows after
+ * those of parts 0 to p - 1. Two parts may not share a cache. Returns 0, or the error
+ * the part's own call would return (UM_EINVAL, UM_ERANGE), UM_ENOMEM or UM_EBACKEND.
+ */
+int um_model_forward_parts(um_model_t *model, const um_forward_part_t *parts,
+                           int32_t n_parts, float *logits);
+
+/*
  * Where a forward pass spends its time, summed over the passes run while the profile
  * is attached. gemm_ms covers the weight products of the blocks; attention_ms the fused
  * attention (its own score and value products included); lm_head_ms the LM head

@@ -92,11 +92,11 @@ size_t um_attention_scratch_floats(const um_attention_shape_t *shape, int n_thre
  * out^T[hd, rows] = v^T[hd, L] S^T[L, rows].
  */
 #ifdef UM_HAVE_LIBXSMM
-static int s_task_xsmm(const um_kernel_table_t *k, const um_attention_shape_t *a, int32_t L,
-                       int32_t rows, float *q_tile, const float *k_head, const float *v_head,
-                       float *S, float *kT)
+static int s_task_xsmm(const um_kernel_table_t *k, const um_attention_shape_t *a, int32_t rows,
+                       float *q_tile, const float *k_head, const float *v_head, float *S,
+                       float *kT)
 {
-    int32_t hd = a->head_dim;
+    int32_t L = a->seq_len, hd = a->head_dim;
     um_xsmm_kernel_t scores = um_xsmm_dispatch(L, rows, hd, L, a->q_stride, L);
     um_xsmm_kernel_t values = um_xsmm_dispatch(hd, rows, L, a->kv_stride, L, a->q_stride);
     if (!scores || !values)
@@ -112,12 +112,11 @@ static int s_task_xsmm(const um_kernel_table_t *k, const um_attention_shape_t *a
 }
 #endif
 
-/* One task's two products with oneDNN, over the L keys of its sequence. */
-static int s_task_onednn(const um_kernel_table_t *k, const um_attention_shape_t *a, int32_t L,
-                         int32_t rows, float *q_tile, const float *k_head, const float *v_head,
-                         float *S)
+/* One task's two products with oneDNN. */
+static int s_task_onednn(const um_kernel_table_t *k, const um_attention_shape_t *a, int32_t rows,
+                         float *q_tile, const float *k_head, const float *v_head, float *S)
 {
-    int32_t hd = a->head_dim;
+    int32_t L = a->seq_len, hd = a->head_dim;
     int r = um_gemm_f32_nt(rows, L, hd, q_tile, a->q_stride, k_head, a->kv_stride, S, L, 0);
     if (r != 0)
         return r;
@@ -134,7 +133,7 @@ int um_attention(const um_kernel_table_t *k, const um_attention_shape_t *shape, 
     if (a->n_seq < 1 || a->seq_len < 1 || a->q_len < 0 || a->q_len > a->seq_len ||
         a->head_dim < 1 || a->n_kv_heads < 1 ||
         a->n_heads % a->n_kv_heads != 0 || a->q_stride < a->n_heads * a->head_dim ||
-        a->kv_stride < a->n_kv_heads * a->head_dim || (a->seq_offsets && a->q_len != 0)) {
+        a->kv_stride < a->n_kv_heads * a->head_dim) {
         um_error("attention", "invalid shape: %d sequences of %d keys and %d queries, %d "
                  "heads, %d kv heads, head_dim %d, q stride %d, kv stride %d", a->n_seq,
                  a->seq_len, a->q_len, a->n_heads, a->n_kv_heads, a->head_dim, a->q_stride,
@@ -147,19 +146,7 @@ int um_attention(const um_kernel_table_t *k, const um_attention_shape_t *shape, 
     size_t per_thread = s_thread_floats(a);
     int64_t n_tasks = (int64_t)a->n_seq * a->n_heads * n_tiles;
     um_attention_backend_t backend = s_backend;
-    const int32_t *offsets = a->seq_offsets;
     int rc = 0;
-
-    if (offsets) {
-        for (int32_t s = 0; s < a->n_seq; s++) {
-            int32_t len = offsets[s + 1] - offsets[s];
-            if (offsets[0] != 0 || len < 1 || len > L) {
-                um_error("attention", "invalid sequence offsets: sequence %d has rows [%d, %d) "
-                         "and the longest may have %d", s, offsets[s], offsets[s + 1], L);
-                return UM_EINVAL;
-            }
-        }
-    }
 
 #pragma omp parallel for schedule(dynamic, 1) if (n_tasks > 1)
     for (int64_t task = 0; task < n_tasks; task++) {
@@ -167,26 +154,19 @@ int um_attention(const um_kernel_table_t *k, const um_attention_shape_t *shape, 
         int32_t h = (int32_t)(task / n_tiles % a->n_heads);
         int32_t s = (int32_t)(task / n_tiles / a->n_heads);
         int32_t row0 = tile * UM_ATTENTION_TILE;
-        /* Keys and query rows of this task's sequence, and where its rows start. */
-        int32_t Ls = offsets ? offsets[s + 1] - offsets[s] : L;
-        int32_t Lqs = offsets ? Ls : Lq;
-        size_t q_first = offsets ? (size_t)offsets[s] : (size_t)s * Lq;
-        size_t kv_first = offsets ? (size_t)offsets[s] : (size_t)s * L;
-        if (row0 >= Lqs)
-            continue; /* a shorter sequence has fewer tiles */
-        int32_t rows = Lqs - row0 < UM_ATTENTION_TILE ? Lqs - row0 : UM_ATTENTION_TILE;
+        int32_t rows = Lq - row0 < UM_ATTENTION_TILE ? Lq - row0 : UM_ATTENTION_TILE;
         float *S = scratch + (size_t)s_thread_index() * per_thread;
-        float *q_tile = q + (q_first + row0) * a->q_stride + (size_t)h * hd;
-        size_t kv_offset = kv_first * a->kv_stride + (size_t)(h / group) * hd;
+        float *q_tile = q + ((size_t)s * Lq + row0) * a->q_stride + (size_t)h * hd;
+        size_t kv_offset = (size_t)s * L * a->kv_stride + (size_t)(h / group) * hd;
 
         int r;
 #ifdef UM_HAVE_LIBXSMM
         if (backend == UM_ATTENTION_LIBXSMM) {
-            float *kT = S + (size_t)(Ls < UM_ATTENTION_TILE ? Ls : UM_ATTENTION_TILE) * Ls;
-            r = s_task_xsmm(k, a, Ls, rows, q_tile, kk + kv_offset, v + kv_offset, S, kT);
+            float *kT = S + (size_t)(L < UM_ATTENTION_TILE ? L : UM_ATTENTION_TILE) * L;
+            r = s_task_xsmm(k, a, rows, q_tile, kk + kv_offset, v + kv_offset, S, kT);
         } else
 #endif
-            r = s_task_onednn(k, a, Ls, rows, q_tile, kk + kv_offset, v + kv_offset, S);
+            r = s_task_onednn(k, a, rows, q_tile, kk + kv_offset, v + kv_offset, S);
         if (r != 0) {
 #pragma omp atomic write
             rc = r;

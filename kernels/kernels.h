@@ -330,10 +330,6 @@ typedef struct um_attention_shape {
     int32_t n_heads, n_kv_heads, head_dim; /* n_heads a multiple of n_kv_heads */
     int32_t q_stride;  /* floats between rows of q (and of the output) */
     int32_t kv_stride; /* floats between rows of k and of v */
-    /* NULL, or (n_seq + 1) ascending row offsets for sequences of different lengths:
-     * sequence s is rows [seq_offsets[s], seq_offsets[s + 1]) of q, k and v, seq_len is
-     * the longest sequence (it sizes the scratch), and q_len must be 0. */
-    const int32_t *seq_offsets;
 } um_attention_shape_t;
 
 /* Backends for the attention's score and value products. */
@@ -359,8 +355,7 @@ size_t um_attention_scratch_floats(const um_attention_shape_t *shape, int n_thre
  * Bidirectional attention without a mask, fused per (sequence, head, tile of
  * UM_ATTENTION_TILE query rows): scores = q k^T, a stable softmax per row, then
  * scores v, written over that tile's query rows in q. q holds (n_seq, q_len) rows,
- * k and v (n_seq, seq_len) rows, or with seq_offsets the concatenated sequences, each
- * attending only to itself. q must already carry the
+ * k and v (n_seq, seq_len) rows. q must already carry the
  * 1/sqrt(head_dim) scale. Query head h reads key/value head h / (n_heads / n_kv_heads).
  * Tasks run under OpenMP, each thread with its own tile of scratch (at least
  * um_attention_scratch_floats floats for omp_get_max_threads() threads), so no

@@ -142,6 +142,172 @@ START_TEST(fresh_cache_equals_uncached)
 }
 END_TEST
 
+/* Ids for a canvas of n positions: tokens from the vocabulary, every fifth a mask. */
+static void s_fill_ids(const um_model_config_t *c, int32_t *ids, int32_t n, int32_t salt)
+{
+    for (int32_t t = 0; t < n; t++)
+        ids[t] = t % 5 == 3 ? c->mask_token_id
+                            : (int32_t)((t * 37 + salt * 101 + 11) % c->vocab_size);
+}
+
+/* Every position of n_seq sequences of T whose logits a window of [q_start, q_start +
+   q_len) can give (Dream's logits at p read p - 1). Returns the count. */
+static int32_t s_window_rows(const um_model_config_t *c, int32_t n_seq, int32_t T,
+                             int32_t q_start, int32_t q_len, int32_t *rows)
+{
+    int32_t n = 0;
+    for (int32_t s = 0; s < n_seq; s++)
+        for (int32_t p = q_start; p < q_start + q_len; p++)
+            if (!c->logits_shift || p == 0 || p - 1 >= q_start)
+                rows[n++] = s * T + p;
+    return n;
+}
+
+/*
+ * One parts pass of three members equals their separate calls: a dual-cache window on
+ * two sequences whose cache contains stale rows, an uncached sequence of another length,
+ * and a cache being filled by a whole-sequence pass. Each part's attention must read
+ * only its own sequences and cache, and the filled cache must serve later windows as
+ * one filled alone does. The passes differ only in the weight products' row counts, so
+ * S_FRESH_TOLERANCE applies (see there).
+ */
+START_TEST(parts_match_separate_calls)
+{
+    um_model_t *m = s_load_family(_i);
+    const um_model_config_t *c = um_model_config(m);
+    const int32_t E = c->embedding_size, TA = 24, TB = 17, TC = 20;
+    int32_t ids_a[2 * 24], stale_a[2 * 24], ids_b[17], ids_c[20];
+    s_fill_ids(c, ids_a, 2 * TA, 1);
+    s_fill_ids(c, ids_b, TB, 2);
+    s_fill_ids(c, ids_c, TC, 3);
+    /* The cache of part A is filled from other ids outside the window, so it is stale. */
+    memcpy(stale_a, ids_a, sizeof stale_a);
+    for (int32_t t = 0; t < 2 * TA; t++)
+        if (t % TA < 8)
+            stale_a[t] = (stale_a[t] + 7) % c->vocab_size;
+
+    um_kv_cache_t *cache_a = NULL, *cache_a1 = NULL, *cache_c = NULL, *cache_c1 = NULL;
+    ck_assert_int_eq(um_kv_cache_new(m, 2, TA, &cache_a), 0);
+    ck_assert_int_eq(um_kv_cache_new(m, 2, TA, &cache_a1), 0);
+    ck_assert_int_eq(um_kv_cache_new(m, 1, TC, &cache_c), 0);
+    ck_assert_int_eq(um_kv_cache_new(m, 1, TC, &cache_c1), 0);
+    int32_t rows_a[2 * 24], rows_b[17], rows_c[20], all_a[2 * 24];
+    float *scratch = malloc((size_t)2 * TA * E * sizeof *scratch);
+    int32_t n_all_a = s_window_rows(c, 2, TA, 0, TA, all_a);
+    ck_assert_int_eq(um_model_forward_cached(m, cache_a, stale_a, 2, TA, 0, TA, all_a, n_all_a,
+                                             scratch), 0);
+    ck_assert_int_eq(um_model_forward_cached(m, cache_a1, stale_a, 2, TA, 0, TA, all_a,
+                                             n_all_a, scratch), 0);
+    int32_t n_a = s_window_rows(c, 2, TA, 8, 8, rows_a);
+    int32_t n_b = s_window_rows(c, 1, TB, 0, TB, rows_b);
+    int32_t n_c = s_window_rows(c, 1, TC, 0, TC, rows_c);
+    /* Part B lists its rows last to first, so the row order differs from the index. */
+    for (int32_t i = 0; i < n_b / 2; i++) {
+        int32_t tmp = rows_b[i];
+        rows_b[i] = rows_b[n_b - 1 - i];
+        rows_b[n_b - 1 - i] = tmp;
+    }
+    const um_forward_part_t parts[3] = {
+        {.ids = ids_a, .n_seq = 2, .seq_len = TA, .cache = cache_a, .q_start = 8, .q_len = 8,
+         .rows = rows_a, .n_rows = n_a},
+        {.ids = ids_b, .n_seq = 1, .seq_len = TB, .q_start = 0, .q_len = TB, .rows = rows_b,
+         .n_rows = n_b},
+        {.ids = ids_c, .n_seq = 1, .seq_len = TC, .cache = cache_c, .q_start = 0, .q_len = TC,
+         .rows = rows_c, .n_rows = n_c},
+    };
+    const int32_t n_out = n_a + n_b + n_c;
+    float *got = malloc((size_t)n_out * E * sizeof *got);
+    float *want = malloc((size_t)n_out * E * sizeof *want);
+    ck_assert_int_eq(um_model_forward_parts(m, parts, 3, got), 0);
+    ck_assert_int_eq(um_model_forward_cached(m, cache_a1, ids_a, 2, TA, 8, 8, rows_a, n_a,
+                                             want), 0);
+    ck_assert_int_eq(um_model_forward_rows(m, ids_b, 1, TB, rows_b, n_b,
+                                           want + (size_t)n_a * E), 0);
+    ck_assert_int_eq(um_model_forward_cached(m, cache_c1, ids_c, 1, TC, 0, TC, rows_c, n_c,
+                                             want + (size_t)(n_a + n_b) * E), 0);
+    const char *family = s_models[_i] ? s_models[_i] : "tinystories";
+    for (int32_t i = 0; i < n_out; i++) {
+        double rel = s_max_rel_diff(got + (size_t)i * E, want + (size_t)i * E, (size_t)E);
+        ck_assert_msg(rel <= S_FRESH_TOLERANCE, "%s: row %d of the parts pass differs from "
+                      "its separate call by %.3g of the largest logit", family, i, rel);
+    }
+    /* The cache the parts pass filled serves a window like the one filled alone. */
+    int32_t n_w = s_window_rows(c, 1, TC, 4, 6, rows_c);
+    ck_assert_int_eq(um_model_forward_cached(m, cache_c, ids_c, 1, TC, 4, 6, rows_c, n_w, got),
+                     0);
+    ck_assert_int_eq(um_model_forward_cached(m, cache_c1, ids_c, 1, TC, 4, 6, rows_c, n_w,
+                                             want), 0);
+    for (int32_t i = 0; i < n_w; i++)
+        ck_assert_msg(s_max_rel_diff(got + (size_t)i * E, want + (size_t)i * E, (size_t)E)
+                          <= S_FRESH_TOLERANCE,
+                      "%s: the cache filled in a parts pass gives other logits at row %d",
+                      family, i);
+    um_kv_cache_destroy(&cache_a);
+    um_kv_cache_destroy(&cache_a1);
+    um_kv_cache_destroy(&cache_c);
+    um_kv_cache_destroy(&cache_c1);
+    free(scratch);
+    free(got);
+    free(want);
+    um_model_destroy(&m);
+}
+END_TEST
+
+/* A parts pass rejects what each part's own call rejects, and a cache shared by parts. */
+START_TEST(parts_reject_bad_calls)
+{
+    const um_model_config_t *c = um_model_config(s_model);
+    const int32_t T = 16, E = c->embedding_size;
+    int32_t ids[16], all[16], row = 9;
+    for (int32_t t = 0; t < T; t++) {
+        ids[t] = t + 10;
+        all[t] = t;
+    }
+    float *logits = malloc((size_t)2 * T * E * sizeof *logits);
+    um_kv_cache_t *cache = NULL;
+    ck_assert_int_eq(um_kv_cache_new(s_model, 1, T, &cache), 0);
+    um_forward_part_t parts[2] = {
+        {.ids = ids, .n_seq = 1, .seq_len = T, .cache = cache, .q_start = 8, .q_len = 8,
+         .rows = &row, .n_rows = 1},
+        {.ids = ids, .n_seq = 1, .seq_len = T, .q_start = 0, .q_len = T, .rows = all,
+         .n_rows = T},
+    };
+    /* A window of a cache no whole-sequence pass has filled. */
+    ck_assert_int_eq(um_model_forward_parts(s_model, parts, 2, logits), UM_EINVAL);
+    parts[0].q_start = 0;
+    parts[0].q_len = T;
+    ck_assert_int_eq(um_model_forward_parts(s_model, parts, 2, logits), 0);
+    parts[0].q_start = 8;
+    parts[0].q_len = 8;
+    ck_assert_int_eq(um_model_forward_parts(s_model, parts, 2, logits), 0);
+    /* Two parts writing one cache. */
+    parts[1].cache = cache;
+    ck_assert_int_eq(um_model_forward_parts(s_model, parts, 2, logits), UM_EINVAL);
+    /* A window without a cache. */
+    parts[1].cache = NULL;
+    parts[1].q_start = 4;
+    parts[1].q_len = 12;
+    ck_assert_int_eq(um_model_forward_parts(s_model, parts, 2, logits), UM_EINVAL);
+    parts[1].q_start = 0;
+    parts[1].q_len = T;
+    /* A row outside the window, a window outside the sequence, a bad id, no logits. */
+    row = 3;
+    ck_assert_int_eq(um_model_forward_parts(s_model, parts, 2, logits), UM_ERANGE);
+    row = 9;
+    parts[0].q_len = 9;
+    ck_assert_int_eq(um_model_forward_parts(s_model, parts, 2, logits), UM_ERANGE);
+    parts[0].q_len = 8;
+    ids[2] = c->embedding_size;
+    ck_assert_int_eq(um_model_forward_parts(s_model, parts, 2, logits), UM_ERANGE);
+    ids[2] = 12;
+    ck_assert_int_eq(um_model_forward_parts(s_model, parts, 2, NULL), UM_EINVAL);
+    ck_assert_int_eq(um_model_forward_parts(s_model, parts, 0, logits), UM_EINVAL);
+    ck_assert_int_eq(um_model_forward_parts(s_model, parts, 2, logits), 0);
+    um_kv_cache_destroy(&cache);
+    free(logits);
+}
+END_TEST
+
 START_TEST(cached_forward_rejects_bad_calls)
 {
     const um_model_config_t *c = um_model_config(s_model);
@@ -230,21 +396,29 @@ static int64_t s_int(json_t *c, const char *key)
     return json_integer_value(json_object_get(c, key));
 }
 
-/* A fixture case, token for token, with its forward passes and cached passes. */
-START_TEST(cached_generation_matches_reference)
-{
-    json_t *c = json_array_get(s_cases, (size_t)_i);
-    ck_assert_msg(c != NULL, "cache.json has no case %d: regenerate with "
-                  "tools/make_cache_fixtures.py", _i);
-    const char *name = json_string_value(json_object_get(c, "name"));
-    const char *mode = json_string_value(json_object_get(c, "cache"));
-    const char *policy = json_string_value(json_object_get(c, "remasking"));
+/* A fixture case: its JSON, prompt, expected canvas and generation parameters. */
+typedef struct s_cache_case {
+    json_t *json;
+    const char *name, *mode, *policy;
+    int32_t *prompt, *expected;
     size_t n_prompt, n_expected;
-    int32_t *prompt = s_ids(json_object_get(c, "prompt_ids"), &n_prompt);
-    int32_t *expected = s_ids(json_object_get(c, "canvas"), &n_expected);
-    const um_remask_ops_t *ops = s_policy(policy);
+    um_gen_params_t p; /* with its policy state begun */
+} s_cache_case_t;
+
+static void s_cache_case_load(int index, s_cache_case_t *k)
+{
+    json_t *c = json_array_get(s_cases, (size_t)index);
+    ck_assert_msg(c != NULL, "cache.json has no case %d: regenerate with "
+                  "tools/make_cache_fixtures.py", index);
+    k->json = c;
+    k->name = json_string_value(json_object_get(c, "name"));
+    k->mode = json_string_value(json_object_get(c, "cache"));
+    k->policy = json_string_value(json_object_get(c, "remasking"));
+    k->prompt = s_ids(json_object_get(c, "prompt_ids"), &k->n_prompt);
+    k->expected = s_ids(json_object_get(c, "canvas"), &k->n_expected);
+    const um_remask_ops_t *ops = s_policy(k->policy);
     const char *schedule = json_string_value(json_object_get(c, "schedule"));
-    um_gen_params_t p = {
+    k->p = (um_gen_params_t){
         .gen_length = (int32_t)s_int(c, "gen_length"),
         .block_length = (int32_t)s_int(c, "block_length"),
         .steps = (int32_t)s_int(c, "steps"),
@@ -252,41 +426,136 @@ START_TEST(cached_generation_matches_reference)
         .cfg_scale = json_number_value(json_object_get(c, "cfg_scale")),
         .seed = (uint64_t)s_int(c, "seed"),
         .remask = ops,
-        .remask_state = s_begin(ops, json_object_get(c, "remasking_params"), name),
+        .remask_state = s_begin(ops, json_object_get(c, "remasking_params"), k->name),
         .schedule = schedule ? (strcmp(schedule, "timestep") == 0 ? UM_SCHEDULE_TIMESTEP
                                                                   : UM_SCHEDULE_QUOTA)
                              : um_remask_traits(ops).schedule,
         .eps = UM_GEN_DEFAULT_EPS,
         .eot_id = -1,
         .early_stop = json_is_true(json_object_get(c, "early_stop")),
-        .cache = strcmp(mode, "dual") == 0 ? UM_CACHE_DUAL : UM_CACHE_PREFIX,
+        .cache = strcmp(k->mode, "dual") == 0 ? UM_CACHE_DUAL : UM_CACHE_PREFIX,
     };
-    int32_t *canvas = malloc(n_expected * sizeof *canvas);
+}
+
+static void s_cache_case_free(s_cache_case_t *k)
+{
+    k->p.remask->request_end(k->p.remask_state);
+    free(k->expected);
+    free(k->prompt);
+}
+
+/* The canvas, forward passes, cached passes, early stop and cache size of a case. */
+static void s_cache_case_assert(const s_cache_case_t *k, const int32_t *canvas,
+                                const um_gen_stats_t *st, const char *how)
+{
+    json_t *c = k->json;
+    for (size_t i = 0; i < k->n_expected; i++)
+        ck_assert_msg(canvas[i] == k->expected[i], "%s (%s cache, %s, seed %d, %s): position "
+                      "%zu is %d, the reference has %d", k->name, k->mode, k->policy,
+                      (int)k->p.seed, how, i, canvas[i], k->expected[i]);
+    ck_assert_msg(st->forward_passes == s_int(c, "forward_passes"), "%s (%s): %d forward "
+                  "passes, the reference ran %lld", k->name, how, st->forward_passes,
+                  (long long)s_int(c, "forward_passes"));
+    ck_assert_msg(st->cached_passes == s_int(c, "cached_passes"), "%s (%s): %d cached passes, "
+                  "the reference ran %lld", k->name, how, st->cached_passes,
+                  (long long)s_int(c, "cached_passes"));
+    ck_assert_int_eq(st->early_stop, json_is_true(json_object_get(c, "early_stopped")));
+    ck_assert_int_eq(st->eos_position, s_int(c, "eos_position"));
+    const um_model_config_t *cfg = um_model_config(s_model);
+    ck_assert_int_eq(st->cache_bytes, 2 * (int64_t)cfg->n_layers * (k->p.cfg_scale > 0 ? 2 : 1)
+                                          * (int64_t)k->n_expected * cfg->n_kv_heads *
+                                          cfg->head_dim * 4);
+}
+
+/* A fixture case, token for token, with its forward passes and cached passes. */
+START_TEST(cached_generation_matches_reference)
+{
+    s_cache_case_t k;
+    s_cache_case_load(_i, &k);
+    int32_t *canvas = malloc(k.n_expected * sizeof *canvas);
     char err[512] = "";
     um_gen_stats_t st;
-    int rc = um_generate(s_model, prompt, (int32_t)n_prompt, &p, NULL, NULL, canvas, &st, err,
-                         sizeof err);
-    ops->request_end(p.remask_state);
-    ck_assert_msg(rc == 0, "%s: %s", name, err);
-    for (size_t i = 0; i < n_expected; i++)
-        ck_assert_msg(canvas[i] == expected[i], "%s (%s cache, %s, seed %d): position %zu is "
-                      "%d, the reference has %d", name, mode, policy, (int)p.seed, i,
-                      canvas[i], expected[i]);
-    ck_assert_msg(st.forward_passes == s_int(c, "forward_passes"), "%s: %d forward passes, "
-                  "the reference ran %lld", name, st.forward_passes,
-                  (long long)s_int(c, "forward_passes"));
-    ck_assert_msg(st.cached_passes == s_int(c, "cached_passes"), "%s: %d cached passes, the "
-                  "reference ran %lld", name, st.cached_passes,
-                  (long long)s_int(c, "cached_passes"));
-    ck_assert_int_eq(st.early_stop, json_is_true(json_object_get(c, "early_stopped")));
-    ck_assert_int_eq(st.eos_position, s_int(c, "eos_position"));
-    const um_model_config_t *cfg = um_model_config(s_model);
-    ck_assert_int_eq(st.cache_bytes, 2 * (int64_t)cfg->n_layers * (p.cfg_scale > 0 ? 2 : 1) *
-                                         (int64_t)n_expected * cfg->n_kv_heads *
-                                         cfg->head_dim * 4);
+    int rc = um_generate(s_model, k.prompt, (int32_t)k.n_prompt, &k.p, NULL, NULL, canvas, &st,
+                         err, sizeof err);
+    ck_assert_msg(rc == 0, "%s: %s", k.name, err);
+    s_cache_case_assert(&k, canvas, &st, "alone");
     free(canvas);
-    free(expected);
-    free(prompt);
+    s_cache_case_free(&k);
+}
+END_TEST
+
+/* Cases per batch in cached_batch_matches_reference. Group g: cases g, g + G, ... */
+#define S_BATCH 4
+
+static int s_count_groups(int n_cases)
+{
+    return (n_cases + S_BATCH - 1) / S_BATCH;
+}
+
+/*
+ * Cached generations in one batch, each with its own cache and window in the shared
+ * pass, give the reference's canvases, passes and cached passes. Each case keeps its
+ * decisions farther from a tie than the reference's logits differ from ours
+ * (tools/make_cache_fixtures.py), and the shared pass differs from a lone one by f32
+ * rounding only (parts_match_separate_calls), so no token may change. Every second
+ * member runs without a cache, so cached and uncached parts share passes too. Those
+ * members are checked against the uncached run of the same case.
+ */
+START_TEST(cached_batch_matches_reference)
+{
+    const int n_cases = (int)json_array_size(s_cases);
+    const int G = s_count_groups(n_cases);
+    s_cache_case_t k[S_BATCH];
+    int32_t *canvas[S_BATCH], *uncached[S_BATCH];
+    um_gen_t *gens[S_BATCH];
+    char err[512] = "";
+    int n = 0;
+    for (int idx = _i; idx < n_cases && n < S_BATCH; idx += G, n++) {
+        s_cache_case_load(idx, &k[n]);
+        canvas[n] = malloc(k[n].n_expected * sizeof *canvas[n]);
+        uncached[n] = NULL;
+        if (n % 2) {
+            /* This member runs uncached: its expected canvas is its lone uncached run. */
+            k[n].p.cache = UM_CACHE_NONE;
+            uncached[n] = malloc(k[n].n_expected * sizeof *uncached[n]);
+            ck_assert_int_eq(um_generate(s_model, k[n].prompt, (int32_t)k[n].n_prompt, &k[n].p,
+                                         NULL, NULL, uncached[n], NULL, err, sizeof err), 0);
+            k[n].p.remask->request_end(k[n].p.remask_state);
+            k[n].p.remask_state = s_begin(k[n].p.remask,
+                                          json_object_get(k[n].json, "remasking_params"),
+                                          k[n].name);
+        }
+        ck_assert_msg(um_gen_begin(s_model, k[n].prompt, (int32_t)k[n].n_prompt, &k[n].p, NULL,
+                                   NULL, canvas[n], &gens[n], err, sizeof err) == 0, "%s: %s",
+                      k[n].name, err);
+    }
+    for (int guard = 0;; guard++) {
+        int running = 0;
+        for (int j = 0; j < n; j++)
+            running += !um_gen_done(gens[j]);
+        if (!running)
+            break;
+        ck_assert_int_lt(guard, 100000);
+        ck_assert_int_eq(um_gen_step_batch(gens, n), 0);
+    }
+    for (int j = 0; j < n; j++) {
+        um_gen_stats_t st;
+        ck_assert_msg(um_gen_end(&gens[j], &st, err, sizeof err) == 0, "%s: %s", k[j].name,
+                      err);
+        ck_assert_int_eq(st.batch_size, n);
+        if (uncached[j]) {
+            for (size_t i = 0; i < k[j].n_expected; i++)
+                ck_assert_msg(canvas[j][i] == uncached[j][i], "%s (uncached, batched): "
+                              "position %zu is %d, alone %d", k[j].name, i, canvas[j][i],
+                              uncached[j][i]);
+            ck_assert_int_eq(st.cached_passes, 0);
+        } else {
+            s_cache_case_assert(&k[j], canvas[j], &st, "batched");
+        }
+        free(uncached[j]);
+        free(canvas[j]);
+        s_cache_case_free(&k[j]);
+    }
 }
 END_TEST
 
@@ -483,12 +752,16 @@ Suite *um_cache_suite(void)
     TCase *tc = tcase_create("forward");
     tcase_set_timeout(tc, 120);
     tcase_add_loop_test(tc, fresh_cache_equals_uncached, 0, S_N_MODELS);
+    tcase_add_loop_test(tc, parts_match_separate_calls, 0, S_N_MODELS);
     suite_add_tcase(s, tc);
     tc = tcase_create("generate");
     tcase_add_unchecked_fixture(tc, s_setup, s_teardown);
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, cached_forward_rejects_bad_calls);
+    tcase_add_test(tc, parts_reject_bad_calls);
     tcase_add_loop_test(tc, cached_generation_matches_reference, 0, s_count_cases());
+    tcase_add_loop_test(tc, cached_batch_matches_reference, 0,
+                        s_count_groups(s_count_cases()));
     tcase_add_test(tc, fixture_covers_modes);
     tcase_add_test(tc, cache_rejects_prompt_masks);
     suite_add_tcase(s, tc);

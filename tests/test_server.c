@@ -1791,7 +1791,7 @@ END_TEST
 
 static json_t *s_long_generate(const char *id, int stream);
 
-/* Requests of different prompts, lengths, policies, temperatures and guidance. */
+/* Requests of different prompts, lengths, policies, temperatures, guidance and caches. */
 #define S_N_BATCH 6
 
 static json_t *s_batch_request(int i, const char *id)
@@ -1809,6 +1809,9 @@ static json_t *s_batch_request(int i, const char *id)
     json_object_set_new(req, "cfg_scale", json_real(i % 3 == 2 ? 1.5 : 0.0));
     json_object_set_new(req, "seed", json_integer(100 + i));
     json_object_set_new(req, "stream", json_boolean(i % 2));
+    /* Two requests with a block cache share the batch's passes too. */
+    if (i == 3 || i == 4)
+        json_object_set_new(req, "cache", json_string(i == 3 ? "dual" : "prefix"));
     return req;
 }
 
@@ -1829,6 +1832,10 @@ static void s_assert_same_generation(const json_t *a, const json_t *b, const cha
                                                         "forward_passes")),
                      json_integer_value(json_object_get(json_object_get(b, "stats"),
                                                         "forward_passes")));
+    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(a, "stats"),
+                                                        "cached_passes")),
+                     json_integer_value(json_object_get(json_object_get(b, "stats"),
+                                                        "cached_passes")));
 }
 
 /* The done reply of each batch request sent alone, one after another. */
@@ -1840,6 +1847,11 @@ static void s_batch_alone(json_t *alone[S_N_BATCH])
         s_send_json(s_sock, s_batch_request(i, id));
         alone[i] = s_done(s_wait_final(s_sock, id, NULL));
         ck_assert_int_eq(s_batch_size(alone[i]), 1);
+        json_int_t cached = json_integer_value(json_object_get(json_object_get(alone[i],
+                                                                               "stats"),
+                                                               "cached_passes"));
+        if (i == 3 || i == 4)
+            ck_assert_int_gt(cached, 0);
     }
 }
 
