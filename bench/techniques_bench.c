@@ -79,6 +79,8 @@ static void s_usage(FILE *out)
             "                      source folder)\n"
             "  --prompt TEXT       prompt, encoded with the model's tokenizer (default a\n"
             "                      story opening)\n"
+            "  --prompt-tokens N   a prompt of N fixed token ids instead, as step-bench\n"
+            "                      uses (for random-weight models and llama.cpp's lengths)\n"
             "  --gen-length N      generated tokens (default 96)\n"
             "  --steps N           denoising steps (default: gen length)\n"
             "  --block-length N    block length (default 32)\n"
@@ -189,7 +191,7 @@ int main(int argc, char **argv)
     const char *model_dir = "models/tinystories", *plugin_dir = "build-plugins";
     const char *prompt_text = S_DEFAULT_PROMPT;
     int gen_length = 96, steps = 0, block_length = 32, repeat = 3, threads = 0, json = 0;
-    int batch = 8;
+    int batch = 8, prompt_tokens = 0;
     int opt_model = 0, opt_plugins = 0;
     um_model_options_t base_opts = {0};
     static const struct option opts[] = {
@@ -198,8 +200,8 @@ int main(int argc, char **argv)
         {"steps", required_argument, 0, 's'},        {"block-length", required_argument, 0, 'b'},
         {"repeat", required_argument, 0, 'r'},       {"threads", required_argument, 0, 't'},
         {"weight-dtype", required_argument, 0, 'w'}, {"json", no_argument, 0, 'j'},
-        {"batch", required_argument, 0, 'B'},        {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
+        {"batch", required_argument, 0, 'B'},        {"prompt-tokens", required_argument, 0, 'T'},
+        {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
@@ -212,6 +214,14 @@ int main(int argc, char **argv)
         case 'r': repeat = atoi(optarg); break;
         case 't': threads = atoi(optarg); break;
         case 'B': batch = atoi(optarg); break;
+        case 'T':
+            prompt_tokens = atoi(optarg);
+            if (prompt_tokens < 1) {
+                fprintf(stderr, "techniques-bench: --prompt-tokens must be at least 1, got "
+                        "\"%s\"\n", optarg);
+                return 2;
+            }
+            break;
         case 'w':
             if (um_wdtype_parse(optarg, &base_opts.weight_dtype) != 0
                 || base_opts.weight_dtype == UM_WDTYPE_INT8) {
@@ -270,16 +280,23 @@ int main(int argc, char **argv)
                         "pass --plugin-dir\n", plugin_dir);
         return 1;
     }
+    const um_model_config_t *cfg = um_model_config(model);
     um_tokenizer_t tok = {0};
     int32_t *prompt = NULL;
     size_t n_prompt = 0;
-    if (um_tokenizer_open(&tok, &reg, NULL, model_dir, err, sizeof err) != 0
-        || um_tokenizer_encode(&tok, prompt_text, strlen(prompt_text), &prompt, &n_prompt) != 0
-        || n_prompt == 0) {
+    if (prompt_tokens > 0) {
+        /* The ids step-bench uses: only the timing matters. */
+        n_prompt = (size_t)prompt_tokens;
+        prompt = malloc(n_prompt * sizeof *prompt);
+        for (size_t i = 0; prompt && i < n_prompt; i++)
+            prompt[i] = (int32_t)((100 + 37 * i) % (size_t)cfg->vocab_size);
+    } else if (um_tokenizer_open(&tok, &reg, NULL, model_dir, err, sizeof err) != 0
+               || um_tokenizer_encode(&tok, prompt_text, strlen(prompt_text), &prompt,
+                                      &n_prompt) != 0
+               || n_prompt == 0) {
         fprintf(stderr, "techniques-bench: cannot encode the prompt: %s\n", err);
         return 1;
     }
-    const um_model_config_t *cfg = um_model_config(model);
     int32_t L = (int32_t)n_prompt + gen_length;
     if (L > cfg->max_sequence_length) {
         fprintf(stderr, "techniques-bench: the prompt's %zu tokens plus gen_length %d pass the "

@@ -1,6 +1,6 @@
 #!/bin/sh
 # unmask-bench end to end in its quickest mode on the bundled model. Every part runs:
-# kernels, forward, step, and serve through a real daemon on an ipc endpoint. The report
+# kernels, forward, step, techniques, and serve through a real daemon on an ipc endpoint. The report
 # must pass the schema check, and a few figures must hold whatever the machine's speed.
 # The PyTorch peer is left out to keep the test short (docs/benchmarks.md shows it run by
 # hand). With matplotlib installed, bench/compare must turn the report into a table and
@@ -29,7 +29,7 @@ bench=$UM_TEST_BUILDDIR/bench/unmask-bench
 # tokens and steps.
 status=0
 "$bench" --quick --threads 1 --torch no --gen-length 16 --steps 8 --block-length 16 \
-    --repeat 2 --requests 4 --clients 2 --label "make check" --out "$report" \
+    --repeat 2 --requests 4 --clients 2 --batch 2 --label "make check" --out "$report" \
     >"$tmp/out.txt" 2>"$tmp/err.txt" || status=$?
 if [ "$status" -ne 0 ]; then
     cat "$tmp/out.txt" "$tmp/err.txt" >&2
@@ -43,7 +43,7 @@ fi
 import json, sys
 r = json.load(open(sys.argv[1]))
 problems = []
-for name in ("kernels", "forward", "step", "serve"):
+for name in ("kernels", "forward", "step", "techniques", "serve"):
     if r["parts"][name]["status"] != "ok":
         problems.append(f"part {name}: {r['parts'][name]['status']}: {r['parts'][name]['reason']}")
 if not problems:
@@ -59,6 +59,22 @@ if not problems:
         problems.append(f"serve: latency percentiles out of order: {lat}")
     if r["parts"]["step"]["result"]["forward_passes"] != 8:
         problems.append("step: expected 8 forward passes per generation")
+    # Every variant runs; those that must not change the output give the plain path's
+    # tokens, and only an early stop may save passes.
+    tech = r["summary"]["techniques"]
+    names = ["plain", "rows", "early_stop", "prefix", "dual", "int8", "batch", "all_alone",
+             "all"]
+    if list(tech) != names or r["parts"]["techniques"]["result"]["batch"] != 2:
+        problems.append(f"techniques: variants {list(tech)}, expected {names} in batches of 2")
+    else:
+        for name in ("plain", "rows", "batch"):
+            if tech[name]["tokens_equal_to_plain"] != 16:
+                problems.append(f"techniques: {name} gave {tech[name]['tokens_equal_to_plain']} "
+                                "of 16 tokens equal to the plain path's")
+        for name, v in tech.items():
+            stops = name in ("early_stop", "all_alone", "all")
+            if v["forward_passes"] > 8 or (not stops and v["forward_passes"] != 8):
+                problems.append(f"techniques: {name} ran {v['forward_passes']} passes of 8")
     if r["engine"]["isa"] not in r["parts"]["kernels"]["isas"] and r["engine"]["isa"] != "amx":
         problems.append(f"kernels: the selected ISA {r['engine']['isa']} was not timed")
     if r["settings"]["threads_effective"] != 1:

@@ -193,7 +193,7 @@ run_bench() {
     report="$build/bench-aarch64.json"
     if ! UNMASKD_BENCH_RUNNER="$QEMU" python3 "$build/bench/unmask-bench" --quick \
         --threads 1 --gen-length 16 --steps 8 --block-length 16 --repeat 2 --requests 4 \
-        --clients 2 --torch no --out "$report" >"$build/bench-aarch64.log" 2>&1; then
+        --clients 2 --batch 2 --torch no --out "$report" >"$build/bench-aarch64.log" 2>&1; then
         cat "$build/bench-aarch64.log"
         fail "unmask-bench failed under qemu; its output is above"
     fi
