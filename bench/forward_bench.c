@@ -24,6 +24,8 @@
 #include "log.h"
 #include "model.h"
 
+#include "bench_util.h"
+
 static double s_now_ms(void)
 {
     struct timespec ts;
@@ -259,7 +261,9 @@ static int s_bench_model(const char *model_dir, const um_model_options_t *opts, 
             perror(json_path);
             return 1;
         }
-        fprintf(f, "{\"model\":\"%s\",\"d_model\":%d,\"n_layers\":%d,\"n_heads\":%d,"
+        fprintf(f, "{\"model\":");
+        um_bench_json_string(f, model_dir);
+        fprintf(f, ",\"d_model\":%d,\"n_layers\":%d,\"n_heads\":%d,"
                 "\"mlp_hidden_size\":%d,\"vocab\":%d,\"tokens\":%d,\"weight_dtype\":\"%s\","
                 "\"backend\":\"%s\",\"attention\":\"%s\",\"isa\":\"%s\",\"isa_reason\":\"%s\",\"threads\":%d,"
                 "\"repeat\":%d,\"load_ms\":%.1f,\"peak_rss_mb\":%.1f,\"forward_ms_median\":%.3f,\"forward_ms_min\":%.3f,"
@@ -267,7 +271,7 @@ static int s_bench_model(const char *model_dir, const um_model_options_t *opts, 
                 "\"rope\":%.3f,\"activation\":%.3f,\"embedding\":%.3f,\"total\":%.3f},"
                 "\"matrix_share\":%.4f,\"bare_matmul_ms\":%.3f,\"bare_matmul_gflops\":%.2f,"
                 "\"forward_gflops\":%.2f,\"fraction_of_bare_rate\":%.4f}\n",
-                model_dir, d, cfg->n_layers, cfg->n_heads, mlp, V, L, wdtype,
+                d, cfg->n_layers, cfg->n_heads, mlp, V, L, wdtype,
                 um_model_backend(model), um_attention_backend_name(),
                 um_isa_name(um_kernels_isa()), um_kernels_reason(),
                 omp_get_max_threads(), repeat, load_ms, peak_rss_mb, step_ms, fwd[0], prof.gemm_ms / n,
@@ -309,9 +313,18 @@ int main(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (c) {
         case 'm': model_dir = optarg; break;
-        case 'n': tokens = atoi(optarg); break;
-        case 'r': repeat = atoi(optarg); break;
-        case 't': threads = atoi(optarg); break;
+        case 'n':
+            if (um_bench_parse_int("forward-bench", "--tokens", optarg, 1, &tokens) != 0)
+                return 2;
+            break;
+        case 'r':
+            if (um_bench_parse_int("forward-bench", "--repeat", optarg, 1, &repeat) != 0)
+                return 2;
+            break;
+        case 't':
+            if (um_bench_parse_int("forward-bench", "--threads", optarg, 1, &threads) != 0)
+                return 2;
+            break;
         case 'i': isa = optarg; break;
         case 'j': json_path = optarg; break;
         case 'a': attention = optarg; break;

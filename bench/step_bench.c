@@ -21,6 +21,8 @@
 #include "model.h"
 #include "plugins.h"
 
+#include "bench_util.h"
+
 static double s_now_ms(void)
 {
     struct timespec ts;
@@ -254,13 +256,29 @@ int main(int argc, char **argv)
         switch (c) {
         case 'm': model_dir = optarg; break;
         case 'p': plugin_dir = optarg; break;
-        case 'P': prompt_tokens = atoi(optarg); break;
-        case 'g': gen_length = atoi(optarg); break;
-        case 's': steps = atoi(optarg); break;
-        case 'b': block_length = atoi(optarg); break;
-        case 'r': repeat = atoi(optarg); break;
-        case 't': threads = atoi(optarg); break;
-        case 'B': batch_n = atoi(optarg); break;
+        case 'P':
+        case 'g':
+        case 's':
+        case 'b':
+        case 'r':
+        case 't':
+        case 'B': {
+            /* Whole numbers of at least 1 (--batch at least 0). */
+            const struct {
+                int key;
+                const char *name;
+                int *value;
+            } counts[] = {{'P', "--prompt-tokens", &prompt_tokens},
+                          {'g', "--gen-length", &gen_length}, {'s', "--steps", &steps},
+                          {'b', "--block-length", &block_length}, {'r', "--repeat", &repeat},
+                          {'t', "--threads", &threads}, {'B', "--batch", &batch_n}};
+            for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++)
+                if (counts[i].key == c
+                    && um_bench_parse_int("step-bench", counts[i].name, optarg, c == 'B' ? 0 : 1,
+                                          counts[i].value) != 0)
+                    return 2;
+            break;
+        }
         case 'i': isa = optarg; break;
         case 'a': attention = optarg; break;
         case 'c':
@@ -375,14 +393,16 @@ int main(int argc, char **argv)
                    + 2.0 * L * (double)cfg->d_model * cfg->embedding_size;
 
     if (json) {
-        printf("{\"model\":\"%s\",\"d_model\":%d,\"n_layers\":%d,\"vocab\":%d,\"dtype\":\"%s\","
+        printf("{\"model\":");
+        um_bench_json_string(stdout, model_dir);
+        printf(",\"d_model\":%d,\"n_layers\":%d,\"vocab\":%d,\"dtype\":\"%s\","
                "\"backend\":\"%s\",\"weight_dtype\":\"%s\",\"attention\":\"%s\",\"isa\":\"%s\","
                "\"threads\":%d,\"prompt_tokens\":%d,"
                "\"gen_length\":%d,\"steps\":%d,\"block_length\":%d,\"repeat\":%d,"
                "\"forward_passes\":%d,\"forward_ms_median\":%.3f,\"forward_ms_min\":%.3f,"
                "\"forward_gflops\":%.2f,\"ms_per_step_median\":%.3f,"
                "\"tokens_per_second_median\":%.2f,\"caches\":[",
-               model_dir, cfg->d_model, cfg->n_layers, cfg->embedding_size,
+               cfg->d_model, cfg->n_layers, cfg->embedding_size,
                um_model_dtype(model), um_model_backend(model),
                um_wdtype_name(um_model_weight_dtype(model)),
                um_attention_backend_name(), um_isa_name(um_kernels_isa()),

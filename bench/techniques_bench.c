@@ -38,6 +38,8 @@
 #include "plugins.h"
 #include "tokenizer.h"
 
+#include "bench_util.h"
+
 #define S_DEFAULT_PROMPT "once upon a time, there was a little girl named lily. she"
 
 enum {
@@ -52,7 +54,8 @@ typedef struct s_variant {
     double *step_ms;    /* (repeat) milliseconds per forward pass */
     double *tps;        /* (repeat) generated tokens per second */
     int32_t passes;     /* forward passes of the last run */
-    int32_t agree;      /* generated tokens equal to the plain path's, last run */
+    int32_t agree;      /* generated tokens equal to the plain path's, last run (in a
+                           batch, the fewest of any member) */
     int early_stopped;  /* the last run stopped early */
 } s_variant_t;
 
@@ -204,24 +207,30 @@ int main(int argc, char **argv)
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        /* The whole-number options, each at least 1. */
+        const struct {
+            int key;
+            const char *name;
+            int *value;
+        } counts[] = {{'g', "--gen-length", &gen_length}, {'s', "--steps", &steps},
+                      {'b', "--block-length", &block_length}, {'r', "--repeat", &repeat},
+                      {'t', "--threads", &threads}, {'B', "--batch", &batch},
+                      {'T', "--prompt-tokens", &prompt_tokens}};
+        int counted = 0;
+        for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++) {
+            if (counts[i].key != c)
+                continue;
+            if (um_bench_parse_int("techniques-bench", counts[i].name, optarg, 1,
+                                   counts[i].value) != 0)
+                return 2;
+            counted = 1;
+        }
+        if (counted)
+            continue;
         switch (c) {
         case 'm': model_dir = optarg; opt_model = 1; break;
         case 'p': plugin_dir = optarg; opt_plugins = 1; break;
         case 'P': prompt_text = optarg; break;
-        case 'g': gen_length = atoi(optarg); break;
-        case 's': steps = atoi(optarg); break;
-        case 'b': block_length = atoi(optarg); break;
-        case 'r': repeat = atoi(optarg); break;
-        case 't': threads = atoi(optarg); break;
-        case 'B': batch = atoi(optarg); break;
-        case 'T':
-            prompt_tokens = atoi(optarg);
-            if (prompt_tokens < 1) {
-                fprintf(stderr, "techniques-bench: --prompt-tokens must be at least 1, got "
-                        "\"%s\"\n", optarg);
-                return 2;
-            }
-            break;
         case 'w':
             if (um_wdtype_parse(optarg, &base_opts.weight_dtype) != 0
                 || base_opts.weight_dtype == UM_WDTYPE_INT8) {
@@ -237,18 +246,6 @@ int main(int argc, char **argv)
     }
     if (steps == 0)
         steps = gen_length;
-    const struct {
-        const char *name;
-        int value;
-    } counts[] = {{"--gen-length", gen_length}, {"--steps", steps},
-                  {"--block-length", block_length}, {"--repeat", repeat}, {"--batch", batch}};
-    for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++) {
-        if (counts[i].value < 1) {
-            fprintf(stderr, "techniques-bench: %s must be at least 1, got %d\n", counts[i].name,
-                    counts[i].value);
-            return 2;
-        }
-    }
     /* The defaults name the source tree's folders; from a build folder inside it they
        are one level up. */
     if (!opt_model && access(model_dir, F_OK) != 0 && access("../models/tinystories", F_OK) == 0)
@@ -294,7 +291,8 @@ int main(int argc, char **argv)
                || um_tokenizer_encode(&tok, prompt_text, strlen(prompt_text), &prompt,
                                       &n_prompt) != 0
                || n_prompt == 0) {
-        fprintf(stderr, "techniques-bench: cannot encode the prompt: %s\n", err);
+        fprintf(stderr, "techniques-bench: cannot encode the prompt \"%s\": %s\n", prompt_text,
+                err[0] ? err : "it has no tokens; give a longer --prompt or --prompt-tokens N");
         return 1;
     }
     int32_t L = (int32_t)n_prompt + gen_length;
@@ -332,9 +330,17 @@ int main(int argc, char **argv)
             var[v].early_stopped = st.early_stop;
             if (v == S_PLAIN)
                 memcpy(plain, canvas, (size_t)L * sizeof *canvas);
-            var[v].agree = 0;
-            for (int32_t i = (int32_t)n_prompt; i < L; i++)
-                var[v].agree += canvas[i] == plain[i];
+            /* Every member of a batch runs the same prompt and seed, so each must give
+               the same tokens: the figure is the member that agrees least. */
+            var[v].agree = gen_length;
+            for (int32_t j = 0; j < n; j++) {
+                const int32_t *member = canvas + (size_t)j * L;
+                int32_t agree = 0;
+                for (int32_t i = (int32_t)n_prompt; i < L; i++)
+                    agree += member[i] == plain[i];
+                if (agree < var[v].agree)
+                    var[v].agree = agree;
+            }
         }
     }
     double step_ms[S_N_VARIANTS], tps[S_N_VARIANTS];
@@ -344,11 +350,13 @@ int main(int argc, char **argv)
     }
 
     if (json) {
-        printf("{\"model\":\"%s\",\"d_model\":%d,\"n_layers\":%d,\"vocab\":%d,"
+        printf("{\"model\":");
+        um_bench_json_string(stdout, model_dir);
+        printf(",\"d_model\":%d,\"n_layers\":%d,\"vocab\":%d,"
                "\"weight_dtype\":\"%s\",\"isa\":\"%s\",\"threads\":%d,\"prompt_tokens\":%zu,"
                "\"gen_length\":%d,\"steps\":%d,\"block_length\":%d,\"repeat\":%d,"
                "\"batch\":%d,\"variants\":[",
-               model_dir, cfg->d_model, cfg->n_layers, cfg->embedding_size,
+               cfg->d_model, cfg->n_layers, cfg->embedding_size,
                um_wdtype_name(um_model_weight_dtype(model)), um_isa_name(um_kernels_isa()),
                omp_get_max_threads(), n_prompt, gen_length, steps, block_length, repeat, batch);
         for (int v = 0; v < S_N_VARIANTS; v++)

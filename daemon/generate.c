@@ -999,38 +999,45 @@ int um_gen_step_finish(um_gen_t *g, const um_gen_forward_t *fwd)
     return 0;
 }
 
+/* Run a prepared step with a forward pass of its own, then finish it. */
+static int s_step_alone(um_gen_t *g, um_gen_forward_t *fwd)
+{
+    /* The lone pass writes the candidates' rows into the generation's logits itself. */
+    g->full_pass = 0;
+    fwd->logits = g->w.logits;
+    fwd->batch_size = 1;
+    double t_fwd = s_now_ms();
+    fwd->rc = s_forward_alone(&g->r, &g->w, g->n_cand, fwd->q_start, fwd->q_len);
+    fwd->forward_ms = s_now_ms() - t_fwd;
+    return um_gen_step_finish(g, fwd);
+}
+
 int um_gen_step(um_gen_t *g)
 {
     if (g->done)
         return UM_EINVAL;
     um_gen_forward_t fwd;
     um_gen_step_prepare(g, &fwd);
-    /* The lone pass writes the candidates' rows into the generation's logits itself. */
-    g->full_pass = 0;
-    fwd.logits = g->w.logits;
-    double t_fwd = s_now_ms();
-    fwd.rc = s_forward_alone(&g->r, &g->w, g->n_cand, fwd.q_start, fwd.q_len);
-    fwd.forward_ms = s_now_ms() - t_fwd;
-    return um_gen_step_finish(g, &fwd);
+    return s_step_alone(g, &fwd);
 }
 
 /*
  * Run one shared forward pass for the prepared steps fwd[0..n). Each step is a part of
  * um_model_forward_parts, with its own window and block cache. Each step's logits point
- * at its rows of the shared output *logits_out, which the caller frees once the steps
- * finish. Sets fwd[].rc, forward_ms and batch_size.
+ * at its rows of the model's batch logits buffer, valid until the next batch. Sets
+ * fwd[].rc, forward_ms and batch_size, and returns the pass's result.
  */
-static void s_batch_forward(um_model_t *model, um_gen_forward_t *fwd, int32_t n,
-                            float **logits_out)
+static int s_batch_forward(um_model_t *model, um_gen_forward_t *fwd, int32_t n)
 {
-    const int32_t E = um_model_config(model)->embedding_size;
-    int64_t n_rows = 0;
+    const size_t E = (size_t)um_model_config(model)->embedding_size;
+    size_t n_rows = 0;
     for (int32_t g = 0; g < n; g++)
-        n_rows += fwd[g].n_rows;
-    um_forward_part_t *parts = malloc((size_t)n * sizeof *parts);
-    float *logits = malloc((size_t)(n_rows > 0 ? n_rows : 1) * E * sizeof *logits);
-    int rc = parts && logits ? 0 : UM_ENOMEM;
+        n_rows += (size_t)fwd[g].n_rows;
     double t0 = s_now_ms();
+    um_forward_part_t *parts = malloc((size_t)n * sizeof *parts);
+    float *logits = NULL;
+    int rc = parts ? um_model_batch_logits(model, (n_rows > 0 ? n_rows : 1) * E, &logits)
+                   : UM_ENOMEM;
     if (rc == 0) {
         size_t row = 0;
         for (int32_t g = 0; g < n; g++) {
@@ -1052,7 +1059,7 @@ static void s_batch_forward(um_model_t *model, um_gen_forward_t *fwd, int32_t n,
         fwd[g].batch_size = n;
     }
     free(parts);
-    *logits_out = logits;
+    return rc;
 }
 
 int um_gen_step_batch(um_gen_t *const *gens, int32_t n)
@@ -1088,11 +1095,18 @@ int um_gen_step_batch(um_gen_t *const *gens, int32_t n)
     } else if (n_shared > 1) {
         for (int32_t g = 0; g < n_shared; g++)
             um_gen_step_prepare(shared[g], &fwd[g]);
-        float *logits = NULL;
-        s_batch_forward(model, fwd, n_shared, &logits);
-        for (int32_t g = 0; g < n_shared; g++)
-            um_gen_step_finish(shared[g], &fwd[g]);
-        free(logits);
+        if (s_batch_forward(model, fwd, n_shared) == UM_ENOMEM) {
+            /* No memory for the shared pass: each generation runs this step alone rather
+               than all of them failing. Cache rows the failed pass wrote are written again
+               by the lone pass, from the same ids and window. */
+            um_warn("generate", "no memory for a shared pass of %d generations: they run "
+                    "this step one at a time", n_shared);
+            for (int32_t g = 0; g < n_shared; g++)
+                s_step_alone(shared[g], &fwd[g]);
+        } else {
+            for (int32_t g = 0; g < n_shared; g++)
+                um_gen_step_finish(shared[g], &fwd[g]);
+        }
     }
     free(shared);
     free(fwd);

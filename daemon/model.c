@@ -49,6 +49,8 @@ struct um_model {
     float *rope;                 /* (max_sequence_length, head_dim / 2, 2) */
     float *workspace;            /* forward buffers, laid out by forward.c */
     size_t workspace_floats;
+    float *batch_logits;         /* a shared pass's logits, for the sampler's batches */
+    size_t batch_logits_floats;
 };
 
 
@@ -643,6 +645,7 @@ void um_model_destroy(um_model_t **model)
         return;
     um_model_t *m = *model;
     free(m->workspace);
+    free(m->batch_logits);
     free(m->rope);
     for (int32_t l = 0; m->blocks && l < m->config.n_layers; l++) {
         um_block_weights_t *b = &m->blocks[l];
@@ -706,18 +709,29 @@ const float *um_model_rope_table(const um_model_t *model)
     return model->rope;
 }
 
-int um_model_workspace(um_model_t *model, size_t n_floats, float **out)
+/* Grow *buf (of *cap floats) to at least n floats, discarding its contents. */
+static int s_grow(float **buf, size_t *cap, size_t n, float **out)
 {
-    if (n_floats > model->workspace_floats) {
-        if (n_floats > SIZE_MAX / sizeof(float) - S_ALIGN)
+    if (n > *cap) {
+        if (n > SIZE_MAX / sizeof(float) - S_ALIGN)
             return UM_ENOMEM;
-        float *grown = s_alloc_aligned(n_floats * sizeof(float));
+        float *grown = s_alloc_aligned(n * sizeof(float));
         if (!grown)
             return UM_ENOMEM;
-        free(model->workspace);
-        model->workspace = grown;
-        model->workspace_floats = n_floats;
+        free(*buf);
+        *buf = grown;
+        *cap = n;
     }
-    *out = model->workspace;
+    *out = *buf;
     return 0;
+}
+
+int um_model_workspace(um_model_t *model, size_t n_floats, float **out)
+{
+    return s_grow(&model->workspace, &model->workspace_floats, n_floats, out);
+}
+
+int um_model_batch_logits(um_model_t *model, size_t n_floats, float **out)
+{
+    return s_grow(&model->batch_logits, &model->batch_logits_floats, n_floats, out);
 }

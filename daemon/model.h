@@ -305,4 +305,13 @@ const float *um_model_rope_table(const um_model_t *model);
  */
 int um_model_workspace(um_model_t *model, size_t n_floats, float **out);
 
+/*
+ * Grow the buffer for the logits of a batch's shared pass (um_gen_step_batch) to at
+ * least n_floats floats, and set *out to it. It is kept between steps, so that a batch
+ * does not map and fault in fresh pages at every step. Like the workspace, it belongs to
+ * the model, one batch at a time may use it, and growing discards the contents. Returns
+ * 0 or UM_ENOMEM.
+ */
+int um_model_batch_logits(um_model_t *model, size_t n_floats, float **out);
+
 #endif /* UM_MODEL_H */
