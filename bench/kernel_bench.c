@@ -20,6 +20,8 @@
 
 #include "kernels.h"
 
+#include "bench_util.h"
+
 /* The fastest of s_batches batches, each of at least s_batch_ns, is reported; --quick
  * lowers both, which makes the figures noisier on a busy machine. */
 static int s_batches = 5;
@@ -159,43 +161,28 @@ static int s_write_json(const char *path, const s_result_t *res, size_t count)
 #define S_ARCH "other"
 #endif
 
-/* Write text as a JSON string, with quotes, backslashes and control characters escaped. */
-static void s_json_string(FILE *f, const char *text)
-{
-    fputc('"', f);
-    for (const unsigned char *p = (const unsigned char *)text; *p; p++) {
-        if (*p == '"' || *p == '\\')
-            fprintf(f, "\\%c", *p);
-        else if (*p < 0x20)
-            fprintf(f, "\\u%04x", *p);
-        else
-            fputc(*p, f);
-    }
-    fputc('"', f);
-}
-
 /* Print the build (version, architecture, compiler, oneDNN, libxsmm) and every ISA with
  * whether this host runs it, and which one the kernels selected and why, as JSON. */
 static void s_print_info(void)
 {
     printf("{\n  \"version\": ");
-    s_json_string(stdout, PACKAGE_VERSION);
+    um_bench_json_string(stdout, PACKAGE_VERSION);
     printf(",\n  \"arch\": \"%s\",\n  \"compiler\": ", S_ARCH);
-    s_json_string(stdout, S_COMPILER);
+    um_bench_json_string(stdout, S_COMPILER);
     printf(",\n  \"gemm_backend\": ");
-    s_json_string(stdout, um_gemm_backend());
+    um_bench_json_string(stdout, um_gemm_backend());
     printf(",\n  \"bf16_native\": %s", um_gemm_bf16_native() ? "true" : "false");
     /* Selecting libxsmm succeeds only in a build that has it, and then names its target.
      * The default backend is restored at once; nothing runs in between. */
     char err[256];
     printf(",\n  \"libxsmm\": ");
     if (um_attention_select("libxsmm", err, sizeof err) == 0)
-        s_json_string(stdout, um_attention_backend_name());
+        um_bench_json_string(stdout, um_attention_backend_name());
     else
         printf("null");
     um_attention_select("onednn", err, sizeof err);
     printf(",\n  \"isa\": \"%s\",\n  \"isa_reason\": ", um_isa_name(um_kernels_isa()));
-    s_json_string(stdout, um_kernels_reason());
+    um_bench_json_string(stdout, um_kernels_reason());
     printf(",\n  \"isas\": [");
     for (int i = 0; i < UM_ISA_COUNT; i++) {
         char why[160] = "";
@@ -205,7 +192,7 @@ static void s_print_info(void)
         if (ok)
             printf("null}");
         else {
-            s_json_string(stdout, why);
+            um_bench_json_string(stdout, why);
             printf("}");
         }
     }

@@ -487,11 +487,6 @@ END_TEST
 /* Cases per batch in cached_batch_matches_reference. Group g: cases g, g + G, ... */
 #define S_BATCH 4
 
-static int s_count_groups(int n_cases)
-{
-    return (n_cases + S_BATCH - 1) / S_BATCH;
-}
-
 /*
  * Cached generations in one batch, each with its own cache and window in the shared
  * pass, give the reference's canvases, passes and cached passes. Each case keeps its
@@ -504,7 +499,7 @@ static int s_count_groups(int n_cases)
 START_TEST(cached_batch_matches_reference)
 {
     const int n_cases = (int)json_array_size(s_cases);
-    const int G = s_count_groups(n_cases);
+    const int G = (n_cases + S_BATCH - 1) / S_BATCH;
     s_cache_case_t k[S_BATCH];
     int32_t *canvas[S_BATCH], *uncached[S_BATCH];
     um_gen_t *gens[S_BATCH];
@@ -529,15 +524,7 @@ START_TEST(cached_batch_matches_reference)
                                    NULL, canvas[n], &gens[n], err, sizeof err) == 0, "%s: %s",
                       k[n].name, err);
     }
-    for (int guard = 0;; guard++) {
-        int running = 0;
-        for (int j = 0; j < n; j++)
-            running += !um_gen_done(gens[j]);
-        if (!running)
-            break;
-        ck_assert_int_lt(guard, 100000);
-        ck_assert_int_eq(um_gen_step_batch(gens, n), 0);
-    }
+    um_test_step_batch_to_end(gens, n);
     for (int j = 0; j < n; j++) {
         um_gen_stats_t st;
         ck_assert_msg(um_gen_end(&gens[j], &st, err, sizeof err) == 0, "%s: %s", k[j].name,
@@ -761,7 +748,7 @@ Suite *um_cache_suite(void)
     tcase_add_test(tc, parts_reject_bad_calls);
     tcase_add_loop_test(tc, cached_generation_matches_reference, 0, s_count_cases());
     tcase_add_loop_test(tc, cached_batch_matches_reference, 0,
-                        s_count_groups(s_count_cases()));
+                        (s_count_cases() + S_BATCH - 1) / S_BATCH);
     tcase_add_test(tc, fixture_covers_modes);
     tcase_add_test(tc, cache_rejects_prompt_masks);
     suite_add_tcase(s, tc);

@@ -285,15 +285,7 @@ START_TEST(batch_matches_alone)
                               NULL, batched[n], &gens[n], err, sizeof err);
         ck_assert_msg(rc == 0, "%s: %s", k[n].name, err);
     }
-    for (int guard = 0;; guard++) {
-        int running = 0;
-        for (int j = 0; j < n; j++)
-            running += !um_gen_done(gens[j]);
-        if (!running)
-            break;
-        ck_assert_int_lt(guard, 100000);
-        ck_assert_int_eq(um_gen_step_batch(gens, n), 0);
-    }
+    um_test_step_batch_to_end(gens, n);
     for (int j = 0; j < n; j++) {
         ck_assert_msg(um_gen_end(&gens[j], &st[j], err, sizeof err) == 0, "%s: %s", k[j].name,
                       err);

@@ -15,6 +15,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "generate.h"
 #include "model.h"
 
 extern char **environ;
@@ -227,6 +228,19 @@ json_t *um_test_recv(void *sock, int timeout_ms)
     ck_assert_msg(json_is_string(json_object_get(reply, "type")), "reply has no type");
     ck_assert_msg(json_object_get(reply, "id") != NULL, "reply has no id field");
     return reply;
+}
+
+void um_test_step_batch_to_end(struct um_gen *const *gens, int n)
+{
+    for (int guard = 0;; guard++) {
+        int running = 0;
+        for (int j = 0; j < n; j++)
+            running += !um_gen_done(gens[j]);
+        if (!running)
+            return;
+        ck_assert_int_lt(guard, 100000);
+        ck_assert_int_eq(um_gen_step_batch(gens, n), 0);
+    }
 }
 
 void um_test_check_ragged(struct um_model *model, const int32_t *ids, int32_t n_seq,
