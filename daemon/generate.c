@@ -1098,7 +1098,9 @@ int um_gen_step_batch(um_gen_t *const *gens, int32_t n)
         if (s_batch_forward(model, fwd, n_shared) == UM_ENOMEM) {
             /* No memory for the shared pass: each generation runs this step alone rather
                than all of them failing. Cache rows the failed pass wrote are written again
-               by the lone pass, from the same ids and window. */
+               by the lone pass, from the same ids and window.
+               NOTE: no test reaches this branch: the suites cannot make the shared pass
+               alone run out of memory. */
             um_warn("generate", "no memory for a shared pass of %d generations: they run "
                     "this step one at a time", n_shared);
             for (int32_t g = 0; g < n_shared; g++)
