@@ -17,6 +17,8 @@
 #include "kernels.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,6 +64,8 @@ typedef struct s_gemm_entry {
     dnnl_primitive_t primitive;
     dnnl_memory_desc_t a_md, b_md, c_md, scratch_md;
     size_t scratch_bytes;
+    atomic_int users;          /* calls between s_cache_get and s_cache_put */
+    atomic_uint_fast64_t used; /* s_clock when a call last took it */
     struct s_gemm_entry *next; /* chain within a hash bucket */
 } s_gemm_entry_t;
 
@@ -84,12 +88,20 @@ typedef struct s_gemm_ctx {
 #define S_BUCKETS 1024
 #define S_SCRATCH_ALIGN 64
 
-/* NOTE: the cache has no eviction. Each distinct (M, N, K, strides) adds entries, so a
- * daemon that serves many sequence lengths keeps one set of primitives per length. */
+/*
+ * Most primitives the cache keeps. Each distinct (M, N, K, strides) is an entry of about
+ * 65 KB (measured on the bundled model's shapes with oneDNN 2.6), and batched passes
+ * meet a new M for every mix of requests. So past this many entries the least recently
+ * used one that no call holds is destroyed before a new one is added.
+ */
+#define S_MAX_ENTRIES UM_GEMM_MAX_CACHED
+
 static pthread_rwlock_t s_cache_lock = PTHREAD_RWLOCK_INITIALIZER;
 static dnnl_engine_t s_engine;                 /* NULL until the first product */
 static s_gemm_entry_t *s_buckets[S_BUCKETS];   /* guarded by s_cache_lock */
 static size_t s_n_entries;
+static size_t s_n_evicted;                     /* guarded by s_cache_lock */
+static atomic_uint_fast64_t s_clock;           /* ticks once per s_cache_get */
 
 static pthread_mutex_t s_pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static s_gemm_ctx_t *s_pool; /* idle contexts, guarded by s_pool_lock */
@@ -235,14 +247,53 @@ cleanup:
     return 0;
 }
 
-/* Find or create the cached primitive for key. */
+/* Mark e as taken by one more call. Called with either lock held, so that it cannot be
+   evicted meanwhile. */
+static void s_entry_take(s_gemm_entry_t *e)
+{
+    atomic_fetch_add(&e->users, 1);
+    atomic_store(&e->used, atomic_fetch_add(&s_clock, 1) + 1);
+}
+
+/*
+ * Destroy the least recently used entry that no call holds, if there is one. Called with
+ * the write lock held; the scan is short next to creating a primitive.
+ */
+static void s_cache_evict_locked(void)
+{
+    s_gemm_entry_t **victim = NULL;
+    uint_fast64_t oldest = UINT_FAST64_MAX;
+    for (size_t b = 0; b < S_BUCKETS; b++) {
+        for (s_gemm_entry_t **link = &s_buckets[b]; *link; link = &(*link)->next) {
+            uint_fast64_t used = atomic_load(&(*link)->used);
+            if (atomic_load(&(*link)->users) == 0 && used < oldest) {
+                oldest = used;
+                victim = link;
+            }
+        }
+    }
+    if (!victim)
+        return;
+    s_gemm_entry_t *e = *victim;
+    *victim = e->next;
+    dnnl_primitive_destroy(e->primitive);
+    free(e);
+    s_n_entries--;
+    if (s_n_evicted++ == 0)
+        um_debug("gemm", "the matmul primitive cache is full (%d entries): the least recently "
+                 "used are destroyed from now on", S_MAX_ENTRIES);
+}
+
+/* Find or create the cached primitive for key and take it; s_cache_put releases it. */
 static int s_engine_get_locked(void);
 
 static int s_cache_get(const s_gemm_key_t *key, float alpha, const dnnl_memory_desc_t *weights_md,
-                       const s_gemm_entry_t **out)
+                       s_gemm_entry_t **out)
 {
     pthread_rwlock_rdlock(&s_cache_lock);
     s_gemm_entry_t *e = s_engine ? s_cache_find(key) : NULL;
+    if (e)
+        s_entry_take(e);
     pthread_rwlock_unlock(&s_cache_lock);
     if (e) {
         *out = e;
@@ -256,6 +307,12 @@ static int s_cache_get(const s_gemm_key_t *key, float alpha, const dnnl_memory_d
     /* Another thread may have created the entry between the two locks. */
     e = s_cache_find(key);
     if (!e) {
+        while (s_n_entries >= S_MAX_ENTRIES) {
+            size_t before = s_n_entries;
+            s_cache_evict_locked();
+            if (s_n_entries == before)
+                break; /* every entry is in use: the cache grows past the bound for now */
+        }
         rc = s_entry_create(key, alpha, weights_md, &e);
         if (rc != 0)
             goto unlock;
@@ -264,10 +321,25 @@ static int s_cache_get(const s_gemm_key_t *key, float alpha, const dnnl_memory_d
         s_buckets[h] = e;
         s_n_entries++;
     }
+    s_entry_take(e);
     *out = e;
 unlock:
     pthread_rwlock_unlock(&s_cache_lock);
     return rc;
+}
+
+size_t um_gemm_cached_primitives(void)
+{
+    pthread_rwlock_rdlock(&s_cache_lock);
+    size_t n = s_n_entries;
+    pthread_rwlock_unlock(&s_cache_lock);
+    return n;
+}
+
+/* Release an entry that s_cache_get returned. */
+static void s_cache_put(s_gemm_entry_t *e)
+{
+    atomic_fetch_sub(&e->users, 1);
 }
 
 /* Create the engine on first use. Called with the write lock held. */
@@ -423,16 +495,17 @@ static int s_gemm(s_gemm_key_t *key, float alpha, const float *A, const float *B
     if (rc != 0 || empty)
         return rc;
 
-    const s_gemm_entry_t *e;
+    s_gemm_entry_t *e;
     rc = s_cache_get(key, alpha, NULL, &e);
     if (rc != 0)
         return rc;
     s_gemm_ctx_t *ctx;
     rc = s_ctx_take(e->scratch_bytes, &ctx);
-    if (rc != 0)
-        return rc;
-    rc = s_execute(e, ctx, A, B, C);
-    s_ctx_give(ctx);
+    if (rc == 0) {
+        rc = s_execute(e, ctx, A, B, C);
+        s_ctx_give(ctx);
+    }
+    s_cache_put(e);
     return rc;
 }
 
@@ -1012,6 +1085,10 @@ static int s_buffer_reserve(void **buf, size_t *cap, size_t n, size_t size)
  * Subtracting (levels + 1) * row_sum[n] leaves sum_k q w, which is scaled per row and
  * per column here: oneDNN 2.6's output scales can only vary along N.
  */
+static int s_apply_int8_entry(const um_gemm_weight_t *w, const s_gemm_entry_t *e, int32_t M,
+                              const float *A, int32_t lda, float *C, int32_t ldc,
+                              int accumulate);
+
 static int s_apply_int8(const um_gemm_weight_t *w, int32_t M, const float *A, int32_t lda,
                         float *C, int32_t ldc, int accumulate)
 {
@@ -1020,17 +1097,28 @@ static int s_apply_int8(const um_gemm_weight_t *w, int32_t M, const float *A, in
                         .lda = K, .ldb = K, .ldc = N};
     float one = 1.0f;
     memcpy(&key.alpha_bits, &one, sizeof one);
-    const s_gemm_entry_t *e;
+    s_gemm_entry_t *e;
     int rc = s_cache_get(&key, 1.0f, &w->md, &e);
     if (rc != 0)
         return rc;
+    rc = s_apply_int8_entry(w, e, M, A, lda, C, ldc, accumulate);
+    s_cache_put(e);
+    return rc;
+}
+
+/* s_apply_int8 with its cache entry taken. */
+static int s_apply_int8_entry(const um_gemm_weight_t *w, const s_gemm_entry_t *e, int32_t M,
+                              const float *A, int32_t lda, float *C, int32_t ldc,
+                              int accumulate)
+{
+    int32_t N = w->n, K = w->k;
     if (!dnnl_memory_desc_equal(&e->b_md, &w->md)) {
         um_error("gemm", "cached int8 product M=%d N=%d K=%d expects another weight layout "
                  "than the weight passed", M, N, K);
         return UM_EBACKEND;
     }
     s_gemm_ctx_t *ctx;
-    rc = s_ctx_take(e->scratch_bytes, &ctx);
+    int rc = s_ctx_take(e->scratch_bytes, &ctx);
     if (rc != 0)
         return rc;
     if (s_buffer_reserve((void **)&ctx->a_u8, &ctx->a_u8_cap, (size_t)M * K, 1) != 0 ||
@@ -1106,7 +1194,7 @@ int um_gemm_weight_apply(const um_gemm_weight_t *w, int32_t M, const float *A, i
     if (w->dtype == UM_WDTYPE_INT8)
         return s_apply_int8(w, M, A, lda, C, ldc, accumulate);
 
-    const s_gemm_entry_t *e;
+    s_gemm_entry_t *e;
     rc = s_cache_get(&key, 1.0f, &w->md, &e);
     if (rc != 0)
         return rc;
@@ -1114,20 +1202,22 @@ int um_gemm_weight_apply(const um_gemm_weight_t *w, int32_t M, const float *A, i
         /* Weights of one (dtype, N, K) all get the same layout, so this is a bug. */
         um_error("gemm", "cached product M=%d N=%d K=%d expects another weight layout than "
                  "the weight passed", M, w->n, w->k);
+        s_cache_put(e);
         return UM_EBACKEND;
     }
     s_gemm_ctx_t *ctx;
     rc = s_ctx_take(e->scratch_bytes, &ctx);
-    if (rc != 0)
-        return rc;
-    const void *a = A;
-    if (bf16) {
-        rc = s_round_rows_bf16(ctx, M, w->k, A, lda);
-        a = ctx->a_bf16;
+    if (rc == 0) {
+        const void *a = A;
+        if (bf16) {
+            rc = s_round_rows_bf16(ctx, M, w->k, A, lda);
+            a = ctx->a_bf16;
+        }
+        if (rc == 0)
+            rc = s_execute(e, ctx, a, w->data, C);
+        s_ctx_give(ctx);
     }
-    if (rc == 0)
-        rc = s_execute(e, ctx, a, w->data, C);
-    s_ctx_give(ctx);
+    s_cache_put(e);
     return rc;
 }
 

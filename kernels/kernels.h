@@ -368,4 +368,8 @@ int um_attention(const um_kernel_table_t *k, const um_attention_shape_t *shape, 
 /* Release cached primitives (at exit; tests check for leaks). */
 void um_gemm_shutdown(void);
 
+/* Matmul primitives in the cache now, and the most it keeps when no call holds them. */
+size_t um_gemm_cached_primitives(void);
+#define UM_GEMM_MAX_CACHED 512
+
 #endif /* UM_KERNELS_H */

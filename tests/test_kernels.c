@@ -1411,6 +1411,42 @@ START_TEST(gemm_concurrent_threads)
 }
 END_TEST
 
+/*
+ * More distinct shapes than the primitive cache keeps: the cache stays at its bound, the
+ * least recently used entries give way, and a product whose primitive was destroyed is
+ * created again and still right. Batched passes meet a new M for every mix of requests,
+ * so without the bound a daemon's memory would grow with every new mix.
+ */
+START_TEST(gemm_cache_evicts_old_shapes)
+{
+    um_gemm_shutdown();
+    const int32_t n_shapes = UM_GEMM_MAX_CACHED + 40, N = 3, K = 5;
+    /* C has room for the widest stride used, N + 8. */
+    float A[64 * 5], B[3 * 5], C[64 * (3 + 9)];
+    s_fill(A, sizeof A / sizeof A[0], 7, -1.0f, 1.0f);
+    s_fill(B, sizeof B / sizeof B[0], 8, -1.0f, 1.0f);
+    for (int32_t i = 0; i < n_shapes; i++) {
+        /* M from 1 to 64 and the stride of C from N to N + 8 give the distinct shapes. */
+        int32_t M = 1 + i % 64, ldc = N + i / 64;
+        ck_assert_int_eq(um_gemm_f32_nt(M, N, K, A, K, B, K, C, ldc, 0), 0);
+        ck_assert_uint_le(um_gemm_cached_primitives(), UM_GEMM_MAX_CACHED);
+    }
+    ck_assert_uint_eq(um_gemm_cached_primitives(), UM_GEMM_MAX_CACHED);
+    /* The first shape was the least recently used, so it was destroyed: run it again. */
+    ck_assert_int_eq(um_gemm_f32_nt(1, N, K, A, K, B, K, C, N, 0), 0);
+    for (int32_t j = 0; j < N; j++) {
+        double expected = 0;
+        for (int32_t k = 0; k < K; k++)
+            expected += (double)A[k] * B[(size_t)j * K + k];
+        ck_assert_msg(fabs(C[j] - expected) <= 1e-5, "C[0][%d]: got %.9g, expected %.9g", j,
+                      C[j], expected);
+    }
+    ck_assert_uint_eq(um_gemm_cached_primitives(), UM_GEMM_MAX_CACHED);
+    um_gemm_shutdown();
+    ck_assert_uint_eq(um_gemm_cached_primitives(), 0);
+}
+END_TEST
+
 START_TEST(gemm_backend_and_shutdown)
 {
     const char *name = um_gemm_backend();
@@ -1473,6 +1509,7 @@ Suite *um_kernels_suite(void)
     tcase_add_test(tc, gemm_rejects_bad_strides);
     tcase_add_test(tc, gemm_empty_k_zeroes_c);
     tcase_add_test(tc, gemm_concurrent_threads);
+    tcase_add_test(tc, gemm_cache_evicts_old_shapes);
     tcase_add_test(tc, gemm_backend_and_shutdown);
     suite_add_tcase(s, tc);
     return s;
