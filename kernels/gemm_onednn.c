@@ -91,8 +91,8 @@ typedef struct s_gemm_ctx {
 /*
  * Most primitives the cache keeps. Each distinct (M, N, K, strides) is an entry of about
  * 65 KB (measured on the bundled model's shapes with oneDNN 2.6), and batched passes
- * meet a new M for every mix of requests. So past this many entries the least recently
- * used one that no call holds is destroyed before a new one is added.
+ * meet a new M for every mix of requests. So past this many entries, the least recently
+ * used entry that no call is using is destroyed before a new one is added.
  */
 #define S_MAX_ENTRIES UM_GEMM_MAX_CACHED
 

@@ -1122,9 +1122,9 @@ END_TEST
 /*
  * Largest growth of the daemon's RSS from the middle to the end of the run, in KiB.
  * The daemon batches the running requests, and each new mix of them gives its matrix
- * products a new row count, so the caches of matmul primitives (ours, bounded at
- * UM_GEMM_MAX_CACHED, and oneDNN's own) may still be filling in the second half. That
- * growth was 0.5 to 2.8 MiB in 8 s runs on a 2-core VM, and 184 KiB from 15 s to 30 s
+ * products a new row count. So the caches of matmul primitives may still be filling in
+ * the second half: ours, bounded at UM_GEMM_MAX_CACHED, and oneDNN's own. That growth
+ * was 0.5 to 2.8 MiB in 8 s runs on a 2-core VM, and 184 KiB from 15 s to 30 s
  * in a 30 s run, which is saturation rather than a leak. The second half sends about
  * 90000 requests, so a leak of 48 bytes per request crosses the bound, and a job or a
  * parsed request takes more than a kilobyte.
