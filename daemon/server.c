@@ -976,10 +976,15 @@ static void *s_worker_main(void *arg)
 /* Start the worker thread and wait for its ready message. */
 static int s_worker_start(um_server_t *srv, char *err, size_t errlen)
 {
-    /* The worker and the OpenMP threads it starts block all signals, so SIGINT and
-       SIGTERM reach the main thread and never interrupt the worker's system calls. */
+    /* The worker and the OpenMP threads it starts block the asynchronous signals, so
+       SIGINT and SIGTERM reach the main thread and never interrupt the worker's system
+       calls. The signals of a fault stay unblocked: blocked, they kill the process at
+       once, before a sanitizer or a core dump can tell where it crashed. */
     sigset_t all, old;
     sigfillset(&all);
+    const int faults[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT};
+    for (size_t i = 0; i < sizeof faults / sizeof faults[0]; i++)
+        sigdelset(&all, faults[i]);
     pthread_sigmask(SIG_BLOCK, &all, &old);
     int rc = pthread_create(&srv->worker, NULL, s_worker_main, srv);
     pthread_sigmask(SIG_SETMASK, &old, NULL);

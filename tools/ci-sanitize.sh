@@ -36,7 +36,16 @@ rm -rf "$reports"
 mkdir -p "$reports"
 # detect_leaks is the default on x86-64 Linux. It is spelled out because the leak check
 # of every process is the point of this run.
-ASAN_OPTIONS="log_path=$reports/asan:detect_leaks=1:strict_string_checks=1:detect_stack_use_after_return=1"
+# Use-after-return detection moves locals to a fake stack whose frames libasan aligns to
+# only 32 bytes (fixed in LLVM's compiler-rt in August 2025, not in Debian 12's GCC 12).
+# AVX-512 code keeps 64-byte-aligned locals there, and its aligned stores fault without a
+# report. So it is on only where the CPU has no AVX-512 and the kernels run AVX2 at most.
+uar=1
+if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
+    uar=0
+    echo "ci-sanitize: AVX-512 host: use-after-return detection is off (see the comment above)"
+fi
+ASAN_OPTIONS="log_path=$reports/asan:detect_leaks=1:strict_string_checks=1:detect_stack_use_after_return=$uar"
 UBSAN_OPTIONS="log_path=$reports/ubsan:print_stacktrace=1"
 LSAN_OPTIONS=""
 [ -f "$src/tests/lsan.supp" ] && LSAN_OPTIONS="suppressions=$src/tests/lsan.supp"
