@@ -21,9 +21,11 @@ static inline int um_bench_parse_int(const char *prog, const char *name, const c
     char *end = NULL;
     errno = 0;
     long v = strtol(text, &end, 10);
-    if (errno != 0 || end == text || *end != '\0' || v < min || v > INT_MAX) {
-        fprintf(stderr, "%s: %s must be a whole number of at least %d, got \"%s\"\n", prog,
-                name, min, text);
+    /* strtol skips leading spaces and takes a sign; an option's value starts with a digit. */
+    if (text[0] < '0' || text[0] > '9' || errno != 0 || *end != '\0' || v < min
+        || v > INT_MAX) {
+        fprintf(stderr, "%s: %s must be a whole number from %d to %d, got \"%s\"\n", prog,
+                name, min, INT_MAX, text);
         return -1;
     }
     *out = (int)v;

@@ -15,6 +15,7 @@
 #include "generate.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1101,8 +1102,14 @@ int um_gen_step_batch(um_gen_t *const *gens, int32_t n)
                by the lone pass, from the same ids and window.
                NOTE: no test reaches this branch: the suites cannot make the shared pass
                alone run out of memory. */
-            um_warn("generate", "no memory for a shared pass of %d generations: they run "
-                    "this step one at a time", n_shared);
+            /* Logged the first time and then at every power of two, since a batch that
+               does not fit retries at every step. */
+            static atomic_long fallbacks;
+            long n_fallbacks = atomic_fetch_add(&fallbacks, 1) + 1;
+            if ((n_fallbacks & (n_fallbacks - 1)) == 0)
+                um_warn("generate", "no memory for a shared pass of %d generations: they run "
+                        "this step one at a time (%ld steps so far); lower --max-batch",
+                        n_shared, n_fallbacks);
             for (int32_t g = 0; g < n_shared; g++)
                 s_step_alone(shared[g], &fwd[g]);
         } else {

@@ -92,7 +92,11 @@ typedef struct s_gemm_ctx {
  * Most primitives the cache keeps. Each distinct (M, N, K, strides) is an entry of about
  * 65 KB (measured on the bundled model's shapes with oneDNN 2.6), and batched passes
  * meet a new M for every mix of requests. So past this many entries, the least recently
- * used entry that no call is using is destroyed before a new one is added.
+ * used entry that no call is using is destroyed before a new one is added. oneDNN keeps
+ * a cache of its own (1024 primitives by default, ONEDNN_PRIMITIVE_CACHE_CAPACITY), so
+ * the memory both hold is about twice this bound's share.
+ * NOTE: batches that mix many row counts still recreate evicted primitives often;
+ * rounding M up to a few sizes would let them share primitives.
  */
 #define S_MAX_ENTRIES UM_GEMM_MAX_CACHED
 
@@ -101,6 +105,7 @@ static dnnl_engine_t s_engine;                 /* NULL until the first product *
 static s_gemm_entry_t *s_buckets[S_BUCKETS];   /* guarded by s_cache_lock */
 static size_t s_n_entries;
 static size_t s_n_evicted;                     /* guarded by s_cache_lock */
+static size_t s_n_created;                     /* guarded by s_cache_lock */
 static atomic_uint_fast64_t s_clock;           /* ticks once per s_cache_get */
 
 static pthread_mutex_t s_pool_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -320,6 +325,7 @@ static int s_cache_get(const s_gemm_key_t *key, float alpha, const dnnl_memory_d
         e->next = s_buckets[h];
         s_buckets[h] = e;
         s_n_entries++;
+        s_n_created++;
     }
     s_entry_take(e);
     *out = e;
@@ -332,6 +338,14 @@ size_t um_gemm_cached_primitives(void)
 {
     pthread_rwlock_rdlock(&s_cache_lock);
     size_t n = s_n_entries;
+    pthread_rwlock_unlock(&s_cache_lock);
+    return n;
+}
+
+size_t um_gemm_created_primitives(void)
+{
+    pthread_rwlock_rdlock(&s_cache_lock);
+    size_t n = s_n_created;
     pthread_rwlock_unlock(&s_cache_lock);
     return n;
 }

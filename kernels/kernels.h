@@ -370,6 +370,8 @@ void um_gemm_shutdown(void);
 
 /* Matmul primitives in the cache now, and the most it keeps when no call holds them. */
 size_t um_gemm_cached_primitives(void);
+/* Matmul primitives created since the process started, evicted ones included. */
+size_t um_gemm_created_primitives(void);
 #define UM_GEMM_MAX_CACHED 512
 
 #endif /* UM_KERNELS_H */

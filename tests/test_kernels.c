@@ -1411,35 +1411,52 @@ START_TEST(gemm_concurrent_threads)
 }
 END_TEST
 
+/* Run the product of shape i of gemm_cache_evicts_old_shapes: M from 1 to 64 and the
+   stride of C from N upward give the distinct shapes. */
+static void s_cache_shape(int32_t i, const float *A, const float *B, float *C)
+{
+    ck_assert_int_eq(um_gemm_f32_nt(1 + i % 64, 3, 5, A, 5, B, 5, C, 3 + i / 64, 0), 0);
+}
+
 /*
- * More distinct shapes than the primitive cache keeps: the cache stays at its bound, the
- * least recently used entries give way, and a product whose primitive was destroyed is
- * created again and still right. Batched passes meet a new M for every mix of requests,
- * so without the bound a daemon's memory would grow with every new mix.
+ * More distinct shapes than the primitive cache keeps: the cache stays at its bound and
+ * the least recently used entry gives way. Shape 0 is used again just before the cache
+ * overflows, so the first new shape must evict shape 1 and keep shape 0: running shape 0
+ * then creates nothing, and running shape 1 creates it again, with the right result.
+ * Batched passes meet a new M for every mix of requests, so without the bound a
+ * daemon's memory would grow with every new mix.
  */
 START_TEST(gemm_cache_evicts_old_shapes)
 {
     um_gemm_shutdown();
-    const int32_t n_shapes = UM_GEMM_MAX_CACHED + 40, N = 3, K = 5;
+    const int32_t N = 3, K = 5;
     /* C has room for the widest stride used, N + 8. */
     float A[64 * 5], B[3 * 5], C[64 * (3 + 9)];
     s_fill(A, sizeof A / sizeof A[0], 7, -1.0f, 1.0f);
     s_fill(B, sizeof B / sizeof B[0], 8, -1.0f, 1.0f);
-    for (int32_t i = 0; i < n_shapes; i++) {
-        /* M from 1 to 64 and the stride of C from N to N + 8 give the distinct shapes. */
-        int32_t M = 1 + i % 64, ldc = N + i / 64;
-        ck_assert_int_eq(um_gemm_f32_nt(M, N, K, A, K, B, K, C, ldc, 0), 0);
-        ck_assert_uint_le(um_gemm_cached_primitives(), UM_GEMM_MAX_CACHED);
-    }
+    for (int32_t i = 0; i < UM_GEMM_MAX_CACHED; i++)
+        s_cache_shape(i, A, B, C);
     ck_assert_uint_eq(um_gemm_cached_primitives(), UM_GEMM_MAX_CACHED);
-    /* The first shape was the least recently used, so it was destroyed: run it again. */
-    ck_assert_int_eq(um_gemm_f32_nt(1, N, K, A, K, B, K, C, N, 0), 0);
-    for (int32_t j = 0; j < N; j++) {
-        double expected = 0;
-        for (int32_t k = 0; k < K; k++)
-            expected += (double)A[k] * B[(size_t)j * K + k];
-        ck_assert_msg(fabs(C[j] - expected) <= 1e-5, "C[0][%d]: got %.9g, expected %.9g", j,
-                      C[j], expected);
+    s_cache_shape(0, A, B, C);
+    for (int32_t i = UM_GEMM_MAX_CACHED; i < UM_GEMM_MAX_CACHED + 40; i++) {
+        s_cache_shape(i, A, B, C);
+        ck_assert_uint_eq(um_gemm_cached_primitives(), UM_GEMM_MAX_CACHED);
+    }
+    size_t created = um_gemm_created_primitives();
+    s_cache_shape(0, A, B, C);
+    ck_assert_uint_eq(um_gemm_created_primitives(), created);
+    /* Shape 1 is M = 2 with stride N. */
+    s_cache_shape(1, A, B, C);
+    ck_assert_uint_eq(um_gemm_created_primitives(), created + 1);
+    for (int32_t m = 0; m < 2; m++) {
+        for (int32_t j = 0; j < N; j++) {
+            double expected = 0;
+            for (int32_t k = 0; k < K; k++)
+                expected += (double)A[(size_t)m * K + k] * B[(size_t)j * K + k];
+            ck_assert_msg(fabs(C[(size_t)m * N + j] - expected) <= 1e-5,
+                          "C[%d][%d]: got %.9g, expected %.9g", m, j, C[(size_t)m * N + j],
+                          expected);
+        }
     }
     ck_assert_uint_eq(um_gemm_cached_primitives(), UM_GEMM_MAX_CACHED);
     um_gemm_shutdown();

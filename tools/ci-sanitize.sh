@@ -37,9 +37,10 @@ mkdir -p "$reports"
 # detect_leaks is the default on x86-64 Linux. It is spelled out because the leak check
 # of every process is the point of this run.
 # Use-after-return detection moves locals to a fake stack whose frames libasan aligns to
-# only 32 bytes (fixed in LLVM's compiler-rt in August 2025, not in Debian 12's GCC 12).
-# AVX-512 code keeps 64-byte-aligned locals there, and its aligned stores fault without a
-# report. So it is on only where the CPU has no AVX-512 and the kernels run AVX2 at most.
+# only 32 bytes (fixed in LLVM's compiler-rt by llvm-project pull request 153142 in
+# August 2025, not in Debian 12's GCC 12). AVX-512 code keeps 64-byte-aligned locals
+# there, and its aligned stores fault. So it is on only where the CPU has no AVX-512 and
+# the kernels run AVX2 at most.
 uar=1
 if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
     uar=0
