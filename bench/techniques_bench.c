@@ -15,11 +15,12 @@
  *   all          rows, early_stop, dual, int8 and batch together
  *
  * The variants run in rounds, one generation (or batch) of each per round, so that a busy
- * machine slows them alike. For each it reports the median milliseconds per step (a step
- * is one forward pass and its sampling; in a batch, the batch's time over its
- * generations' steps), the median generated tokens per second (every generation's
- * gen_length over the wall time, since an early stop also fills the canvas), the forward
- * passes of one generation, and how many of its generated tokens equal the plain path's.
+ * machine slows them alike. For each it reports the median milliseconds per step. A step
+ * is one forward pass and its sampling; in a batch it is the batch's time over its
+ * generations' steps. It reports the median generated tokens per second, counting every
+ * generation's gen_length over the wall time, since an early stop also fills the canvas.
+ * Last come the forward passes of one generation and how many of its generated tokens
+ * equal the plain path's.
  */
 #include <getopt.h>
 #include <omp.h>

@@ -168,12 +168,12 @@ int um_model_forward_rows(um_model_t *model, const int32_t *ids, int32_t n_seq,
                           float *logits);
 
 /*
- * A forward pass over n_seq sequences of different lengths in one call, for batching
- * requests. ids contains the sequences concatenated: sequence s is ids[seq_offsets[s]] up to
- * ids[seq_offsets[s + 1]] (exclusive), seq_offsets has n_seq + 1 ascending entries from
- * 0, and each sequence has 1 to max_sequence_length tokens. Each sequence attends only
- * to itself and its positions start at 0, so its logits are those of a separate pass up
- * to f32 rounding: the weight products run over all rows at once, and a product's
+ * A forward pass over n_seq sequences of different lengths in one call, each an uncached
+ * part of um_model_forward_parts. ids contains the sequences concatenated: sequence s is
+ * ids[seq_offsets[s]] up to ids[seq_offsets[s + 1]] (exclusive). seq_offsets has n_seq +
+ * 1 ascending entries from 0, and each sequence has 1 to max_sequence_length tokens. Each sequence attends only
+ * to itself and its positions start at 0. So its logits are those of a separate pass up
+ * to f32 rounding, because the weight products run over all rows at once, and a product's
  * summation order may depend on its row count. Writes the LM head's logits (n_rows,
  * embedding_size) for the positions in rows[] (indices into the concatenated positions).
  * Returns 0, UM_EINVAL for a NULL argument, UM_ERANGE for bad offsets, ids or rows,

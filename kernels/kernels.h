@@ -368,7 +368,7 @@ int um_attention(const um_kernel_table_t *k, const um_attention_shape_t *shape, 
 /* Release cached primitives (at exit; tests check for leaks). */
 void um_gemm_shutdown(void);
 
-/* Matmul primitives in the cache now, and the most it keeps when no call holds them. */
+/* Matmul primitives in the cache now, and the maximum it keeps when no call uses them. */
 size_t um_gemm_cached_primitives(void);
 /* Matmul primitives created since the process started, evicted ones included. */
 size_t um_gemm_created_primitives(void);

@@ -255,16 +255,16 @@ static int s_count_groups(int n_cases)
 }
 
 /*
- * Every fixture case run in one batch with S_BATCH - 1 others, cases far apart in the
- * grid (other prompts and lengths, policies, temperatures, guidance on and off), gives
- * the reference's tokens, forward passes and early stop, whether the member's pass
- * computes the LM head over its candidates or over every position. matches_reference_canvas
- * checks the same for every case run alone, so batched equals alone, without running
- * each case a second time here. The shared pass differs from the lone one by f32
- * rounding only (about 1e-5 relative, the model suite's ragged test). Every fixture
- * case keeps each decision several times farther from a tie than the reference's logits
- * differ from ours (tools/make_fixtures.py), a larger difference than that rounding, so
- * no token may change.
+ * Every fixture case runs in one batch with S_BATCH - 1 others, cases far apart in the
+ * grid (other prompts and lengths, policies, temperatures, guidance on and off). Each
+ * must give the reference's tokens, forward passes and early stop, whether its pass
+ * computes the LM head over its candidates or over every position.
+ * matches_reference_canvas checks the same for every case run alone, so batched equals
+ * alone without running each case twice here. The shared pass differs from the lone
+ * one by f32 rounding only (the model suite's ragged test measures it). Every fixture
+ * case keeps each decision several times farther from a tie than the reference's
+ * logits differ from ours (tools/make_fixtures.py), a larger difference than that
+ * rounding, so no token may change.
  */
 START_TEST(batch_matches_alone)
 {
@@ -278,7 +278,7 @@ START_TEST(batch_matches_alone)
     int n = 0;
     for (int idx = _i; idx < n_cases && n < S_BATCH; idx += G, n++) {
         s_case_load(idx, &k[n]);
-        /* Every second member asks for every position's logits, as plain-path benchmarks do. */
+        /* Every second member requests every position's logits, as plain-path benchmarks do. */
         k[n].p.full_lm_head = n % 2;
         batched[n] = malloc(k[n].n_expected * sizeof *batched[n]);
         int rc = um_gen_begin(s_model, k[n].prompt, (int32_t)k[n].n_prompt, &k[n].p, NULL,
@@ -323,7 +323,11 @@ START_TEST(batch_cancel_and_cache)
     int32_t n_cancel_steps = 0;
     for (int j = 0; j < N; j++) {
         s_case_load(j, &k[j]);
-        k[j].p.cache = j == 1 ? UM_CACHE_PREFIX : j == 2 ? UM_CACHE_DUAL : UM_CACHE_NONE;
+        k[j].p.cache = UM_CACHE_NONE;
+        if (j == 1)
+            k[j].p.cache = UM_CACHE_PREFIX;
+        if (j == 2)
+            k[j].p.cache = UM_CACHE_DUAL;
         alone[j] = malloc(k[j].n_expected * sizeof *alone[j]);
         batched[j] = malloc(k[j].n_expected * sizeof *batched[j]);
         ck_assert_int_eq(um_generate(s_model, k[j].prompt, (int32_t)k[j].n_prompt, &k[j].p,

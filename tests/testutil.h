@@ -40,7 +40,7 @@ struct um_model;
 void um_test_check_ragged(struct um_model *model, const int32_t *ids, int32_t n_seq,
                           int32_t seq_len, double tol, const char *name);
 
-/* Step gens[0..n) together with um_gen_step_batch until every one is done; fail the
+/* Step gens[0..n) together with um_gen_step_batch until every one is done. Fail the
    test when a call fails or the batch does not end within 100000 steps. */
 struct um_gen;
 void um_test_step_batch_to_end(struct um_gen *const *gens, int n);
